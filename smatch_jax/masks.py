@@ -1,0 +1,186 @@
+"""One-pass backspace layout (SPEC 3) and `apply_backspaces`.
+
+A row `tokens[0..T)` is a prompt `tokens[0..m)`, actions `tokens[m..n)` and padding. An action
+is a vocabulary token (appended to the state) or `<bkspc>` (deletes the state's last token;
+a no-op while the state equals the prompt). The layout lets one ordinary causal forward pass
+produce, at every position `k`, the logits of the state *after* action `k`:
+
+* a token at `k` keeps its id, gets position `len(S)` and attends to `S ∪ {k}`; push `k`;
+* a `<bkspc>` at `k` pops the deleted position, copies the id and position of the new top `t`
+  and attends to `(S \\ {t}) ∪ {k}`; `k` replaces `t` on the stack;
+* padding attends to itself only.
+
+`S` is a stack of input positions making up the current state. Both functions walk it with a
+`lax.scan` over positions, vmapped over rows, so they are jit-able and shared by training and
+sampling (the sampler runs the same stack online).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Layout(NamedTuple):
+    """Inputs of one forward pass over rows that contain `<bkspc>` actions."""
+
+    input_ids: jax.Array  # [B, T] int32: token ids fed to the model
+    positions: jax.Array  # [B, T] int32: position ids (learned table or RoPE)
+    attn_mask: jax.Array  # [B, T, T] bool: attn_mask[b, q, k] True when q may attend k
+
+
+class _Walk(NamedTuple):
+    input_ids: jax.Array  # [T]
+    positions: jax.Array  # [T]
+    mask_rows: jax.Array | None  # [T, T] or None
+    stack: jax.Array  # [T] input positions of the final state, first `size` entries valid
+    size: jax.Array  # [] final state length
+
+
+def _walk_row(
+    tokens_T: jax.Array,
+    prompt_len: jax.Array,
+    length: jax.Array,
+    bkspc_id: int,
+    with_mask: bool,
+) -> _Walk:
+    """Runs the SPEC 3 stack over one row."""
+    T = tokens_T.shape[0]
+    idx_T = jnp.arange(T, dtype=jnp.int32)
+
+    def step(carry, k):
+        ids_T, pos_T, in_state_T, stack_T, size = carry
+        tok = tokens_T[k]
+        valid = k < length
+        is_bk = valid & (k >= prompt_len) & (tok == bkspc_id)
+        is_tok = valid & ~is_bk
+        # A backspace pops unless the state is the prompt (then it is a no-op).
+        pops = is_bk & (size > prompt_len)
+        size_after_pop = size - pops.astype(jnp.int32)
+        deleted = stack_T[size - 1]
+        top = stack_T[size_after_pop - 1]  # last token of the state after the deletion
+
+        new_id = jnp.where(is_bk, ids_T[top], tok)
+        new_pos = jnp.where(is_bk, pos_T[top], jnp.where(is_tok, size, 0))
+        ids_T = ids_T.at[k].set(jnp.where(valid, new_id, tok))
+        pos_T = pos_T.at[k].set(new_pos)
+
+        # State membership: tokens push k; backspaces drop `deleted` (if popped) and swap
+        # `top` for k.
+        drop_del = pops & (idx_T == deleted)
+        drop_top = is_bk & (idx_T == top)
+        in_state_T = (in_state_T & ~drop_del & ~drop_top) | (valid & (idx_T == k))
+        stack_T = jnp.where(
+            is_tok,
+            stack_T.at[size].set(k, mode="drop"),
+            jnp.where(is_bk, stack_T.at[size_after_pop - 1].set(k), stack_T),
+        )
+        size = jnp.where(is_tok, size + 1, size_after_pop)
+        row = jnp.where(valid, in_state_T, idx_T == k) if with_mask else None
+        return (ids_T, pos_T, in_state_T, stack_T, size), row
+
+    init = (
+        jnp.zeros((T,), jnp.int32),
+        jnp.zeros((T,), jnp.int32),
+        jnp.zeros((T,), bool),
+        jnp.zeros((T,), jnp.int32),
+        jnp.zeros((), jnp.int32),
+    )
+    (ids_T, pos_T, _, stack_T, size), rows = jax.lax.scan(step, init, idx_T)
+    return _Walk(ids_T, pos_T, rows, stack_T, size)
+
+
+def _check_shapes(tokens: jax.Array, prompt_len: jax.Array, length: jax.Array) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+    B = tokens.shape[0]
+    if prompt_len.shape != (B,) or length.shape != (B,):
+        raise ValueError(
+            f"prompt_len and length must be [B]=[{B}], got {prompt_len.shape} and {length.shape}"
+        )
+
+
+def backspace_layout(
+    tokens: jax.Array, prompt_len: jax.Array, length: jax.Array, *, bkspc_id: int
+) -> Layout:
+    """The one-pass layout of SPEC 3 for rows `tokens` [B, T].
+
+    Args:
+      tokens: int32 [B, T], prompt then actions then padding (any pad id).
+      prompt_len: int32 [B], `m >= 1`.
+      length: int32 [B], `n` with `m <= n <= T`.
+      bkspc_id: id of the `<bkspc>` action (the base vocabulary size `V`).
+
+    Returns:
+      `Layout(input_ids, positions, attn_mask)`. Position `k < n` represents the state after
+      action `k` (or the prompt prefix for `k < m`); padding positions attend to themselves,
+      keep their token id and get position 0.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    prompt_len = jnp.asarray(prompt_len, jnp.int32)
+    length = jnp.asarray(length, jnp.int32)
+    _check_shapes(tokens, prompt_len, length)
+    walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id, True))(tokens, prompt_len, length)
+    return Layout(walk.input_ids, walk.positions, walk.mask_rows)
+
+
+def apply_backspaces(
+    tokens: jax.Array,
+    prompt_len: jax.Array,
+    length: jax.Array,
+    *,
+    bkspc_id: int,
+    pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Final text of each row after its backspaces (SPEC 3), prompt included.
+
+    Returns:
+      `(final_tokens [B, T], final_length [B])`: each row left-aligned and padded with `pad_id`.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    prompt_len = jnp.asarray(prompt_len, jnp.int32)
+    length = jnp.asarray(length, jnp.int32)
+    _check_shapes(tokens, prompt_len, length)
+    walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id, False))(tokens, prompt_len, length)
+    T = tokens.shape[1]
+    # The layout's input id at a stack entry is the id of that state token.
+    final = jnp.take_along_axis(walk.input_ids, walk.stack, axis=1)
+    keep = jnp.arange(T)[None, :] < walk.size[:, None]
+    return jnp.where(keep, final, pad_id).astype(jnp.int32), walk.size
+
+
+def check_rows(tokens, prompt_len, length, *, n_actions: int) -> None:
+    """Host-side validation of a batch of rows; raises ValueError naming the fix.
+
+    The jitted kernels cannot raise on traced values, so data pipelines call this on the
+    concrete numpy arrays they build. `n_actions` is `V + 1` (base vocabulary plus `<bkspc>`).
+    """
+    tokens, prompt_len, length = (np.asarray(a) for a in (tokens, prompt_len, length))
+    _check_shapes(tokens, prompt_len, length)
+    T = tokens.shape[1]
+    if (prompt_len < 1).any():
+        raise ValueError(
+            "every row needs a prompt of at least one token (use a bos/eos token as the prompt "
+            f"of unconditional text); got prompt_len={prompt_len.tolist()}"
+        )
+    bad = (length < prompt_len) | (length > T)
+    if bad.any():
+        b = int(np.argmax(bad))
+        raise ValueError(
+            f"row {b}: need prompt_len <= length <= T={T}, got prompt_len={prompt_len[b]}, "
+            f"length={length[b]}; raise the sequence length or truncate the row"
+        )
+    valid = np.arange(T)[None, :] < length[:, None]
+    out = valid & ((tokens < 0) | (tokens >= n_actions))
+    if out.any():
+        b, t = (int(i) for i in np.argwhere(out)[0])
+        raise ValueError(
+            f"token id {tokens[b, t]} at row {b}, position {t} is outside [0, {n_actions}) "
+            "(base vocabulary plus <bkspc>); check the tokenizer and the model's vocab_size"
+        )
+    in_prompt = np.arange(T)[None, :] < prompt_len[:, None]
+    if (in_prompt & (tokens == n_actions - 1)).any():
+        raise ValueError("a prompt contains the <bkspc> id; prompts must be plain text tokens")
