@@ -1,0 +1,212 @@
+"""Losses (SPEC 2) against the loop-by-loop float64 reference: values and gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smatch_jax import losses
+from tests import reference
+
+V = 6  # base vocabulary 0..5
+EOS = 5
+BK = V  # <bkspc>
+T = 10
+GAMMA = 0.9  # far from 1 so that discounting errors show
+
+
+def make_batch(seed, *, n_rows=6, n_model=3, offsets=True):
+    """Random rows: backspaces, eos at the end / in the middle / absent (truncated), padding."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((n_rows, T), np.int32)
+    m = np.zeros(n_rows, np.int32)
+    n = np.zeros(n_rows, np.int32)
+    for b in range(n_rows):
+        m[b] = rng.integers(1, 4)
+        n[b] = rng.integers(m[b] + 1, T + 1)
+        tokens[b, : m[b]] = rng.integers(0, EOS, m[b])
+        acts = rng.integers(0, EOS, n[b] - m[b])
+        acts[rng.random(n[b] - m[b]) < 0.25] = BK
+        kind = b % 3
+        if kind == 0:
+            acts[-1] = EOS  # ends with eos
+        elif kind == 1 and len(acts) > 2:
+            acts[len(acts) // 2] = EOS  # eos in the middle: the rest is not in the episode
+        tokens[b, m[b] : n[b]] = acts  # kind 2: truncated, no eos
+        tokens[b, n[b] :] = rng.integers(0, V + 1, T - n[b])  # junk padding must be ignored
+    is_model = np.arange(n_rows) >= n_rows - n_model
+    logits = rng.normal(0.0, 1.5, (n_rows, T, V + 1)).astype(np.float32)
+    if offsets:  # make r positive on some rows so js/hellinger run unclamped there
+        logits[::2] += (3.0 * (T - np.arange(T)))[None, :, None].astype(np.float32)
+    aw = (rng.random((n_rows, T)) < 0.8).astype(np.float32)
+    rw = rng.uniform(0.5, 2.0, n_rows).astype(np.float32)
+    return logits, tokens, m, n, is_model, aw, rw
+
+
+@functools.cache
+def _sm(div, value_on):
+    fn = functools.partial(
+        losses.sequence_match_loss,
+        eos_id=EOS,
+        divergence=div,
+        gamma=GAMMA,
+        chi2_coef=0.25,
+        value_on=value_on,
+        clamp_margin=1e-3,
+    )
+    return jax.jit(jax.value_and_grad(lambda lg, *a, **k: fn(lg, *a, **k)[0]))
+
+
+def _ref_sm(div, value_on, logits, tokens, m, n, is_model, aw, rw):
+    return reference.sm_loss(
+        logits,
+        tokens.tolist(),
+        m,
+        n,
+        is_model,
+        eos=EOS,
+        div=div,
+        gamma=GAMMA,
+        c=0.25,
+        value_on=value_on,
+        aw=aw.tolist(),
+        rw=rw.tolist(),
+        clamp=1e-3,
+    )
+
+
+def _check_grad(ref_fn, logits, grad, seed):
+    """Directional derivatives of the float64 reference (central differences) vs `grad`."""
+    rng = np.random.default_rng(seed)
+    x = logits.astype(np.float64)
+    for _ in range(3):
+        d = rng.normal(size=x.shape)
+        h = 1e-5
+        fd = (ref_fn(x + h * d) - ref_fn(x - h * d)) / (2 * h)
+        got = float(np.sum(np.asarray(grad, np.float64) * d))
+        assert got == pytest.approx(fd, rel=2e-4, abs=2e-4)
+
+
+@pytest.mark.parametrize("div", losses.DIVERGENCES)
+@pytest.mark.parametrize("value_on", losses.VALUE_ON)
+@pytest.mark.parametrize("n_model", [0, 3])
+def test_sequence_match_matches_reference(div, value_on, n_model):
+    seed = 100 * losses.DIVERGENCES.index(div) + 10 * losses.VALUE_ON.index(value_on) + n_model
+    logits, tokens, m, n, is_model, aw, rw = make_batch(seed, n_model=n_model)
+    loss, grad = _sm(div, value_on)(logits, tokens, m, n, is_model, action_weight=aw, row_weight=rw)
+    ref = functools.partial(_ref_sm, div, value_on)
+    want = ref(logits, tokens, m, n, is_model, aw, rw)
+    # float32 vs float64: hellinger's phi'(r) = 1/(1+r)^2 is ~1e6 near its clamp bound.
+    assert float(loss) == pytest.approx(want, rel=5e-5, abs=1e-5)
+    _check_grad(lambda x: ref(x, tokens, m, n, is_model, aw, rw), logits, grad, seed=1)
+
+
+def test_defaults_no_weights():
+    """action_weight=None and row_weight=None mean all ones."""
+    logits, tokens, m, n, is_model, _, _ = make_batch(7)
+    loss, _ = losses.sequence_match_loss(logits, tokens, m, n, is_model, eos_id=EOS, gamma=GAMMA)
+    ones = np.ones((len(tokens), T), np.float32)
+    want = _ref_sm("chi2_mix", "mix", logits, tokens, m, n, is_model, ones, np.ones(len(tokens)))
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+
+
+def test_row_weight_equals_duplicated_rows():
+    logits, tokens, m, n, is_model, _, _ = make_batch(3)
+    rw = np.array([2, 1, 1, 3, 1, 1], np.float32)
+    fn = functools.partial(losses.sequence_match_loss, eos_id=EOS, gamma=GAMMA, action_weight=None)
+    weighted, _ = fn(logits, tokens, m, n, is_model, row_weight=rw)
+    rep = np.repeat(np.arange(len(rw)), rw.astype(int))
+    dup, _ = fn(logits[rep], tokens[rep], m[rep], n[rep], is_model[rep])
+    assert float(weighted) == pytest.approx(float(dup), rel=1e-5)
+
+
+def test_hand_computed_single_action():
+    """Prompt [1], action eos: r = q(eos) (terminal), value term = V(s0), w = 1."""
+    logits = np.zeros((1, 2, V + 1), np.float32)
+    logits[0, 0, EOS] = 2.0
+    tokens = np.array([[1, EOS]], np.int32)
+    args = (logits, tokens, np.array([1]), np.array([2]), np.array([False]))
+    v0 = np.log(V + np.exp(2.0))
+    loss, met = losses.sequence_match_loss(*args, eos_id=EOS, chi2_coef=0.25)
+    assert float(met["sm/r_data"]) == pytest.approx(2.0)
+    assert float(loss) == pytest.approx(-2.0 + v0 + 0.25 * 4.0, rel=1e-6)
+    bc, _ = losses.bc_loss(*args, eos_id=EOS)
+    assert float(bc) == pytest.approx(v0 - 2.0, rel=1e-6)
+
+
+def test_truncated_row_bootstraps_last_state():
+    """Without eos, the last action's v_next is read at position n-1 (gamma ** k weights)."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1, 4, V + 1)).astype(np.float32)
+    tokens = np.array([[1, 2, 3, 0]], np.int32)
+    _, met = losses.sequence_match_loss(
+        logits, tokens, np.array([1]), np.array([3]), np.array([False]), eos_id=EOS, gamma=GAMMA
+    )
+    lse = jax.nn.logsumexp(logits[0], axis=-1)
+    r = [logits[0, 0, 2] - GAMMA * lse[1], logits[0, 1, 3] - GAMMA * lse[2]]
+    assert float(met["sm/r_data"]) == pytest.approx(float(np.mean(r)), rel=1e-5)
+
+
+@pytest.mark.parametrize("n_model", [0, 3])
+def test_bc_matches_reference(n_model):
+    logits, tokens, m, n, is_model, aw, rw = make_batch(11, n_model=n_model)
+    fn = jax.value_and_grad(
+        lambda lg: losses.bc_loss(
+            lg, tokens, m, n, is_model, eos_id=EOS, action_weight=aw, row_weight=rw
+        )[0]
+    )
+    loss, grad = fn(logits)
+
+    def ref(x):
+        return reference.bc_loss(
+            x, tokens.tolist(), m, n, is_model, eos=EOS, aw=aw.tolist(), rw=rw.tolist()
+        )
+
+    assert float(loss) == pytest.approx(ref(logits), rel=1e-5)
+    _check_grad(ref, logits, grad, seed=2)
+
+
+def test_diagnostics_present_and_finite():
+    logits, tokens, m, n, is_model, aw, _ = make_batch(5)
+    _, met = losses.sequence_match_loss(
+        logits, tokens, m, n, is_model, eos_id=EOS, divergence="js", action_weight=aw
+    )
+    for key in (
+        "sm/r_data",
+        "sm/r_model",
+        "sm/v_mean",
+        "sm/value_term",
+        "sm/r2_term",
+        "sm/clamp_frac",
+        "sm/pi_bkspc_data",
+        "sm/pi_bkspc_model",
+    ):
+        assert np.isfinite(float(met[key])), key
+    assert 0.0 < float(met["sm/clamp_frac"]) < 1.0  # the offsets make some r unclamped
+    # pi(<bkspc>) on model rows is a mean of softmax probabilities over their valid states.
+    valid = losses.action_valid(jnp.asarray(tokens), jnp.asarray(m), jnp.asarray(n), EOS)
+    p = jax.nn.softmax(logits[:, :-1], axis=-1)[..., BK]
+    sel = np.asarray(valid) & is_model[:, None]
+    assert float(met["sm/pi_bkspc_model"]) == pytest.approx(float(p[sel].mean()), rel=1e-5)
+
+
+def test_loss_factory_warmup_and_validation():
+    logits, tokens, m, n, is_model, aw, _ = make_batch(9)
+    batch = losses.Batch(tokens, m, n, is_model, aw)
+    cfg = {"bc_weight": 0.5, "sm_weight": 2.0, "bc_warmup_steps": 10, "gamma": GAMMA}
+    fn = jax.jit(losses.make_loss_fn(cfg, eos_id=EOS))
+    bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS, action_weight=aw)
+    sm, _ = losses.sequence_match_loss(
+        logits, tokens, m, n, is_model, eos_id=EOS, gamma=GAMMA, action_weight=aw
+    )
+    warm, met = fn(logits, batch, 3)
+    assert float(warm) == pytest.approx(0.5 * float(bc), rel=1e-5)
+    assert float(met["sm/weight"]) == 0.0
+    full, _ = fn(logits, batch, 10)
+    assert float(full) == pytest.approx(0.5 * float(bc) + 2.0 * float(sm), rel=1e-5)
+    with pytest.raises(ValueError, match=r"unknown loss config keys.*'gama'"):
+        losses.make_loss_fn({"gama": 0.9}, eos_id=EOS)
+    with pytest.raises(ValueError, match="choose one of"):
+        losses.make_loss_fn({"divergence": "chi"}, eos_id=EOS)
