@@ -1,0 +1,176 @@
+"""Noise + `<bkspc>` augmentation of data rows (SPEC 4): teaching the model to backtrack.
+
+Data rows contain no backspaces, so a model trained on them never sees one used. Before each
+data action, with probability `noise_rate`, we insert a burst of `k` noise tokens followed by
+`k` `<bkspc>` actions (`k` uniform in `1..max_burst`; `k = 1` by default). After the burst the
+state is exactly what it was, so `apply_backspaces` of an augmented row returns the original.
+
+* `random` noise draws from the uniform distribution over the vocabulary minus special tokens;
+* `ground_truth` noise draws from the empirical distribution of action tokens in the training
+  completions (for arithmetic: digits, letters, signs), so errors look like real errors.
+
+Both are a probability vector over the base vocabulary (`random_noise_probs`,
+`ground_truth_noise_probs`), passed to `add_noise`. With `exclude_target` [ours] a noise token
+never equals the data token it stands in front of (an error must be an error).
+With `mask_noise_actions` [ours, default] the noise tokens get action weight 0 (the model
+learns to recover from errors, not to make them); the `<bkspc>` actions keep weight 1.
+
+Rows that would exceed `T` are cut after the last source token that still fits (never in the
+middle of a burst) and flagged in `Noised.truncated`; they become truncated episodes (SPEC 1).
+`add_noise` is pure jnp, seeded by a PRNG key, vmapped over rows and jit-able.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NOISE_KINDS = ("random", "ground_truth")
+
+
+class Noised(NamedTuple):
+    """Augmented rows; `prompt_len` is unchanged (noise never touches the prompt)."""
+
+    tokens: jax.Array  # int32 [B, T]
+    length: jax.Array  # int32 [B]
+    action_weight: jax.Array  # float32 [B, T]: 0 for masked noise tokens and padding
+    is_noise: jax.Array  # bool [B, T]: inserted noise tokens (not their backspaces)
+    n_noise: jax.Array  # int32 [B]: noise tokens kept in the row
+    truncated: jax.Array  # bool [B]: the row was cut to fit T
+
+
+def random_noise_probs(vocab_size: int, special_ids: Iterable[int]) -> np.ndarray:
+    """Uniform over the base vocabulary minus `special_ids` (eos, pad, bos, ...)."""
+    probs = np.ones(vocab_size, np.float64)
+    probs[list(special_ids)] = 0.0
+    if probs.sum() == 0:
+        raise ValueError("every token is special: no token left to draw random noise from")
+    return (probs / probs.sum()).astype(np.float32)
+
+
+def ground_truth_noise_probs(
+    tokens: np.ndarray,
+    prompt_len: np.ndarray,
+    length: np.ndarray,
+    *,
+    vocab_size: int,
+    special_ids: Iterable[int],
+) -> np.ndarray:
+    """Empirical distribution of the action tokens (completions) of `tokens`, minus specials."""
+    tokens, prompt_len, length = np.asarray(tokens), np.asarray(prompt_len), np.asarray(length)
+    t = np.arange(tokens.shape[1])[None, :]
+    acts = tokens[(t >= prompt_len[:, None]) & (t < length[:, None])]
+    counts = np.bincount(acts[(acts >= 0) & (acts < vocab_size)], minlength=vocab_size)
+    counts = counts.astype(np.float64)
+    counts[list(special_ids)] = 0.0
+    if counts.sum() == 0:
+        raise ValueError(
+            "the completions contain no non-special tokens: cannot build ground-truth noise; "
+            "check the dataset or use noise kind 'random'"
+        )
+    return (counts / counts.sum()).astype(np.float32)
+
+
+def _noise_row(
+    key, tokens_T, m, n, log_probs_V, *, bkspc_id, noise_rate, max_burst, mask_noise_actions,
+    exclude_target, pad_id
+):  # fmt: skip
+    T = tokens_T.shape[0]
+    t = jnp.arange(T)
+    k_fire, k_size, k_tok = jax.random.split(key, 3)
+    is_act = (t >= m) & (t < n)
+    fire = is_act & jax.random.bernoulli(k_fire, noise_rate, (T,))
+    burst_T = jnp.where(fire, jax.random.randint(k_size, (T,), 1, max_burst + 1), 0)
+    # Source token t lands at out_T[t]; its burst occupies the 2 * burst_T[t] slots before it.
+    out_T = t + jnp.cumsum(2 * burst_T)
+    out_T = jnp.where(t < n, out_T, jnp.iinfo(jnp.int32).max)
+    fits = out_T < T
+    new_len = jnp.max(jnp.where(fits, out_T + 1, 0))  # cut after the last source that fits
+    full_len = n + 2 * jnp.sum(burst_T)
+    truncated = full_len > T
+
+    o = jnp.arange(T)
+    src = jnp.clip(jnp.searchsorted(out_T, o, side="left"), 0, T - 1)  # first source at >= o
+    at_src = out_T[src] == o
+    burst_pos = o - (out_T[src] - 2 * burst_T[src])  # index inside the burst before src
+    valid = o < new_len
+    noise_slot = valid & ~at_src & (burst_pos < burst_T[src])  # the rest of a burst: <bkspc>
+
+    target = tokens_T[src]
+    logits_TxV = jnp.broadcast_to(log_probs_V, (T, log_probs_V.shape[0]))
+    if exclude_target:
+        masked = logits_TxV.at[o, target].set(-jnp.inf)
+        ok = jnp.isfinite(masked).any(axis=-1, keepdims=True)  # target was the only option
+        logits_TxV = jnp.where(ok, masked, logits_TxV)
+    noise_tok = jax.random.categorical(k_tok, logits_TxV, axis=-1)
+
+    out = jnp.where(at_src, target, jnp.where(noise_slot, noise_tok, bkspc_id))
+    out = jnp.where(valid, out, pad_id).astype(jnp.int32)
+    weight = jnp.where(valid, 1.0, 0.0).astype(jnp.float32)
+    if mask_noise_actions:
+        weight = jnp.where(noise_slot, 0.0, weight)
+    n_noise = jnp.sum(noise_slot).astype(jnp.int32)
+    return Noised(out, new_len.astype(jnp.int32), weight, noise_slot, n_noise, truncated)
+
+
+def add_noise(
+    key: jax.Array,
+    tokens: jax.Array,
+    prompt_len: jax.Array,
+    length: jax.Array,
+    *,
+    noise_probs: jax.Array,
+    bkspc_id: int,
+    noise_rate: float,
+    max_burst: int = 1,
+    mask_noise_actions: bool = True,
+    exclude_target: bool = True,
+    pad_id: int = 0,
+) -> Noised:
+    """Inserts noise bursts and their backspaces into data rows (SPEC 4).
+
+    Args:
+      key: PRNG key; the result is a pure function of it and the inputs.
+      tokens: int32 [B, T]; prompt_len, length: int32 [B].
+      noise_probs: float [V] over the base vocabulary (see `random_noise_probs`,
+        `ground_truth_noise_probs`); zero for tokens that must never be noise.
+      bkspc_id: the `<bkspc>` id (`V`).
+      noise_rate: probability of a burst before each data action.
+      max_burst: bursts have `k ~ Uniform{1..max_burst}` noise tokens then `k` backspaces.
+      mask_noise_actions: give noise tokens action weight 0.
+      exclude_target: never draw the data token that follows the burst.
+      pad_id: id written to padding.
+    """
+    if not 0.0 <= noise_rate <= 1.0:
+        raise ValueError(f"noise_rate={noise_rate} must be in [0, 1]")
+    if max_burst < 1:
+        raise ValueError(f"max_burst={max_burst} must be >= 1")
+    noise_probs = jnp.asarray(noise_probs, jnp.float32)
+    if noise_probs.shape != (bkspc_id,):
+        raise ValueError(
+            f"noise_probs has shape {noise_probs.shape}, expected ({bkspc_id},): one entry per "
+            "base-vocabulary token (the <bkspc> id is the base vocabulary size)"
+        )
+    B = tokens.shape[0]
+    row = functools.partial(
+        _noise_row,
+        bkspc_id=bkspc_id,
+        noise_rate=noise_rate,
+        max_burst=max_burst,
+        mask_noise_actions=mask_noise_actions,
+        exclude_target=exclude_target,
+        pad_id=pad_id,
+    )
+    log_probs = jnp.log(noise_probs)
+    return jax.vmap(row, in_axes=(0, 0, 0, 0, None))(
+        jax.random.split(key, B),
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(prompt_len, jnp.int32),
+        jnp.asarray(length, jnp.int32),
+        log_probs,
+    )
