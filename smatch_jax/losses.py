@@ -71,14 +71,17 @@ def per_action(
     prompt_len = prompt_len.astype(jnp.int32)
     length = length.astype(jnp.int32)
     a_BxJ = tokens[:, 1:]
-    lse_BxT = jax.nn.logsumexp(logits, axis=-1)
-    q = jnp.take_along_axis(logits[:, :-1], a_BxJ[..., None], axis=-1)[..., 0]
-    v = lse_BxT[:, :-1]
-    v_next = jnp.where(a_BxJ == eos_id, 0.0, lse_BxT[:, 1:])
     valid = action_valid(tokens, prompt_len, length, eos_id)
+    lse_BxT = jax.nn.logsumexp(logits, axis=-1)
+    # Zero every quantity outside the episode *before* any nonlinearity: garbage logits at
+    # padding (-inf, or huge) would otherwise give 0 * inf = NaN in the backward pass.
+    q = jnp.take_along_axis(logits[:, :-1], a_BxJ[..., None], axis=-1)[..., 0]
+    q = jnp.where(valid, q, 0.0)
+    v = jnp.where(valid, lse_BxT[:, :-1], 0.0)
+    v_next = jnp.where(valid & (a_BxJ != eos_id), lse_BxT[:, 1:], 0.0)
     steps = jnp.arange(1, tokens.shape[1])[None, :] - prompt_len[:, None]  # i - 1
     discount = jnp.where(valid, jnp.float32(gamma) ** jnp.maximum(steps, 0), 0.0)
-    pi_bkspc = jnp.exp(logits[:, :-1, -1] - v)
+    pi_bkspc = jnp.where(valid, jnp.exp(logits[:, :-1, -1] - v), 0.0)
     weight = jnp.ones_like(q) if action_weight is None else action_weight[:, 1:].astype(jnp.float32)
     return Actions(valid, q, v, v_next, q - v, pi_bkspc, discount, weight)
 

@@ -210,3 +210,21 @@ def test_loss_factory_warmup_and_validation():
         losses.make_loss_fn({"gama": 0.9}, eos_id=EOS)
     with pytest.raises(ValueError, match="choose one of"):
         losses.make_loss_fn({"divergence": "chi"}, eos_id=EOS)
+
+
+@pytest.mark.parametrize("div", losses.DIVERGENCES)
+def test_garbage_logits_outside_the_episode_give_finite_gradients(div):
+    """-inf / huge logits at padding and after eos must not turn the gradient into NaN."""
+    lg = np.zeros((2, 4, V + 1), np.float32)
+    lg[0, 1, 0] = -np.inf  # state after the eos action: q of the padding "action" is -inf
+    lg[1, 2:] = -1e4  # far outside exp's range, at padding
+    tokens = np.array([[1, EOS, 0, 0], [1, 2, 3, 0]], np.int32)
+    m, n = np.array([1, 1]), np.array([2, 2])
+    for fn in (
+        lambda x: losses.sequence_match_loss(
+            x, tokens, m, n, np.array([False, True]), eos_id=EOS, divergence=div
+        )[0],
+        lambda x: losses.bc_loss(x, tokens, m, n, eos_id=EOS)[0],
+    ):
+        val, grad = jax.value_and_grad(fn)(lg)
+        assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
