@@ -4,8 +4,7 @@ The MDP. Base tokens {a, b, eos} (V = 3; logit index 3 is <bkspc>), prompt [a], 
 actions. A state is the prefix of actions after the prompt. At depth 0 and 1 the actions are
 a, b, eos; at depth 2 only eos (forced termination, so the tree is finite). That is 7 states (3
 free, 4 forced) and 7 trajectories ("eos", "a eos", ..., "b b eos"), each a row of T = 4 tokens
-padded with eos (allowed at every state: a -inf logit gathered as the "action" of a position
-outside the episode would give NaN gradients, although it is masked out of the loss value).
+padded with eos (positions outside the episode are ignored by the losses).
 
 The model. The logits are free parameters per state: a table theta [S, 3] over (a, b, eos); row
 position j gets the entry of the state it represents, the position after the final eos a
