@@ -1,0 +1,1 @@
+"""Tokenizers and (later) datasets and input pipelines."""

@@ -1,0 +1,210 @@
+"""Batched sampling with `<bkspc>` over a functional KV cache (SPEC 5): one jitted while_loop.
+
+The cache holds the current state's tokens only; a row's cache length is its state length.
+
+* a token `a`: its K/V are written at slot `len` (position `len`), `len += 1`;
+* `<bkspc>`: `len -= 1`, then the new last token is re-fed at its position, overwriting an
+  identical cache slot, to get the next logits: one forward step, the online twin of the
+  layout in masks.py (a copy of the top token at the top's position).
+
+`<bkspc>` is masked while the state equals the prompt; `eos` ends a row; a row also stops after
+`max_actions` actions (bounding write/delete loops) or when its state holds `max_new_tokens`
+new tokens (a truncated episode). Rows are ragged: each has its own prompt length.
+
+Outputs are the action rows (prompt + actions, directly usable by `backspace_layout` and the
+losses, e.g. for the replay buffer) and the final rows after backspaces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from smatch_jax.models import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding controls. Hashable: it is a static argument of the compiled sampler."""
+
+    max_new_tokens: int = 64  # most new tokens a state may hold (cache = prompt + this)
+    max_actions: int | None = None  # most actions per row; default 2 * max_new_tokens
+    temperature: float = 1.0  # logits are divided by it (ignored when greedy)
+    top_k: int = 0  # keep the k most likely actions (0: all)
+    top_p: float = 1.0  # nucleus: smallest set with probability >= top_p (1: all)
+    greedy: bool = False  # argmax instead of sampling
+    bkspc_logit_bias: float = 0.0  # added to the <bkspc> logit before sampling
+    allow_bkspc: bool = True  # False: <bkspc> is never emitted (plain sampling)
+    return_logits: bool = False  # also return the raw model logits of every step
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.max_actions is not None and self.max_actions < 1:
+            raise ValueError(f"max_actions={self.max_actions} must be >= 1")
+        if self.temperature <= 0 and not self.greedy:
+            raise ValueError("temperature must be > 0; use greedy=True for argmax decoding")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0")
+
+    @property
+    def n_actions(self) -> int:
+        return self.max_actions if self.max_actions is not None else 2 * self.max_new_tokens
+
+
+class SampleOutput(NamedTuple):
+    actions: jax.Array  # int32 [B, P + max_actions]: prompt then actions, padded
+    length: jax.Array  # int32 [B]: prompt_len + number of actions
+    final: jax.Array  # int32 [B, P + max_new_tokens]: the state after backspaces, padded
+    final_length: jax.Array  # int32 [B]
+    n_bkspc: jax.Array  # int32 [B]: backspaces emitted
+    ended: jax.Array  # bool [B]: the row emitted eos (else truncated)
+    step_logits: jax.Array | None  # float32 [B, max_actions, V+1] raw logits of each step
+
+
+def _filter_logits(logits_BxA: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    """Temperature, top-k and top-p; removed actions get -inf."""
+    x = logits_BxA / cfg.temperature
+    if cfg.top_k and cfg.top_k < x.shape[-1]:
+        kth = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-x, axis=-1)
+        sorted_x = jnp.take_along_axis(x, order, axis=-1)
+        cum = jnp.cumsum(jax.nn.softmax(sorted_x, axis=-1), axis=-1)
+        keep_sorted = (cum - jax.nn.softmax(sorted_x, axis=-1)) < cfg.top_p  # top-1 always kept
+        keep = (
+            jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order].set(keep_sorted)
+        )
+        x = jnp.where(keep, x, -jnp.inf)
+    return x
+
+
+def _choose(key, logits_BxA, state_len, prompt_len, cfg: SamplingConfig, bkspc_id: int):
+    bk_ok = cfg.allow_bkspc & (state_len > prompt_len)
+    x = logits_BxA.at[:, bkspc_id].add(cfg.bkspc_logit_bias)
+    x = x.at[:, bkspc_id].set(jnp.where(bk_ok, x[:, bkspc_id], -jnp.inf))
+    if cfg.greedy:
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, _filter_logits(x, cfg), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id"))
+def _sample(graphdef, params, prompts, prompt_len, key, *, cfg, eos_id, pad_id):
+    model = nnx.merge(graphdef, params)
+    B, P = prompts.shape
+    S = P + cfg.max_new_tokens  # cache slots; a state never holds more
+    A = cfg.n_actions
+    bkspc_id = model.config.vocab_size
+    rows = jnp.arange(B)
+    slots = jnp.arange(S)
+
+    # Prefill: the prompts, causal over their own tokens.
+    cache = init_cache(model.config, B, S)
+    pos_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
+    mask = (slots[None, None, :] <= pos_BxP[:, :, None]) & (slots < prompt_len[:, None])[:, None]
+    logits, cache = model.decode(prompts, pos_BxP, mask, cache, jnp.zeros(B, jnp.int32))
+    next_logits = logits[rows, prompt_len - 1]
+    state = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompts)
+    state = jnp.where(slots < prompt_len[:, None], state, pad_id)
+
+    carry = dict(
+        step=jnp.int32(0),
+        key=key,
+        cache=cache,
+        logits=next_logits,
+        state=state,
+        state_len=prompt_len,
+        actions=jnp.full((B, P + A), pad_id, jnp.int32).at[:, :P].set(state[:, :P]),
+        n_act=jnp.zeros(B, jnp.int32),
+        n_bk=jnp.zeros(B, jnp.int32),
+        done=jnp.zeros(B, bool),
+        ended=jnp.zeros(B, bool),
+        step_logits=jnp.zeros((B, A, next_logits.shape[-1]) if cfg.return_logits else (0,)),
+    )
+
+    def cond(c):
+        return (c["step"] < A) & ~jnp.all(c["done"])
+
+    def body(c):
+        key, sub = jax.random.split(c["key"])
+        live, L = ~c["done"], c["state_len"]
+        a = _choose(sub, c["logits"], L, prompt_len, cfg, bkspc_id)
+        is_bk = live & (a == bkspc_id)
+        is_tok = live & ~is_bk
+        # What to feed: the new token at slot L; after <bkspc>, the new top again at L - 2;
+        # a finished row re-feeds its own top (an identical rewrite).
+        feed_at = jnp.where(is_tok, L, jnp.where(is_bk, L - 2, L - 1))
+        top = c["state"][rows, feed_at]
+        feed_tok = jnp.where(is_tok, a, top)
+        new_len = L + is_tok - is_bk
+        state = c["state"].at[rows, jnp.where(is_tok, L, S)].set(a, mode="drop")
+        state = jnp.where(slots < new_len[:, None], state, pad_id)
+        mask = (slots < new_len[:, None])[:, None, :]
+        logits, cache = model.decode(feed_tok[:, None], feed_at[:, None], mask, c["cache"], feed_at)
+        step_logits = c["step_logits"]
+        if cfg.return_logits:
+            step_logits = step_logits.at[rows, c["step"]].set(c["logits"])
+        write_at = jnp.where(live, prompt_len + c["n_act"], P + A)
+        ended = c["ended"] | (live & (a == eos_id))
+        n_act = c["n_act"] + live
+        done = c["done"] | ended | (n_act >= A) | (new_len >= prompt_len + cfg.max_new_tokens)
+        return dict(
+            step=c["step"] + 1,
+            key=key,
+            cache=cache,
+            logits=logits[:, 0],
+            state=state,
+            state_len=new_len,
+            actions=c["actions"].at[rows, write_at].set(a, mode="drop"),
+            n_act=n_act,
+            n_bk=c["n_bk"] + is_bk,
+            done=done,
+            ended=ended,
+            step_logits=step_logits,
+        )
+
+    c = jax.lax.while_loop(cond, body, carry)
+    return SampleOutput(
+        actions=c["actions"],
+        length=prompt_len + c["n_act"],
+        final=c["state"],
+        final_length=c["state_len"],
+        n_bkspc=c["n_bk"],
+        ended=c["ended"],
+        step_logits=c["step_logits"] if cfg.return_logits else None,
+    )
+
+
+def sample(
+    model: Any,
+    prompts: jax.Array,
+    prompt_len: jax.Array,
+    key: jax.Array,
+    *,
+    eos_id: int,
+    pad_id: int,
+    cfg: SamplingConfig,
+    params: Any = None,
+) -> SampleOutput:
+    """Samples continuations of left-aligned `prompts` [B, P] with lengths `prompt_len` [B].
+
+    `model` is a `Transformer`, or its `nnx.split` graphdef with `params` the matching state
+    (the form used inside jitted training code). Compiled once per graphdef, shapes and `cfg`.
+    """
+    if params is None:
+        model, params = nnx.split(model)
+    prompts = jnp.asarray(prompts, jnp.int32)
+    prompt_len = jnp.asarray(prompt_len, jnp.int32)
+    if prompts.ndim != 2 or prompt_len.shape != (prompts.shape[0],):
+        raise ValueError(
+            f"prompts must be [B, P] and prompt_len [B]; got {prompts.shape}, {prompt_len.shape}"
+        )
+    return _sample(model, params, prompts, prompt_len, key, cfg=cfg, eos_id=eos_id, pad_id=pad_id)

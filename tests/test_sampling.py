@@ -1,0 +1,214 @@
+"""The backspace sampler (SPEC 5) against naive decoding and the training layout."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from smatch_jax import masks, models, sampling
+from tests import reference
+
+EOS, PAD = 15, 16  # tiny models have V = 17 (ids 0..16); <bkspc> = 17
+P = 5
+
+
+def random_model(family: str, seed: int = 0):
+    """A tiny model with unit-scale random weights: peaked logits, no argmax ties."""
+    cfg = models.tiny(family)
+    model = nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(seed)
+    state = nnx.state(model, nnx.Param)
+
+    def draw(path, value):
+        x = rng.standard_normal(value.shape)
+        name = path[-1].key
+        if name == "scale":
+            x = 1.0 + 0.1 * x
+        elif name == "bias":
+            x = 0.1 * x
+        elif name == "kernel":
+            x = x / np.sqrt(value.shape[0])
+        else:  # embeddings: logits of std ~1.5, so a moderate bias makes <bkspc> win sometimes
+            x = 0.25 * x
+        return jnp.asarray(x, value.dtype)
+
+    pure = jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+    return model
+
+
+@functools.cache
+def _setup(family):
+    model = random_model(family)
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, ids, pos, mask: nnx.merge(graphdef, p)(ids, pos, mask))
+    return model, graphdef, params, forward
+
+
+def prompts(seed, B=4):
+    rng = np.random.default_rng(seed)
+    m = np.array([1, 3, 5, 2][:B], np.int32)
+    ids = rng.integers(0, EOS, (B, P)).astype(np.int32)
+    ids[np.arange(P)[None] >= m[:, None]] = PAD
+    return ids, m
+
+
+def naive_greedy(forward, params, ids, m, cfg: sampling.SamplingConfig, bk):
+    """Greedy decoding by a full causal pass over each state, one row at a time (no cache)."""
+    W = P + cfg.max_new_tokens
+    causal = jnp.tril(jnp.ones((1, W, W), bool))
+    out = []
+    for b in range(len(ids)):
+        state, acts = list(ids[b, : m[b]]), []
+        while len(acts) < cfg.n_actions:
+            row = np.full((1, W), PAD, np.int32)
+            row[0, : len(state)] = state
+            logits = np.array(forward(params, row, np.arange(W)[None], causal))[0, len(state) - 1]
+            logits[bk] += cfg.bkspc_logit_bias
+            if len(state) <= m[b] or not cfg.allow_bkspc:
+                logits[bk] = -np.inf
+            a = int(np.argmax(logits))
+            acts.append(a)
+            if a == bk:
+                state.pop()
+            else:
+                state.append(a)
+            if a == EOS or len(state) >= m[b] + cfg.max_new_tokens:
+                break
+        out.append((acts, state))
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("bias", [0.0, 2.5])
+def test_cached_greedy_equals_uncached(family, bias):
+    model, graphdef, params, forward = _setup(family)
+    bk = model.config.vocab_size
+    cfg = sampling.SamplingConfig(max_new_tokens=8, greedy=True, bkspc_logit_bias=bias)
+    ids, m = prompts(0)
+    out = sampling.sample(
+        graphdef, ids, m, jax.random.key(0), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
+    )
+    want = naive_greedy(forward, params, ids, m, cfg, bk)
+    for b, (acts, state) in enumerate(want):
+        n = int(out.length[b]) - m[b]
+        assert out.actions[b, m[b] : m[b] + n].tolist() == acts
+        assert out.final[b, : int(out.final_length[b])].tolist() == state
+        assert int(out.n_bkspc[b]) == acts.count(bk)
+    n_bk = sum(a.count(bk) for a, _ in want)
+    assert n_bk > 0 or bias == 0, "the bias must force some backspaces"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_step_logits_equal_the_training_layout(family):
+    """The logits the sampler acted on equal one forward pass under backspace_layout."""
+    model, graphdef, params, forward = _setup(family)
+    bk = model.config.vocab_size
+    cfg = sampling.SamplingConfig(max_new_tokens=8, bkspc_logit_bias=2.0, return_logits=True)
+    ids, m = prompts(1)
+    out = sampling.sample(
+        graphdef, ids, m, jax.random.key(3), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
+    )
+    assert int(out.n_bkspc.sum()) > 0
+    lay = masks.backspace_layout(out.actions, m, out.length, bkspc_id=bk)
+    logits = np.asarray(forward(params, lay.input_ids, lay.positions, lay.attn_mask))
+    for b in range(len(ids)):
+        n = int(out.length[b]) - m[b]
+        np.testing.assert_allclose(
+            np.asarray(out.step_logits[b, :n]), logits[b, m[b] - 1 : m[b] - 1 + n], atol=3e-5
+        )
+    # And the final rows are apply_backspaces of the action rows.
+    fin, fin_len = masks.apply_backspaces(out.actions, m, out.length, bkspc_id=bk, pad_id=PAD)
+    np.testing.assert_array_equal(fin_len, out.final_length)
+    W = out.final.shape[1]
+    np.testing.assert_array_equal(fin[:, :W], out.final)
+
+
+def test_row_invariants_under_sampling():
+    model, graphdef, params, _ = _setup("llama")
+    bk = model.config.vocab_size
+    cfg = sampling.SamplingConfig(
+        max_new_tokens=6, max_actions=10, bkspc_logit_bias=1.5, top_k=5, top_p=0.9, temperature=0.8
+    )
+    ids, m = prompts(2)
+    ids, m = np.tile(ids, (8, 1)), np.tile(m, 8)
+    out = jax.device_get(
+        sampling.sample(
+            graphdef, ids, m, jax.random.key(5), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
+        )
+    )
+    assert out.n_bkspc.sum() > 0
+    for b in range(len(ids)):
+        row, n = out.actions[b].tolist(), int(out.length[b])
+        assert row[: m[b]] == ids[b, : m[b]].tolist()
+        assert n - m[b] <= cfg.n_actions and (row[n:] == [PAD] * (len(row) - n))
+        states = reference.states_row(row, m[b], n, bk)
+        for k in range(m[b], n):  # never a backspace while the state is the prompt
+            if row[k] == bk:
+                assert len(states[k - 1]) > m[b]
+        assert states[-1] == out.final[b, : out.final_length[b]].tolist()
+        assert out.ended[b] == (EOS in row[m[b] : n])
+        if out.ended[b]:
+            assert row[n - 1] == EOS
+        else:  # truncated: out of actions or of state room
+            assert n - m[b] == cfg.n_actions or out.final_length[b] == m[b] + cfg.max_new_tokens
+    plain = sampling.SamplingConfig(max_new_tokens=6, allow_bkspc=False, bkspc_logit_bias=50.0)
+    out = sampling.sample(
+        graphdef, ids, m, jax.random.key(6), eos_id=EOS, pad_id=PAD, cfg=plain, params=params
+    )
+    assert int(out.n_bkspc.sum()) == 0 and not (np.asarray(out.actions) == bk).any()
+
+
+def test_first_action_distribution_matches_softmax():
+    model, graphdef, params, forward = _setup("gpt2")
+    ids, m = prompts(3, B=1)
+    n = 4000
+    cfg = sampling.SamplingConfig(max_new_tokens=1, temperature=1.5)
+    out = sampling.sample(
+        graphdef,
+        np.repeat(ids, n, 0),
+        np.repeat(m, n),
+        jax.random.key(7),
+        eos_id=EOS,
+        pad_id=PAD,
+        cfg=cfg,
+        params=params,
+    )
+    W = P
+    causal = jnp.tril(jnp.ones((1, W, W), bool))
+    logits = np.array(forward(params, ids, np.arange(W)[None], causal))[0, m[0] - 1]
+    logits[model.config.vocab_size] = -np.inf  # the state is the prompt
+    p = np.asarray(jax.nn.softmax(logits / 1.5))
+    freq = np.bincount(np.asarray(out.actions[:, m[0]]), minlength=len(p)) / n
+    np.testing.assert_allclose(freq, p, atol=5 * np.sqrt(0.25 / n))
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    _, graphdef, params, _ = _setup("llama")
+    ids, m = prompts(4)
+    run = lambda **kw: (
+        sampling.sample(
+            graphdef,
+            ids,
+            m,
+            jax.random.key(9),
+            eos_id=EOS,
+            pad_id=PAD,
+            cfg=sampling.SamplingConfig(max_new_tokens=6, **kw),
+            params=params,
+        ).actions
+    )
+    greedy = np.asarray(run(greedy=True))
+    np.testing.assert_array_equal(np.asarray(run(top_k=1)), greedy)
+    np.testing.assert_array_equal(np.asarray(run(top_p=1e-6)), greedy)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="greedy=True"):
+        sampling.SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.SamplingConfig(top_p=0.0)
