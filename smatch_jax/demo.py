@@ -5,8 +5,8 @@
    ground-truth noise + `<bkspc>` augmentation and the loss factory (BC warm-up, then BC +
    SequenceMatch chi2-mix in offline mode, `value_on='data'`: the sampler and its replay
    buffer arrive with the next issues).
-3. Greedy decoding with backspaces by naive full-prefix passes (the KV-cache sampler is the
-   next issue), exact-match accuracy on held-out questions and backspace use.
+3. Greedy decoding with the KV-cache backspace sampler, exact-match accuracy on held-out
+   questions and backspace use.
 
     python -m smatch_jax.demo [--steps 2000] [--seed 0]
 """
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from smatch_jax import losses, masks, models, noise
+from smatch_jax import losses, masks, models, noise, sampling
 
 CHARS = "0123456789+="
 EOS, PAD = len(CHARS), len(CHARS) + 1
@@ -70,39 +70,14 @@ def show_worked_example() -> None:
     print("apply_backspaces ->", " ".join(lookup[int(i)] for i in fin[0, : int(n[0])]), "\n")
 
 
-def greedy_decode(forward, state, prompts: np.ndarray, m: np.ndarray, max_actions: int):
-    """Naive greedy decoding with backspace: one full causal pass per action."""
-    B = prompts.shape[0]
-    causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    cur, ln = jnp.asarray(prompts), jnp.asarray(m)
-    done = jnp.zeros(B, bool)
-    n_bk = jnp.zeros(B, jnp.int32)
-    for _ in range(max_actions):
-        logits = forward(state, cur, pos, causal)[jnp.arange(B), ln - 1]
-        logits = logits.at[:, BK].set(jnp.where(ln <= jnp.asarray(m), -jnp.inf, logits[:, BK]))
-        a = jnp.argmax(logits, axis=-1)
-        a = jnp.where(done | (ln >= T), PAD, a)
-        is_bk = (a == BK) & ~done
-        n_bk += is_bk
-        write = ~done & ~is_bk & (ln < T)
-        cur = cur.at[jnp.arange(B), jnp.minimum(ln, T - 1)].set(
-            jnp.where(write, a, cur[jnp.arange(B), jnp.minimum(ln, T - 1)])
-        )
-        ln = ln + write - is_bk
-        cur = jnp.where(jnp.arange(T)[None] < ln[:, None], cur, PAD)
-        done = done | (a == EOS) | (ln >= T)
-    return np.asarray(cur), np.asarray(ln), np.asarray(n_bk)
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=500, help="BC-only warm-up steps")
     ap.add_argument("--noise_rate", type=float, default=0.1)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     show_worked_example()
     rng = np.random.default_rng(args.seed)
@@ -128,10 +103,6 @@ def main() -> None:
         {"bc_weight": 1.0, "sm_weight": 1.0, "bc_warmup_steps": args.warmup, "value_on": "data"},
         eos_id=EOS,
     )
-
-    @jax.jit
-    def forward(state, ids, pos, mask):
-        return nnx.merge(graphdef, state)(ids, pos, mask)
 
     @jax.jit
     def train_step(state, opt_state, key, tokens, m, n, step):
@@ -182,18 +153,25 @@ def main() -> None:
                 flush=True,
             )
 
-    prompts = np.where(np.arange(T)[None] < test_m[:, None], test_tokens, PAD)
-    out, ln, n_bk = greedy_decode(forward, state, prompts, test_m, max_actions=8)
+    prompts = np.where(np.arange(T)[None] < test_m[:, None], test_tokens, PAD)[:, :8]
+    scfg = sampling.SamplingConfig(max_new_tokens=5, max_actions=10, greedy=True)
+    out = jax.device_get(
+        sampling.sample(
+            graphdef, prompts, test_m, key, eos_id=EOS, pad_id=PAD, cfg=scfg, params=state
+        )
+    )
     correct = [
-        decode(out[i, test_m[i] : ln[i]]).replace("<eos>", "") == str(a + b)
+        decode(out.final[i, test_m[i] : out.final_length[i]]).replace("<eos>", "") == str(a + b)
         for i, (a, b) in enumerate(test_q)
     ]
     print(
-        f"\nheld-out exact match: {np.mean(correct):.3f} on {len(correct)} questions; "
-        f"rows using <bkspc>: {np.mean(n_bk > 0):.3f}"
+        f"\nheld-out exact match (greedy, KV-cache sampler): {np.mean(correct):.3f} on "
+        f"{len(correct)} questions; rows using <bkspc>: {np.mean(out.n_bkspc > 0):.3f}"
     )
-    for i in range(4):
-        print(f"  {decode(out[i, : ln[i]])}")
+    print("  action stream -> final text")
+    for i in range(6):
+        acts = decode(out.actions[i, : out.length[i]])
+        print(f"  {acts:24s} -> {decode(out.final[i, : out.final_length[i]])}")
 
 
 if __name__ == "__main__":
