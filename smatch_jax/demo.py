@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     model = models.Transformer(cfg, rngs=nnx.Rngs(args.seed))
     graphdef, state = nnx.split(model, nnx.Param)
-    opt = optax.adamw(optax.warmup_cosine_decay_schedule(0, 3e-3, 50, args.steps), weight_decay=0.0)
+    opt = optax.adamw(
+        optax.warmup_cosine_decay_schedule(0, 3e-3, min(50, args.steps // 4), args.steps),
+        weight_decay=0.0,
+    )
     opt_state = opt.init(state)
     loss_fn = losses.make_loss_fn(
         {"bc_weight": 1.0, "sm_weight": 1.0, "bc_warmup_steps": args.warmup, "value_on": "data"},
