@@ -1,0 +1,105 @@
+"""Sample text with `<bkspc>` from a pretrained model.
+
+    python -m smatch_jax.generate --pretrained=smollm2 --prompt "The capital of France is" --greedy
+    python -m smatch_jax.generate --pretrained=hf:/path/to/gpt2 --tokenizer=gpt2 \\
+        --prompt "Once upon a time" --temperature 0.8 --top_p 0.95 --show_actions
+
+Prints the final text of each sample (backspaces applied) and, with `--show_actions`, the raw
+action stream with each `<bkspc>` shown as ⌫. Checkpoints of our own training runs
+(`--workdir`) arrive with the training system.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+
+from smatch_jax import sampling
+from smatch_jax.data.tokenizer_base import Tokenizer
+from smatch_jax.data.tokenizers import BpeTokenizer, get_tokenizer
+from smatch_jax.models import importers
+
+
+def load_pretrained(spec: str, tokenizer: str | None = None, dtype: str = "float32"):
+    """`smollm2` or `hf:<dir>` -> (model, tokenizer)."""
+    if spec == "smollm2":
+        return importers.smollm2(dtype=dtype), get_tokenizer(tokenizer or "smollm2")
+    if spec.startswith("hf:"):
+        directory = spec[3:]
+        model = importers.load_hf(directory, dtype=dtype)
+        if tokenizer:
+            tok: Tokenizer = get_tokenizer(tokenizer)
+        elif os.path.exists(os.path.join(directory, "tokenizer.json")):
+            tok = BpeTokenizer.load(os.path.join(directory, "tokenizer.json"))
+        elif model.config.family == "gpt2":
+            tok = get_tokenizer("gpt2")
+        else:
+            raise ValueError(f"{directory} has no tokenizer.json: pass --tokenizer=NAME")
+        return model, tok
+    raise ValueError(f"--pretrained={spec!r} is unknown; use 'smollm2' or 'hf:<checkpoint dir>'")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--pretrained", required=True, help="'smollm2' or 'hf:<checkpoint dir>'")
+    ap.add_argument("--tokenizer", default=None, help="gpt2 | smollm2 | bpe:<json> | char:<abc>")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--num_samples", type=int, default=1)
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--max_actions", type=int, default=None, help="default 2 * max_new_tokens")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--greedy", action="store_true")
+    ap.add_argument("--bkspc_logit_bias", type=float, default=0.0)
+    ap.add_argument("--no_bkspc", action="store_true", help="never emit <bkspc>")
+    ap.add_argument("--show_actions", action="store_true", help="also print the action stream")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    t0 = time.time()
+    model, tok = load_pretrained(args.pretrained, args.tokenizer, args.dtype)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise SystemExit("error: the prompt encodes to no tokens; give a non-empty --prompt")
+    cfg = sampling.SamplingConfig(
+        max_new_tokens=args.max_new_tokens,
+        max_actions=args.max_actions,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        bkspc_logit_bias=args.bkspc_logit_bias,
+        allow_bkspc=not args.no_bkspc,
+    )
+    n = args.num_samples
+    prompts = np.tile(np.asarray(ids, np.int32), (n, 1))
+    out = jax.device_get(
+        sampling.sample(
+            model,
+            prompts,
+            np.full(n, len(ids), np.int32),
+            jax.random.key(args.seed),
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            cfg=cfg,
+        )
+    )
+    for i in range(n):
+        final = out.final[i, : out.final_length[i]].tolist()
+        if out.ended[i]:
+            final = final[:-1]  # drop the eos
+        print(f"--- sample {i} ({out.n_bkspc[i]} backspaces)")
+        print(tok.decode(final))
+        if args.show_actions:
+            print(f"actions: {tok.render_actions(out.actions[i, len(ids) : out.length[i]])}")
+    print(f"({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()
