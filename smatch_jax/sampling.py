@@ -99,6 +99,11 @@ def _choose(key, logits_BxA, state_len, prompt_len, cfg: SamplingConfig, bkspc_i
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id"))
 def _sample(graphdef, params, prompts, prompt_len, key, *, cfg, eos_id, pad_id):
     model = nnx.merge(graphdef, params)
+    return sample_traced(model, prompts, prompt_len, key, cfg=cfg, eos_id=eos_id, pad_id=pad_id)
+
+
+def sample_traced(model, prompts, prompt_len, key, *, cfg, eos_id, pad_id) -> SampleOutput:
+    """The sampler body, for callers already inside a jitted function (e.g. training)."""
     B, P = prompts.shape
     S = P + cfg.max_new_tokens  # cache slots; a state never holds more
     A = cfg.n_actions

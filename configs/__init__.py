@@ -1,0 +1,1 @@
+"""Experiment configs (ml-collections); see configs/arithmetic.py."""

@@ -1,0 +1,370 @@
+"""Checkpointing and preemption handling (the only module that imports Orbax).
+
+A checkpoint step directory ``<workdir>/<step>/`` holds four Orbax items:
+
+* ``state``: an arbitrary pytree of jax/numpy arrays (params, optimizer state, RNG keys,
+  replay-buffer arrays; the caller packs them), written with ``StandardSave`` and restored
+  with ``StandardRestore`` onto the shardings of a pytree of ``jax.ShapeDtypeStruct``;
+* ``data_state``: a JSON-able dict (e.g. the grain iterator state); ``bytes`` anywhere in it
+  are stored as ``{"__bytes_b64__": "..."}`` and decoded back on restore. JSON turns tuples
+  into lists;
+* ``extra``: a JSON-able dict (config hash, wall time, ...);
+* ``meta``: our own bookkeeping (format version, PRNG implementation of typed key leaves).
+
+Typed PRNG keys (``jax.random.key``) may be leaves of ``state``: they are stored as their
+``jax.random.key_data`` and re-wrapped on restore with the implementation recorded at save
+time (the abstract leaf is the typed key's ``ShapeDtypeStruct``). Raw uint32 key data works
+as an ordinary array.
+
+Atomicity: Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<ts>`` and renames it when
+complete, so an interrupted write is never listed as a step. A step that is damaged later
+(truncated or deleted files) is only detected when read: :meth:`Checkpointer.restore_latest_valid`
+tries the newest step first and falls back to older ones, warning about each failure. Silent
+bit flips inside array data are not detected (Orbax keeps no checksums).
+
+Preemption: :class:`PreemptionHandler` turns SIGTERM (and optionally SIGINT) into a flag the
+train loop polls; the loop then saves with ``force=True`` and exits 0. In a multi-process run
+the processes must agree on the stopping step, so :meth:`PreemptionHandler.should_stop` with a
+``step`` also consults ``jax.experimental.multihost_utils.reached_preemption_sync_point``
+(which needs ``jax.distributed.initialize`` with the preemption service enabled); the local
+signal flag alone is used only when ``jax.process_count() == 1``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import signal
+import threading
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "PreemptionHandler",
+    "abstract_like",
+    "decode_json_state",
+    "encode_json_state",
+]
+
+_FORMAT_VERSION = 1
+_ITEMS = ("state", "data_state", "extra", "meta")
+_B64_KEY = "__bytes_b64__"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint could be restored."""
+
+
+def encode_json_state(obj: Any) -> Any:
+    """Return ``obj`` with every ``bytes`` value replaced by a base64 marker dict."""
+    if isinstance(obj, bytes | bytearray):
+        return {_B64_KEY: base64.b64encode(bytes(obj)).decode("ascii")}
+    if isinstance(obj, dict):
+        return {k: encode_json_state(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [encode_json_state(v) for v in obj]
+    return obj
+
+
+def decode_json_state(obj: Any) -> Any:
+    """Inverse of :func:`encode_json_state` (tuples come back as lists)."""
+    if isinstance(obj, dict):
+        if set(obj) == {_B64_KEY}:
+            return base64.b64decode(obj[_B64_KEY])
+        return {k: decode_json_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_json_state(v) for v in obj]
+    return obj
+
+
+def _is_typed_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _unwrap_keys(state: Any) -> tuple[Any, dict[str, str]]:
+    """Replace typed PRNG key leaves by their key data; return {keystr: impl name}."""
+    impls: dict[str, str] = {}
+
+    def unwrap(path, x):
+        if _is_typed_key(x):
+            impls[jax.tree_util.keystr(path)] = str(jax.random.key_impl(x))
+            return jax.random.key_data(x)
+        return x
+
+    return jax.tree_util.tree_map_with_path(unwrap, state), impls
+
+
+def _abstract_key_data(abstract_state: Any) -> Any:
+    """Replace abstract typed-key leaves by abstract uint32 key data (same sharding)."""
+
+    def convert(x):
+        if _is_typed_key(x):
+            data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=x.sharding)
+        return x
+
+    return jax.tree.map(convert, abstract_state)
+
+
+def _rewrap_keys(state: Any, abstract_state: Any, impls: dict[str, str]) -> Any:
+    def rewrap(path, x, abstract):
+        if _is_typed_key(abstract):
+            name = jax.tree_util.keystr(path)
+            if name not in impls:
+                raise CheckpointError(f"state leaf {name} was not saved as a typed PRNG key")
+            return jax.random.wrap_key_data(x, impl=impls[name])
+        return x
+
+    return jax.tree_util.tree_map_with_path(rewrap, state, abstract_state)
+
+
+class Checkpointer:
+    """Keep-last-N checkpoints of (state pytree, data-iterator state, extra JSON) in ``workdir``.
+
+    All processes of a multi-process run must call ``save``/``restore`` collectively (Orbax
+    coordinates the writes). Saves are asynchronous by default: ``save`` returns once the
+    arrays are copied off the devices; :meth:`wait` blocks until the write is committed.
+    :meth:`close` waits, and an ``atexit`` hook does the same if ``close`` is never called.
+    """
+
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.workdir = Path(workdir).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
+        self._manager = ocp.CheckpointManager(self.workdir, options=options, item_names=_ITEMS)
+        self._closed = False
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    def save(
+        self,
+        step: int,
+        *,
+        state: Any,
+        data_state: dict,
+        extra: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Start saving ``step``; return False (and do nothing) if it was not saved.
+
+        A step that already exists, or one not newer than the latest step, is skipped unless
+        ``force`` (an existing step is never overwritten). The arrays in ``state`` may be
+        modified or donated once this returns.
+        """
+        self._check_open()
+        step = int(step)
+        if step in self._manager.all_steps():
+            return False
+        raw_state, impls = _unwrap_keys(state)
+        meta = {"format": _FORMAT_VERSION, "key_impls": impls}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(raw_state),
+            data_state=ocp.args.JsonSave(encode_json_state(dict(data_state))),
+            extra=ocp.args.JsonSave(encode_json_state(dict(extra or {}))),
+            meta=ocp.args.JsonSave(meta),
+        )
+        return bool(self._manager.save(step, args=args, force=force))
+
+    def all_steps(self) -> list[int]:
+        """Sorted steps: those on disk at construction plus those saved since.
+
+        A step whose asynchronous save is still running is included; :meth:`wait` first to
+        see only committed ones. Temporary (unfinished) step directories are never listed.
+        """
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """Newest step of :meth:`all_steps`, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(
+        self, step: int | None = None, *, abstract_state: Any
+    ) -> tuple[int, Any, dict, dict]:
+        """Restore ``step`` (default: latest) as ``(step, state, data_state, extra)``.
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) matching
+        the saved ``state``; e.g. ``jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape,
+        x.dtype, sharding=x.sharding), state)``. Arrays are read directly onto those shardings.
+        Raises ``FileNotFoundError`` if there is no checkpoint, and whatever Orbax raises if
+        the step is unreadable.
+        """
+        self._check_open()
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no checkpoint in {self.workdir}")
+        step = int(step)
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract_key_data(abstract_state)),
+            data_state=ocp.args.JsonRestore(),
+            extra=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
+        )
+        restored = self._manager.restore(step, args=args)
+        meta = restored.meta or {}
+        if meta.get("format") != _FORMAT_VERSION:
+            raise CheckpointError(f"step {step}: unknown checkpoint format {meta.get('format')}")
+        state = _rewrap_keys(restored.state, abstract_state, meta.get("key_impls", {}))
+        return (
+            step,
+            state,
+            decode_json_state(restored.data_state),
+            decode_json_state(restored.extra or {}),
+        )
+
+    def restore_latest_valid(self, *, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+        """Restore the newest readable step, falling back to older ones; None if none exist.
+
+        Each unreadable step produces a ``RuntimeWarning`` naming the step and the error.
+        Raises :class:`CheckpointError` if checkpoints exist but none can be restored.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return None
+        errors = []
+        for step in reversed(steps):
+            try:
+                return self.restore(step, abstract_state=abstract_state)
+            except Exception as e:  # any read/parse/shape failure means "try an older step"
+                errors.append(f"step {step}: {type(e).__name__}: {e}")
+                warnings.warn(
+                    f"checkpoint step {step} in {self.workdir} could not be restored "
+                    f"({type(e).__name__}: {e}); trying an older step",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        raise CheckpointError(f"no restorable checkpoint in {self.workdir}:\n" + "\n".join(errors))
+
+    def wait(self) -> None:
+        """Block until every pending asynchronous save is committed."""
+        if not self._closed:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release resources (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._manager.wait_until_finished()
+            finally:
+                self._manager.close()
+                atexit.unregister(self.close)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("Checkpointer is closed")
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PreemptionHandler:
+    """Turn termination signals into a flag polled by the train loop.
+
+    Usage::
+
+        with PreemptionHandler() as preempt:
+            for step in ...:
+                ...
+                if preempt.should_stop(step):
+                    ckpt.save(step, ..., force=True); ckpt.close(); sys.exit(0)
+
+    ``install`` must run in the main thread. The first SIGINT sets the flag; a second one
+    raises ``KeyboardInterrupt`` so an interactive user can still abort. Previous handlers are
+    restored by :meth:`uninstall` (or leaving the ``with`` block).
+    """
+
+    def __init__(
+        self,
+        signals: Iterable[int] = (signal.SIGTERM,),
+        *,
+        handle_sigint: bool = False,
+        use_sync_point: bool | None = None,
+    ) -> None:
+        sigs = list(signals)
+        if handle_sigint and signal.SIGINT not in sigs:
+            sigs.append(signal.SIGINT)
+        self._signals = sigs
+        self._use_sync_point = use_sync_point
+        self._previous: dict[int, Any] = {}
+        self._event = threading.Event()
+        self.received: int | None = None
+
+    def install(self) -> PreemptionHandler:
+        """Install the handlers (idempotent); return self."""
+        for sig in self._signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were active before :meth:`install`."""
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._event.is_set():
+            raise KeyboardInterrupt
+        self.received = signum
+        self._event.set()
+
+    def request_stop(self) -> None:
+        """Set the flag by hand (tests, custom triggers)."""
+        self._event.set()
+
+    def should_stop(self, step: int | None = None) -> bool:
+        """True once a handled signal arrived (or, multi-process, at a preemption sync point).
+
+        With several processes, pass ``step``: the answer then comes from
+        ``reached_preemption_sync_point(step)`` so that all processes stop at the same step.
+        """
+        sync = self._use_sync_point
+        if sync is None:
+            sync = jax.process_count() > 1
+        if sync and step is not None:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+        return self._event.is_set()
+
+    def __enter__(self) -> PreemptionHandler:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+
+def abstract_like(tree: Any) -> Any:
+    """Pytree of ``jax.ShapeDtypeStruct`` (with each array's sharding) describing ``tree``.
+
+    Typed PRNG keys keep their key dtype; numpy leaves get the first local device.
+    """
+
+    def to_abstract(x):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:  # numpy / Python scalars: restore onto the default device
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+        return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sharding)
+
+    return jax.tree.map(to_abstract, tree)

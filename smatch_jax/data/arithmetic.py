@@ -1,0 +1,214 @@
+"""The arithmetic task: `add_or_sub_in_base` from DeepMind's mathematics_dataset (1.0.1).
+
+    "In base 7, what is -1403 + 62?"  ->  "-1311"
+
+Questions come from the library's own generator, seeded with `random.seed` (the module uses only
+Python's global `random`; we save and restore its state around generation). Difficulty is the
+library's entropy range: train "easy" / "medium" / "hard" are the thirds of the train range
+(3, 10) exactly as its `generate.py --train_split` makes them, "all" is the whole range, and
+"interpolate" is its test entropy (8, 8). Like the library we drop questions longer than 160
+characters and answers longer than 30; we also drop rows that do not fit T tokens. Every drop
+is replaced by a fresh sample and counted in `GenStats` (nothing is dropped silently).
+
+Splits, generated in this order from independent seeds so that `test` never depends on the
+train size or difficulty: `test` (default 200 questions), `test_large` (default 2000, for tight
+error bars), `train` (default 5000, as in the paper). Questions are unique within and across
+splits. Rows: prompt = question + `sep`, completion = answer + eos, over a `CharTokenizer`
+whose alphabet is the sorted set of characters used by the task (question template, signs,
+the digits 0-9a-f of bases 2..16, and every character of the generated text).
+
+mathematics_dataset 1.0.1 imports `base_solution_linear` from `sympy.solvers.diophantine`, which
+moved to `sympy.solvers.diophantine.diophantine` in sympy 1.7; `_import_module` aliases it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import random
+import re
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from smatch_jax.data.rows import make_row
+from smatch_jax.data.tokenizers import CharTokenizer
+
+DIFFICULTIES = ("easy", "medium", "hard", "all", "interpolate")
+MAX_QUESTION_LENGTH = 160  # mathematics_dataset.generate_settings
+MAX_ANSWER_LENGTH = 30
+BASE_DIGITS = "0123456789abcdef"  # the module samples bases 2..16
+QUESTION_RE = re.compile(r"In base (\d+), what is (-?[0-9a-z]+) ([+-]) (-?[0-9a-z]+)\?")
+SPECIALS = ("<eos>", "<pad>")
+
+
+def _import_module() -> Any:
+    """`mathematics_dataset.modules.arithmetic`, importable with sympy >= 1.7."""
+    try:
+        dioph = importlib.import_module("sympy.solvers.diophantine")
+        if not hasattr(dioph, "base_solution_linear"):
+            inner = sys.modules["sympy.solvers.diophantine.diophantine"]
+            dioph.base_solution_linear = inner.base_solution_linear
+        return importlib.import_module("mathematics_dataset.modules.arithmetic")
+    except ImportError as e:
+        raise ImportError(
+            f"the arithmetic task needs mathematics-dataset==1.0.1 and sympy ({e}); "
+            "`pip install mathematics-dataset==1.0.1 sympy==1.14.0`"
+        ) from e
+
+
+def _entropy_fn(difficulty: str) -> Callable[[tuple[float, float]], tuple[float, float]]:
+    level = {"easy": 0, "medium": 1, "hard": 2}.get(difficulty)
+
+    def fn(range_: tuple[float, float]) -> tuple[float, float]:
+        if level is None:
+            return range_
+        width = range_[1] - range_[0]
+        return (range_[0] + level / 3 * width, range_[0] + (level + 1) / 3 * width)
+
+    return fn
+
+
+def _module_fn(difficulty: str) -> Callable[[], Any]:
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {difficulty!r}; valid: {DIFFICULTIES}")
+    arithmetic = _import_module()
+    if difficulty == "interpolate":
+        return arithmetic.test()["add_or_sub_in_base"]
+    return arithmetic.train(_entropy_fn(difficulty))["add_or_sub_in_base"]
+
+
+@dataclasses.dataclass
+class GenStats:
+    """How many samples each filter rejected while generating one split."""
+
+    generated: int = 0
+    kept: int = 0
+    too_long_text: int = 0  # question > 160 or answer > 30 characters (library limits)
+    too_long_row: int = 0  # row does not fit T tokens
+    duplicate: int = 0  # question already in this or an excluded split
+
+
+def generate_problems(
+    n: int,
+    *,
+    seed: int,
+    difficulty: str,
+    exclude: Iterable[str] = (),
+    accept: Callable[[str, str], bool] | None = None,
+    max_tries_factor: int = 50,
+) -> tuple[list[tuple[str, str]], GenStats]:
+    """`n` unique (question, answer) pairs, deterministic in (seed, difficulty, exclude, accept).
+
+    `accept(question, answer)` rejects pairs (e.g. rows that do not fit T); rejected and
+    duplicate samples are replaced and counted in the returned `GenStats`.
+    """
+    if n < 1:
+        raise ValueError(f"need n >= 1 questions, got {n}")
+    module = _module_fn(difficulty)
+    seen, out, stats = set(exclude), [], GenStats()
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        while len(out) < n:
+            if stats.generated >= max_tries_factor * n + 1000:
+                raise RuntimeError(
+                    f"only {len(out)}/{n} acceptable unique questions after {stats.generated} "
+                    f"samples ({stats}); lower n, raise T or use a harder difficulty"
+                )
+            problem = module()
+            stats.generated += 1
+            q, a = str(problem.question), str(problem.answer)
+            if len(q) > MAX_QUESTION_LENGTH or len(a) > MAX_ANSWER_LENGTH:
+                stats.too_long_text += 1
+            elif q in seen:
+                stats.duplicate += 1
+            elif accept is not None and not accept(q, a):
+                stats.too_long_row += 1
+            else:
+                seen.add(q)
+                out.append((q, a))
+    finally:
+        random.setstate(state)
+    stats.kept = len(out)
+    return out, stats
+
+
+def parse_question(question: str) -> tuple[int, int, int]:
+    """(base, p, q-signed) of a question: the answer is p + q (for "-", q is negated)."""
+    m = QUESTION_RE.fullmatch(question)
+    if m is None:
+        raise ValueError(f"not an add_or_sub_in_base question: {question!r}")
+    base = int(m.group(1))
+    p, q = int(m.group(2), base), int(m.group(4), base)
+    return base, p, q if m.group(3) == "+" else -q
+
+
+def check_answer(question: str, answer: str) -> bool:
+    """True iff `answer` (a string in the question's base) is the correct result."""
+    base, p, q = parse_question(question)
+    try:
+        return int(answer.strip(), base) == p + q
+    except ValueError:
+        return False
+
+
+def alphabet(texts: Iterable[str] = ()) -> str:
+    """Sorted characters of the task (template + signs + base-16 digits) and of `texts`."""
+    chars = set("In base , what is + - ?" + BASE_DIGITS)
+    for t in texts:
+        chars.update(t)
+    return "".join(sorted(chars))
+
+
+def tokenizer_for(alphabet_: str) -> CharTokenizer:
+    """The task's tokenizer; `get_tokenizer("char:" + alphabet_)` is the same tokenizer."""
+    return CharTokenizer(alphabet_, specials=SPECIALS)
+
+
+def encode_example(
+    question: str, answer: str, tok: CharTokenizer, *, T: int, sep: str = " "
+) -> dict[str, Any]:
+    """One example in the row format plus `question`, `answer` and `base`."""
+    row = make_row(
+        tok.encode(question + sep), tok.encode(answer), T=T, eos_id=tok.eos_id, pad_id=tok.pad_id
+    )
+    base = parse_question(question)[0]
+    return {**row, "question": question, "answer": answer, "base": np.int32(base)}
+
+
+def fits(T: int, sep: str) -> Callable[[str, str], bool]:
+    """Whether a (question, answer) row fits T (one char per token, plus eos)."""
+    return lambda q, a: len(q) + len(sep) + len(a) + 1 <= T
+
+
+def generate_splits(
+    *,
+    train_size: int = 5000,
+    test_size: int = 200,
+    test_large_size: int = 2000,
+    difficulty: str = "all",
+    test_difficulty: str = "interpolate",
+    seed: int = 0,
+    T: int = 128,
+    sep: str = " ",
+) -> tuple[dict[str, list[tuple[str, str]]], dict[str, GenStats]]:
+    """The three splits as (question, answer) lists, pairwise disjoint, and their stats."""
+    accept = fits(T, sep)
+    if T < 4:
+        raise ValueError(f"T={T} is too small for any arithmetic row")
+    splits: dict[str, list[tuple[str, str]]] = {}
+    stats: dict[str, GenStats] = {}
+    plan = [
+        ("test", test_size, test_difficulty, 1),
+        ("test_large", test_large_size, test_difficulty, 2),
+        ("train", train_size, difficulty, 0),
+    ]
+    for name, n, diff, offset in plan:
+        exclude = {q for pairs in splits.values() for q, _ in pairs}
+        splits[name], stats[name] = generate_problems(
+            n, seed=seed * 3 + offset, difficulty=diff, exclude=exclude, accept=accept
+        )
+    return splits, stats

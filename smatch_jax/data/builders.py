@@ -1,0 +1,300 @@
+"""TFDS builders (array_record files) for the data tasks, and split accessors.
+
+    builder = build("arithmetic", train_size=5000, difficulty="all", seed=0, T=96)
+    builder = build("text", corpus="shakespeare", tokenizer="bpe_train:1000", T=129)
+    source = builder.as_data_source("train")        # random access, len(), for make_iterator
+    tok = load_tokenizer(builder)                    # the tokenizer the rows were encoded with
+    rows = load_split(builder, "test")               # numpy arrays (+ question/answer strings)
+
+Storage is a plain `tfds.core.GeneratorBasedBuilder` with `file_format="array_record"`; TFDS
+4.9.10 prepares and reads it without TensorFlow (features are encoded with numpy). Datasets go
+to `data_dir` (default `$SMATCH_JAX_DATA`, else `~/tensorflow_datasets`) under
+`<builder>/<config>/<version>`; the config name encodes the parameters (plus a hash of all of
+them), so `build` is idempotent and returns in well under a second once a dataset exists.
+`tfds.data_source("smatch_arithmetic", data_dir=..., builder_kwargs={"config": cfg})` works too
+(the module must be imported so that the builders are registered).
+
+Each example also has `index` (generation order; TFDS stores examples in a hashed order, and
+`load_split` sorts by it). Generation statistics, the alphabet / tokenizer and the parameters
+are in `builder.info.metadata`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from smatch_jax.data import arithmetic, text
+from smatch_jax.data.rows import make_row
+from smatch_jax.data.tokenizer_base import Tokenizer
+
+log = logging.getLogger(__name__)
+VERSION = "1.0.0"
+
+
+def default_data_dir() -> str:
+    return os.environ.get("SMATCH_JAX_DATA", str(Path.home() / "tensorflow_datasets"))
+
+
+def _config_name(prefix: str, params: dict[str, Any]) -> str:
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{prefix}-{digest}"
+
+
+def _row_features(T: int, **extra: tfds.features.FeatureConnector) -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+        {
+            "tokens": tfds.features.Tensor(shape=(T,), dtype=np.int32),
+            "prompt_len": tfds.features.Scalar(dtype=np.int32),
+            "length": tfds.features.Scalar(dtype=np.int32),
+            "index": tfds.features.Scalar(dtype=np.int32),
+            **extra,
+        }
+    )
+
+
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Works around TFDS 4.9.10 needing `importlib_resources` (declared only for Python < 3.9)
+    to find a packaged builder's source; we have no checksums file, so any path will do."""
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        return epath.Path(__file__)
+
+
+_BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+
+
+def _own_params(config: tfds.core.BuilderConfig) -> dict[str, Any]:
+    """The task parameters of a config (its fields minus TFDS's name, version, ...)."""
+    return {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _BASE_FIELDS
+    }
+
+
+@dataclasses.dataclass(eq=False)
+class ArithmeticConfig(tfds.core.BuilderConfig):
+    """Parameters of `arithmetic.generate_splits`."""
+
+    train_size: int = 5000
+    test_size: int = 200
+    test_large_size: int = 2000
+    difficulty: str = "all"
+    test_difficulty: str = "interpolate"
+    seed: int = 0
+    T: int = 96
+    sep: str = " "
+
+    def params(self) -> dict[str, Any]:
+        return _own_params(self)
+
+
+class SmatchArithmetic(_Builder):
+    """add_or_sub_in_base questions as character-level rows (see `smatch_jax.data.arithmetic`)."""
+
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = [ArithmeticConfig(name="default")]  # noqa: RUF012 (TFDS API)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        cfg = self.builder_config
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=_row_features(
+                cfg.T,
+                question=tfds.features.Text(),
+                answer=tfds.features.Text(),
+                base=tfds.features.Scalar(dtype=np.int32),
+            ),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        del dl_manager
+        cfg = self.builder_config
+        splits, stats = arithmetic.generate_splits(**cfg.params())
+        alphabet = arithmetic.alphabet(q + cfg.sep + a for v in splits.values() for q, a in v)
+        tok = arithmetic.tokenizer_for(alphabet)
+        self.info.metadata.update(
+            params=cfg.params(),
+            alphabet=alphabet,
+            tokenizer="char:" + alphabet,
+            specials=list(arithmetic.SPECIALS),
+            stats={k: dataclasses.asdict(s) for k, s in stats.items()},
+        )
+        for name, s in stats.items():
+            log.info("arithmetic %s: %s", name, s)
+        return {name: self._generate_examples(pairs, tok) for name, pairs in splits.items()}
+
+    def _generate_examples(self, pairs: list[tuple[str, str]], tok: Tokenizer) -> Any:
+        cfg = self.builder_config
+        for i, (q, a) in enumerate(pairs):
+            ex = arithmetic.encode_example(q, a, tok, T=cfg.T, sep=cfg.sep)
+            yield i, {**ex, "index": np.int32(i)}
+
+
+@dataclasses.dataclass(eq=False)
+class TextConfig(tfds.core.BuilderConfig):
+    """Parameters of the text task (see `smatch_jax.data.text`)."""
+
+    corpus: str = "shakespeare"
+    tokenizer: str = "bpe_train:1000"
+    prompt_tokens: int = 64
+    completion_tokens: int = 64
+    T: int = 129
+    doc_chars: int = 20_000
+    val_frac: float = 0.05
+    test_frac: float = 0.05
+    seed: int = 0
+    max_files: int = 0  # 0: all files
+
+    def params(self) -> dict[str, Any]:
+        return _own_params(self)
+
+
+class SmatchText(_Builder):
+    """(prompt, continuation) chunks of a text corpus (see `smatch_jax.data.text`)."""
+
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = [TextConfig(name="default")]  # noqa: RUF012 (TFDS API)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=_row_features(self.builder_config.T, doc=tfds.features.Text()),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        del dl_manager
+        cfg = self.builder_config
+        files = text.corpus_files(cfg.corpus, cfg.max_files)
+        docs = text.split_documents(
+            files,
+            doc_chars=cfg.doc_chars,
+            seed=cfg.seed,
+            val_frac=cfg.val_frac,
+            test_frac=cfg.test_frac,
+        )
+        for name, d in docs.items():
+            if not d:
+                raise ValueError(
+                    f"text split {name!r} got no documents ({len(files)} files); use more files, "
+                    "a smaller doc_chars or larger val_frac/test_frac"
+                )
+        tok, stored = text.make_tokenizer(cfg.tokenizer, [t for _, t in docs["train"]])
+        rows: dict[str, list[tuple[str, list[int], list[int]]]] = {}
+        stats: dict[str, text.ChunkStats] = {}
+        for name, d in docs.items():
+            stats[name] = text.ChunkStats()
+            rows[name] = [
+                (key, p, c)
+                for key, t in d
+                for p, c in text.chunk_ids(
+                    tok.encode(t), cfg.prompt_tokens, cfg.completion_tokens, stats[name]
+                )
+            ]
+            if not rows[name]:
+                raise ValueError(f"text split {name!r} has no chunks: documents are too short")
+            log.info("text %s: %s", name, stats[name])
+        self.info.metadata.update(
+            params=cfg.params(),
+            tokenizer=stored,
+            vocab_size=tok.vocab_size,
+            stats={k: dataclasses.asdict(s) for k, s in stats.items()},
+        )
+        return {name: self._generate_examples(r, tok) for name, r in rows.items()}
+
+    def _generate_examples(self, rows: list[tuple[str, list[int], list[int]]], tok: Tokenizer):
+        T = self.builder_config.T
+        for i, (key, p, c) in enumerate(rows):
+            row = make_row(p, c, T=T, eos_id=tok.eos_id, pad_id=tok.pad_id)
+            yield i, {**row, "index": np.int32(i), "doc": key}
+
+
+TASKS: dict[str, tuple[type[tfds.core.GeneratorBasedBuilder], type, str]] = {
+    "arithmetic": (SmatchArithmetic, ArithmeticConfig, "arith"),
+    "text": (SmatchText, TextConfig, "text"),
+}
+
+
+def make_config(task: str, **params: Any) -> tfds.core.BuilderConfig:
+    """The builder config of `task` with `params` (unknown names raise TypeError)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown data task {task!r}; valid: {sorted(TASKS)}")
+    _, config_cls, prefix = TASKS[task]
+    full = config_cls(name="tmp", **params).params()
+    if task == "text":
+        if full["T"] < full["prompt_tokens"] + full["completion_tokens"] + 1:
+            raise ValueError(
+                f"T={full['T']} < prompt_tokens + completion_tokens + 1 = "
+                f"{full['prompt_tokens'] + full['completion_tokens'] + 1}: rows would not fit"
+            )
+        if full["corpus"] != "shakespeare":  # the path is part of the identity, resolved
+            full["corpus"] = str(Path(full["corpus"]).expanduser().resolve())
+    elif full["difficulty"] not in arithmetic.DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {full['difficulty']!r}: {arithmetic.DIFFICULTIES}")
+    for k in ("train_size", "test_size", "test_large_size"):
+        if k in full and full[k] < 1:
+            raise ValueError(f"{k} must be >= 1 (an empty split cannot be built), got {full[k]}")
+    return config_cls(name=_config_name(prefix, full), **full)
+
+
+def build(
+    task: str, *, data_dir: str | os.PathLike | None = None, **params: Any
+) -> tfds.core.DatasetBuilder:
+    """The prepared builder of `task` (generated and written on first use, then cached)."""
+    config = make_config(task, **params)
+    data_dir = str(data_dir or default_data_dir())
+    builder = TASKS[task][0](config=config, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()  # a no-op when the dataset directory exists
+    return builder
+
+
+def load_tokenizer(builder: tfds.core.DatasetBuilder) -> Tokenizer:
+    """The tokenizer a built dataset was encoded with (bkspc_id == vocab_size)."""
+    meta = builder.info.metadata
+    if isinstance(builder, SmatchArithmetic):
+        return arithmetic.tokenizer_for(meta["alphabet"])
+    return text.load_tokenizer(meta["tokenizer"])
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str) -> Any:
+    """Random-access source of `split` (raises naming the valid splits)."""
+    if split not in builder.info.splits:
+        raise ValueError(f"unknown split {split!r}; valid: {sorted(builder.info.splits)}")
+    source = builder.as_data_source(split=split)
+    if len(source) == 0:
+        raise ValueError(f"split {split!r} of {builder.info.full_name} is empty")
+    return source
+
+
+def load_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, Any]:
+    """Every example of `split` in generation order, as numpy arrays.
+
+    tokens [N, T], prompt_len [N], length [N], index [N] (int32); plus question / answer (lists
+    of str) and base [N] for arithmetic, doc (list of str) for text.
+    """
+    source = data_source(builder, split)
+    exs = sorted(source.__getitems__(list(range(len(source)))), key=lambda e: int(e["index"]))
+    out: dict[str, Any] = {}
+    for k in exs[0]:
+        vals = [e[k] for e in exs]
+        if isinstance(vals[0], bytes | str):
+            out[k] = [v.decode() if isinstance(v, bytes) else v for v in vals]
+        else:
+            out[k] = np.stack(vals).astype(np.int32)
+    return out

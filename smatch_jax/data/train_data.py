@@ -1,0 +1,95 @@
+"""What the training loop needs from the data layer, built from `config.data`.
+
+`TrainData` bundles the tokenizer, the resumable training iterator (process-local batches),
+the training rows (for the ground-truth noise distribution) and the evaluation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from smatch_jax import masks
+from smatch_jax.data import builders, pipeline
+from smatch_jax.data.tokenizer_base import Tokenizer
+
+TASKS = ("arithmetic", "text")
+
+
+@dataclasses.dataclass
+class TrainData:
+    tokenizer: Tokenizer
+    train_rows: tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens, prompt_len, length
+    eval_split: dict[str, Any]  # tokens, prompt_len, length (+ question / answer)
+    prompt_max: int  # longest prompt in train and eval
+    iterator: Any  # grain DatasetIterator of process-local batches
+
+    def next(self) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+
+def build_train_data(
+    config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+) -> TrainData:
+    d = config.data
+    if d.task not in TASKS:
+        raise ValueError(f"data.task={d.task!r} is unknown; choose one of {TASKS}")
+    common = dict(data_dir=d.data_dir or None, T=d.seq_len, seed=config.seed)
+    if d.task == "arithmetic":
+        b = builders.build(
+            "arithmetic",
+            train_size=d.train_size,
+            test_size=d.test_size,
+            difficulty=d.difficulty,
+            **common,
+        )
+        eval_name = "test"
+    else:
+        b = builders.build(
+            "text",
+            corpus=d.corpus,
+            tokenizer=d.tokenizer,
+            prompt_tokens=d.prompt_tokens,
+            completion_tokens=d.completion_tokens,
+            **common,
+        )
+        eval_name = "validation"
+    tok = builders.load_tokenizer(b)
+    train = builders.load_split(b, "train")
+    ev = builders.load_split(b, eval_name)
+    for name, split in (("train", train), (eval_name, ev)):
+        if len(split["prompt_len"]) == 0:
+            raise ValueError(f"the {name} split is empty; check data.train_size / data.test_size")
+        masks.check_rows(
+            split["tokens"], split["prompt_len"], split["length"], n_actions=tok.vocab_size + 1
+        )
+    longest = int(max(train["prompt_len"].max(), ev["prompt_len"].max()))
+    prompt_max = d.prompt_max or longest
+    if longest > prompt_max or prompt_max >= d.seq_len:
+        raise ValueError(
+            f"data.prompt_max={prompt_max} must cover the longest prompt ({longest}) and leave "
+            f"room for actions in data.seq_len={d.seq_len}; raise seq_len or set prompt_max=0"
+        )
+    global_batch = config.train.batch_size
+    if global_batch % process_count:
+        raise ValueError(
+            f"train.batch_size={global_batch} must divide over {process_count} processes"
+        )
+    it = pipeline.make_iterator(
+        pipeline.ArraySource(train),
+        batch_size=global_batch // process_count,
+        seed=config.seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    rows = (train["tokens"], train["prompt_len"], train["length"])
+    return TrainData(tok, rows, ev, prompt_max, it)

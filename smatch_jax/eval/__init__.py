@@ -1,0 +1,1 @@
+"""Evaluation: accuracy (and, with the evaluation issue, MAUVE, n-gram metrics, perplexity)."""

@@ -1,0 +1,145 @@
+"""The compiled pieces of training (SPEC 6): the train step and the replay refill.
+
+* `train_step`: data rows get noise + `<bkspc>` augmentation (on device, keyed by the step),
+  model rows are drawn from the replay buffer; both go through `backspace_layout` and ONE
+  forward pass; the loss factory combines BC and SequenceMatch; one optimiser update.
+* `refill`: the policy samples continuations of the current data prompts with the KV-cache
+  sampler and pushes the action rows into the replay buffer.
+
+Both are pure functions of a `TrainState` (a pytree, checkpointed whole: parameters,
+optimiser state, replay buffer, RNG) and are jitted by the caller with shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from smatch_jax import losses, masks, noise, replay, sampling
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 []
+    params: Any  # nnx.State of the trainable variables
+    opt_state: Any
+    replay: replay.Replay
+    key: jax.Array  # uint32 key data (jax.random.key_data), so checkpoints are plain arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """Static settings of the compiled step (hashable)."""
+
+    bkspc_id: int
+    eos_id: int
+    pad_id: int
+    noise_rate: float
+    noise_max_burst: int
+    mask_noise_actions: bool
+    noise_exclude_target: bool
+    model_rows: int  # model rows per SequenceMatch batch (0: offline)
+    prompt_max: int  # prompts are cut to this many tokens for sampling
+    sampling: sampling.SamplingConfig
+
+
+def _step_keys(state: TrainState):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    return jax.random.split(key, 3)
+
+
+def make_train_step(
+    graphdef,
+    frozen,
+    optimizer: optax.GradientTransformation,
+    loss_fn,
+    noise_probs: jax.Array,
+    st: StepSettings,
+):
+    """`step(state, batch, with_model) -> (state, metrics)`; `with_model` must be static."""
+
+    def step(state: TrainState, batch: dict[str, jax.Array], with_model: bool):
+        k_noise, k_replay, _ = _step_keys(state)
+        m = batch["prompt_len"]
+        nz = noise.add_noise(
+            k_noise,
+            batch["tokens"],
+            m,
+            batch["length"],
+            noise_probs=noise_probs,
+            bkspc_id=st.bkspc_id,
+            noise_rate=st.noise_rate,
+            max_burst=st.noise_max_burst,
+            mask_noise_actions=st.mask_noise_actions,
+            exclude_target=st.noise_exclude_target,
+            pad_id=st.pad_id,
+        )
+        tokens, prompt_len, length, aw = nz.tokens, m, nz.length, nz.action_weight
+        is_model = jnp.zeros(m.shape, bool)
+        if with_model:
+            mt, mm, mn = replay.sample(state.replay, k_replay, st.model_rows)
+            tokens = jnp.concatenate([tokens, mt])
+            prompt_len = jnp.concatenate([prompt_len, mm])
+            length = jnp.concatenate([length, mn])
+            aw = jnp.concatenate([aw, jnp.ones(mt.shape, jnp.float32)])
+            is_model = jnp.concatenate([is_model, jnp.ones(mm.shape, bool)])
+        rows = losses.Batch(tokens, prompt_len, length, is_model, aw)
+        lay = masks.backspace_layout(tokens, prompt_len, length, bkspc_id=st.bkspc_id)
+
+        def objective(params):
+            model = nnx.merge(graphdef, params, frozen)
+            logits = model(lay.input_ids, lay.positions, lay.attn_mask)
+            return loss_fn(logits, rows, state.step)
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            **metrics,
+            "grad_norm": optax.global_norm(grads),
+            "noise/tokens_per_row": jnp.mean(nz.n_noise.astype(jnp.float32)),
+            "noise/truncated_frac": jnp.mean(nz.truncated.astype(jnp.float32)),
+            "tokens": jnp.sum(length - prompt_len),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+        }
+        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, metrics
+
+    return step
+
+
+def sampler_prompts(batch: dict[str, jax.Array], prompt_max: int, pad_id: int):
+    """The data rows' prompts, left-aligned in [B, prompt_max]."""
+    P = prompt_max
+    toks = batch["tokens"][:, :P]
+    keep = jnp.arange(P)[None, :] < batch["prompt_len"][:, None]
+    return jnp.where(keep, toks, pad_id), batch["prompt_len"]
+
+
+def make_refill(graphdef, frozen, st: StepSettings):
+    """`refill(state, batch) -> (state, stats)`: sample from the data prompts, push rows."""
+
+    def refill(state: TrainState, batch: dict[str, jax.Array]):
+        _, _, k_sample = _step_keys(state)
+        prompts, m = sampler_prompts(batch, st.prompt_max, st.pad_id)
+        model = nnx.merge(graphdef, state.params, frozen)
+        out = sampling.sample_traced(
+            model, prompts, m, k_sample, cfg=st.sampling, eos_id=st.eos_id, pad_id=st.pad_id
+        )
+        T = state.replay.tokens.shape[1]
+        rows = out.actions
+        if rows.shape[1] < T:
+            rows = jnp.pad(rows, ((0, 0), (0, T - rows.shape[1])), constant_values=st.pad_id)
+        buf = replay.push(state.replay, rows[:, :T], m, jnp.minimum(out.length, T))
+        stats = {
+            "sample/bkspc_per_row": jnp.mean(out.n_bkspc.astype(jnp.float32)),
+            "sample/ended_frac": jnp.mean(out.ended.astype(jnp.float32)),
+            "sample/actions_per_row": jnp.mean((out.length - m).astype(jnp.float32)),
+        }
+        return state._replace(replay=buf), stats
+
+    return refill

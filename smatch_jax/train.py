@@ -1,0 +1,268 @@
+"""`train_and_evaluate(config, workdir)`: the SequenceMatch training loop (SPEC 6).
+
+    init params (scratch or pretrained + <bkspc> row, optional LoRA)
+    for step: [refill the replay buffer from data prompts] -> data batch (+ noise on device)
+              + model rows from the buffer -> one layout forward pass -> loss -> update
+    log / evaluate / checkpoint on schedule; SIGTERM saves and exits cleanly
+
+The checkpoint holds the whole `TrainState` (params, optimiser state, replay buffer, RNG) and
+the data-iterator state, so a restarted run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from smatch_jax import checkpointing, losses, metrics, noise, replay, sampling, sharding, steps
+from smatch_jax.data import train_data as data_lib
+from smatch_jax.eval import accuracy
+from smatch_jax.models import ModelConfig, Transformer, importers, lora
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: ml_collections.ConfigDict, vocab_size: int, seq_len: int, seed: int):
+    """The model of `cfg.model` (presets in configs/common.py), from scratch or pretrained."""
+    from configs.common import MODEL_PRESETS  # configs/ lives at the repository root
+
+    init = cfg.init
+    if init == "scratch":
+        if cfg.preset not in MODEL_PRESETS:
+            raise ValueError(f"model.preset={cfg.preset!r}; choose one of {sorted(MODEL_PRESETS)}")
+        mc = ModelConfig(
+            vocab_size=vocab_size,
+            max_positions=max(seq_len, 8),
+            dtype=cfg.dtype,
+            **MODEL_PRESETS[cfg.preset],
+        )
+        model = Transformer(mc, rngs=nnx.Rngs(seed))
+    elif init == "smollm2":
+        model = importers.smollm2(dtype=cfg.dtype)
+    elif init.startswith("hf:"):
+        model = importers.load_hf(init[3:], dtype=cfg.dtype)
+    else:
+        raise ValueError(f"model.init={init!r}; use 'scratch', 'smollm2' or 'hf:<dir>'")
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(
+            f"the model has vocab_size={model.config.vocab_size} but the tokenizer "
+            f"{vocab_size}; use the model's own tokenizer"
+        )
+    if cfg.lora_rank:
+        lora.apply_lora(
+            model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or None, rngs=nnx.Rngs(seed + 1)
+        )
+    return model
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int, mask=None):
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(
+            0.0,
+            cfg.lr,
+            cfg.warmup_steps,
+            max(num_steps, cfg.warmup_steps + 1),
+            end_value=0.1 * cfg.lr,
+        )
+    elif cfg.schedule == "constant":
+        lr = optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), optax.constant_schedule(cfg.lr)],
+            [cfg.warmup_steps],
+        )
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}; use 'cosine' or 'constant'")
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+    if mask is not None:
+        parts.append(lora.masked_updates(mask))
+    return optax.chain(*parts)
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once."""
+
+    config: ml_collections.ConfigDict
+    data: data_lib.TrainData
+    mesh: Any
+    state: steps.TrainState
+    state_shardings: Any
+    train_step: Any  # jitted, static with_model
+    refill: Any  # jitted
+    graphdef: Any
+    frozen: Any
+    settings: steps.StepSettings
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    data = data_lib.build_train_data(config, jax.process_index(), jax.process_count())
+    tok = data.tokenizer
+    T, P = config.data.seq_len, data.prompt_max
+    model = build_model(config.model, tok.vocab_size, T, config.seed)
+    graphdef, params, frozen = nnx.split(
+        model, lora.trainable_filter(config.model.lora_rank > 0), ...
+    )
+    mask = lora.update_mask(params, tok.bkspc_id) if config.model.lora_rank else None
+    optimizer = make_optimizer(config.optim, config.train.num_steps, mask)
+
+    specials = [tok.eos_id, tok.pad_id] + ([tok.bos_id] if tok.bos_id is not None else [])
+    if config.noise.kind == "ground_truth":
+        probs = noise.ground_truth_noise_probs(
+            *data.train_rows, vocab_size=tok.vocab_size, special_ids=specials
+        )
+    elif config.noise.kind == "random":
+        probs = noise.random_noise_probs(tok.vocab_size, specials)
+    else:
+        raise ValueError(f"noise.kind={config.noise.kind!r}; use 'ground_truth' or 'random'")
+    sm_on = config.loss.sm_weight > 0 and config.loss.value_on == "mix"
+    st = steps.StepSettings(
+        bkspc_id=tok.bkspc_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        noise_rate=config.noise.rate,
+        noise_max_burst=config.noise.max_burst,
+        mask_noise_actions=config.noise.mask_noise_actions,
+        noise_exclude_target=config.noise.exclude_target,
+        model_rows=config.train.model_rows if sm_on else 0,
+        prompt_max=P,
+        sampling=sampling.SamplingConfig(
+            max_new_tokens=T - P,
+            max_actions=T - P,
+            temperature=config.sampling.temperature,
+            top_k=config.sampling.top_k,
+            top_p=config.sampling.top_p,
+            bkspc_logit_bias=config.sampling.bkspc_logit_bias,
+            allow_bkspc=config.sampling.allow_bkspc,
+        ),
+    )
+    loss_fn = losses.make_loss_fn(config.loss.to_dict(), eos_id=tok.eos_id)
+    key = jax.random.key_data(jax.random.key(config.seed))
+    state = steps.TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        optimizer.init(params),
+        replay.init(config.replay.capacity, T, tok.pad_id),
+        key,
+    )
+    param_sh = sharding.param_shardings(state.params, mesh)
+    rep = sharding.replicated(mesh)
+    opt_sh = jax.tree.map(lambda _: rep, state.opt_state)
+    # Optimiser moments follow their parameter's sharding.
+    opt_sh = optax.tree_map_params(
+        optimizer, lambda _, s: s, state.opt_state, param_sh, transform_non_params=lambda _: rep
+    )
+    state_sh = steps.TrainState(
+        rep, param_sh, opt_sh, jax.tree.map(lambda _: rep, state.replay), rep
+    )
+    state = jax.device_put(state, state_sh)
+    train_step = jax.jit(
+        steps.make_train_step(graphdef, frozen, optimizer, loss_fn, jnp.asarray(probs), st),
+        static_argnames="with_model",
+        out_shardings=(state_sh, rep),
+    )
+    refill = jax.jit(steps.make_refill(graphdef, frozen, st), out_shardings=(state_sh, rep))
+    return Run(config, data, mesh, state, state_sh, train_step, refill, graphdef, frozen, st)
+
+
+def _is_sm_step(config, step: int) -> bool:
+    return config.loss.sm_weight > 0 and step >= config.loss.bc_warmup_steps
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics."""
+    workdir_p = Path(workdir)
+    workdir_p.mkdir(parents=True, exist_ok=True)
+    run = setup(config)
+    host0 = jax.process_index() == 0
+    if host0:
+        (workdir_p / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    ckpt = checkpointing.Checkpointer(workdir_p / "checkpoints", keep=config.train.keep_ckpts)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        run.state,
+        run.state_shardings,
+    )
+    restored = ckpt.restore_latest_valid(abstract_state=abstract)
+    state = run.state
+    if restored is not None:
+        step0, state, data_state, _ = restored
+        run.data.set_state(data_state)
+        log.info("resumed from step %d", step0)
+    writer = metrics.MetricWriter(workdir_p, enabled=host0)
+    n = config.train.num_steps
+    progress = metrics.Progress(n, start_step=int(state.step)) if host0 else None
+    stopper = checkpointing.PreemptionHandler().install()
+    sm_on = run.settings.model_rows > 0
+    last: dict[str, float] = {}
+    t_last, tokens_since = time.time(), 0
+    try:
+        step = int(state.step)
+        while step < n:
+            batch = sharding.global_batch(run.data.next(), run.mesh)
+            with_model = sm_on and _is_sm_step(config, step)
+            if (
+                with_model
+                and (step - config.loss.bc_warmup_steps) % config.sampling.sample_every == 0
+            ):
+                state, sample_stats = run.refill(state, batch)
+                last.update(jax.device_get(sample_stats))
+            state, met = run.train_step(state, batch, with_model=with_model)
+            step += 1
+            if step % config.train.log_every == 0 or step == n:
+                met = jax.device_get(met)
+                if not met.pop("finite"):
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient at step {step}: "
+                        + ", ".join(f"{k}={float(v):.4g}" for k, v in met.items())
+                    )
+                tokens_since += int(met.pop("tokens")) * config.train.log_every
+                now = time.time()
+                met["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                last.update({k: float(v) for k, v in met.items()})
+                writer.write_scalars(step, last)
+                if progress:
+                    progress.update(step, loss=last["loss"])
+            if step % config.train.eval_every == 0 or step == n:
+                ev = evaluate(run, state, writer, step)
+                last.update(ev)
+            if step % config.train.ckpt_every == 0 or step == n or stopper.should_stop(step):
+                ckpt.save(step, state=state, data_state=run.data.get_state())
+                if stopper.should_stop(step) and step < n:
+                    log.warning("preempted: saved step %d, exiting", step)
+                    break
+    finally:
+        ckpt.close()
+        writer.close()
+        stopper.uninstall()
+        if progress:
+            progress.close()
+    return last
+
+
+def evaluate(run: Run, state: steps.TrainState, writer, step: int) -> dict[str, float]:
+    """Greedy decoding on the evaluation split: accuracy and sample dumps."""
+    ev = run.data.eval_split
+    model = nnx.merge(run.graphdef, state.params, run.frozen)
+    res = accuracy.evaluate_arithmetic(
+        model,
+        ev,
+        run.data.tokenizer,
+        prompt_max=run.settings.prompt_max,
+        max_new_tokens=run.settings.sampling.max_new_tokens,
+    )
+    scalars = {f"eval/{k}": float(v) for k, v in res.scalars.items()}
+    writer.write_scalars(step, scalars)
+    writer.write_texts(step, {"samples": res.samples})
+    return scalars
