@@ -127,13 +127,46 @@ def _rewrap_keys(state: Any, abstract_state: Any, impls: dict[str, str]) -> Any:
     return jax.tree_util.tree_map_with_path(rewrap, state, abstract_state)
 
 
+_OPEN: set[Checkpointer] = set()
+_HOOK_REGISTERED = False
+
+
+def _close_open_checkpointers() -> None:
+    for ckpt in list(_OPEN):
+        try:
+            ckpt.close()
+        except Exception as e:  # keep closing the others; nothing can be raised at exit
+            warnings.warn(f"closing {ckpt.workdir} at exit failed: {e}", RuntimeWarning, 2)
+
+
+def _register_exit_hook() -> None:
+    """Finish pending saves at interpreter exit if ``close`` was never called.
+
+    A plain ``atexit`` hook runs too late: by then ``concurrent.futures`` has shut its thread
+    pools, which Orbax's finalisation needs. ``threading._register_atexit`` hooks run earlier,
+    in reverse registration order, so ours (registered after Orbax created its executors)
+    runs before the pools shut down. Falls back to ``atexit`` if that hook is unavailable.
+    """
+    global _HOOK_REGISTERED
+    if _HOOK_REGISTERED:
+        return
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError("threading._register_atexit unavailable")
+        register(_close_open_checkpointers)
+    except RuntimeError:
+        atexit.register(_close_open_checkpointers)
+    _HOOK_REGISTERED = True
+
+
 class Checkpointer:
     """Keep-last-N checkpoints of (state pytree, data-iterator state, extra JSON) in ``workdir``.
 
     All processes of a multi-process run must call ``save``/``restore`` collectively (Orbax
     coordinates the writes). Saves are asynchronous by default: ``save`` returns once the
     arrays are copied off the devices; :meth:`wait` blocks until the write is committed.
-    :meth:`close` waits, and an ``atexit`` hook does the same if ``close`` is never called.
+    :meth:`close` waits, and an exit hook does the same if ``close`` is never called.
     """
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True) -> None:
@@ -146,7 +179,8 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.workdir, options=options, item_names=_ITEMS)
         self._closed = False
         self._lock = threading.Lock()
-        atexit.register(self.close)
+        _register_exit_hook()
+        _OPEN.add(self)
 
     def save(
         self,
@@ -264,7 +298,7 @@ class Checkpointer:
                 self._manager.wait_until_finished()
             finally:
                 self._manager.close()
-                atexit.unregister(self.close)
+                _OPEN.discard(self)
 
     def _check_open(self) -> None:
         if self._closed:

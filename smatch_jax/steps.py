@@ -100,11 +100,11 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {
             **metrics,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "noise/tokens_per_row": jnp.mean(nz.n_noise.astype(jnp.float32)),
             "noise/truncated_frac": jnp.mean(nz.truncated.astype(jnp.float32)),
             "tokens": jnp.sum(length - prompt_len),
-            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads)),
+            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)),
         }
         new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, metrics

@@ -180,7 +180,18 @@ def _is_sm_step(config, step: int) -> bool:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the final metrics."""
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the last metrics."""
+    return train(config, workdir)[1]
+
+
+def train(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+) -> tuple[steps.TrainState, dict[str, float]]:
+    """The loop; returns the final state and metrics.
+
+    `stop_after=k` stops after k steps of this invocation as a preemption would (checkpoint,
+    clean return), for tests of resumption.
+    """
     workdir_p = Path(workdir)
     workdir_p.mkdir(parents=True, exist_ok=True)
     run = setup(config)
@@ -208,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     t_last, tokens_since = time.time(), 0
     try:
         step = int(state.step)
+        stop_step = n if stop_after is None else step + stop_after
         while step < n:
             batch = sharding.global_batch(run.data.next(), run.mesh)
             with_model = sm_on and _is_sm_step(config, step)
@@ -237,18 +249,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if step % config.train.eval_every == 0 or step == n:
                 ev = evaluate(run, state, writer, step)
                 last.update(ev)
-            if step % config.train.ckpt_every == 0 or step == n or stopper.should_stop(step):
-                ckpt.save(step, state=state, data_state=run.data.get_state())
-                if stopper.should_stop(step) and step < n:
-                    log.warning("preempted: saved step %d, exiting", step)
-                    break
+            stop = stopper.should_stop(step) or step >= stop_step
+            if step % config.train.ckpt_every == 0 or step == n or stop:
+                ckpt.save(step, state=state, data_state=run.data.get_state(), force=True)
+            if stop and step < n:
+                log.warning("stopping at step %d (checkpoint saved)", step)
+                break
     finally:
         ckpt.close()
         writer.close()
         stopper.uninstall()
         if progress:
             progress.close()
-    return last
+    return state, last
 
 
 def evaluate(run: Run, state: steps.TrainState, writer, step: int) -> dict[str, float]:

@@ -127,6 +127,36 @@ def test_async_save_then_immediate_close_is_complete(tmp_path):
     assert data_state == {"pos": 1}
 
 
+EXIT_WITHOUT_CLOSE = """
+    import sys
+    import jax.numpy as jnp
+    from smatch_jax.checkpointing import Checkpointer
+
+    ckpt = Checkpointer(sys.argv[1], async_save=True)
+    ckpt.save(7, state={"w": jnp.ones((1024, 2048))}, data_state={"a": 1})
+    # No wait()/close(): the exit hook must finish the write.
+"""
+
+
+def test_exit_without_close_finishes_async_save(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(EXIT_WITHOUT_CLOSE), str(tmp_path)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [7]
+        _, state, data_state, _ = ckpt.restore(
+            abstract_state={"w": jax.ShapeDtypeStruct((1024, 2048), jnp.float32)}
+        )
+    assert data_state == {"a": 1} and float(state["w"].sum()) == 1024 * 2048
+
+
 def _save_steps(path, steps, state):
     with Checkpointer(path, keep=5) as ckpt:
         for s in steps:

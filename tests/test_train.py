@@ -1,0 +1,166 @@
+"""The training system end to end: outputs, resumption, SIGTERM, 1 vs 8 devices, configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import arithmetic, common
+from smatch_jax import train
+from smatch_jax.models import ModelConfig, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, **train_over):
+    c = arithmetic.get_config("smoke")
+    c.data.data_dir = str(data_dir)
+    c.data.train_size, c.data.test_size = 128, 8
+    c.train.num_steps, c.loss.bc_warmup_steps, c.sampling.sample_every = 12, 4, 3
+    c.train.batch_size, c.train.model_rows, c.replay.capacity = 8, 8, 32
+    c.train.log_every, c.train.eval_every, c.train.ckpt_every = 2, 1000, 1000
+    for k, v in train_over.items():
+        c.train[k] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def _params(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state.params)]
+
+
+@pytest.mark.slow
+def test_run_writes_outputs_and_resumes_bit_for_bit(data_dir, tmp_path):
+    cfg = tiny_config(data_dir)
+    full, metrics = train.train(cfg, str(tmp_path / "full"))
+    wd = tmp_path / "full"
+    lines = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
+    keys = set().union(*lines)
+    # BC warm-up first, then SequenceMatch steps that sampled into the replay buffer.
+    assert [x["sm/weight"] for x in lines if "sm/weight" in x][:2] == [0.0, 0.0]
+    assert lines[-2]["sm/weight"] == 1.0 and "sample/actions_per_row" in keys
+    assert {"sm/r_data", "sm/r_model", "sm/pi_bkspc_model", "bc/loss", "eval/accuracy"} <= keys
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    assert (wd / "checkpoints" / "12").is_dir() and (wd / "config.json").exists()
+    assert (wd / "samples" / "step_12.txt").exists()
+    assert int(full.step) == 12 and np.isfinite(metrics["loss"])
+
+    part = tmp_path / "part"
+    first, _ = train.train(cfg, str(part), stop_after=5)  # stops inside the SM phase
+    assert int(first.step) == 5
+    resumed, _ = train.train(cfg, str(part))
+    assert int(resumed.step) == 12
+    for a, b in zip(_params(full), _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(full.replay.tokens), np.asarray(resumed.replay.tokens))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(data_dir, tmp_path):
+    wd = tmp_path / "w"
+    cmd = [
+        sys.executable,
+        "-m",
+        "smatch_jax.main",
+        "--config=configs/arithmetic.py:smoke",
+        f"--workdir={wd}",
+        f"--config.data.data_dir={data_dir}",
+        "--config.data.train_size=128",
+        "--config.data.test_size=8",
+        "--config.train.num_steps=100000",
+        "--config.train.log_every=1",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (wd / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert (wd / "metrics.jsonl").exists(), proc.communicate(timeout=30)[0].decode()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and 0 < steps[-1] < 100000
+    cfg = tiny_config(data_dir, num_steps=steps[-1] + 1)
+    cfg.train.batch_size, cfg.train.model_rows, cfg.replay.capacity = 16, 16, 64
+    state, _ = train.train(cfg, str(wd))  # restores it and takes one more step
+    assert int(state.step) == steps[-1] + 1
+
+
+_STEP_SCRIPT = """
+import sys, numpy as np, jax
+sys.path.insert(0, {root!r})
+from tests.test_train import tiny_config
+from smatch_jax import train, sharding
+cfg = tiny_config({data!r})
+cfg.loss.bc_warmup_steps = 0
+cfg.mesh.data, cfg.mesh.fsdp = {mesh}
+run = train.setup(cfg)
+batch = sharding.global_batch(run.data.next(), run.mesh)
+state, _ = run.refill(run.state, batch)
+state, met = run.train_step(state, batch, with_model=True)
+leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+np.savez({out!r}, loss=np.asarray(met["loss"]), *leaves)
+print("devices", jax.device_count())
+"""
+
+
+@pytest.mark.slow
+def test_one_step_equal_on_1_and_8_devices(data_dir, tmp_path):
+    train.setup(tiny_config(data_dir))  # builds the dataset once, in this process
+    results = {}
+    for n_dev, mesh in ((1, (1, 1)), (8, (4, 2))):
+        out = tmp_path / f"step{n_dev}.npz"
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_dev}"}
+        script = _STEP_SCRIPT.format(root=str(ROOT), data=str(data_dir), mesh=mesh, out=str(out))
+        proc = subprocess.run(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"devices {n_dev}" in proc.stdout
+        results[n_dev] = np.load(out)
+    a, b = results[1], results[8]
+    assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    for k in a.files:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "variant", ["smoke", "mle", "bc", "sm_chi2", "sm_random", "sm_kl", "sm_nobkspc"]
+)
+def test_every_config_variant_loads(variant):
+    c = arithmetic.get_config(variant)
+    assert c.data.task == "arithmetic" and c.train.num_steps > 0
+    if variant == "mle":
+        assert c.loss.sm_weight == 0 and c.noise.rate == 0
+
+
+@pytest.mark.parametrize("preset", sorted(common.MODEL_PRESETS))
+def test_every_model_preset_builds_abstractly(preset):
+    cfg = ModelConfig(vocab_size=50257, max_positions=1024, **common.MODEL_PRESETS[preset])
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert n > 0
+    if preset == "llama_7b":
+        assert 6.5e9 < n < 7.2e9
+
+
+def test_unknown_variant_is_rejected():
+    with pytest.raises(ValueError, match="unknown variant"):
+        arithmetic.get_config("sm_chi3")
