@@ -29,7 +29,7 @@ MODEL_PRESETS = {
     ),
 }
 
-LOSS_VARIANTS = ("mle", "bc", "sm_chi2", "sm_random", "sm_kl", "sm_nobkspc")
+LOSS_VARIANTS = ("mle", "mle_ul", "bc", "sm_chi2", "sm_random", "sm_kl", "sm_nobkspc")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.chi2_coef = 0.25  # c, weight of the r^2 term
     c.loss.value_on = "mix"  # 'mix' (on-policy rows) or 'data' (offline)
     c.loss.clamp_margin = 1e-3  # js/hellinger domain clamp margin [ours]
+    c.loss.unlikelihood_weight = 0.0  # token-level unlikelihood weight (the MLE + UL baseline)
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.sample_every = 10  # refill the replay buffer every N SequenceMatch steps
@@ -109,6 +110,8 @@ def apply_loss_variant(c: ml_collections.ConfigDict, variant: str) -> None:
     """The paper's methods as config edits."""
     if variant == "mle":  # maximum likelihood: BC on clean data
         c.loss.sm_weight, c.noise.rate = 0.0, 0.0
+    elif variant == "mle_ul":  # MLE + token-level unlikelihood (Welleck et al., alpha = 1)
+        c.loss.sm_weight, c.noise.rate, c.loss.unlikelihood_weight = 0.0, 0.0, 1.0
     elif variant == "bc":  # MLE + <bkspc>: BC on noise-augmented data
         c.loss.sm_weight = 0.0
     elif variant == "sm_chi2":

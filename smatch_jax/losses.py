@@ -238,6 +238,37 @@ def bc_loss(
     return loss, {"bc/loss": loss, "bc/token_accuracy": acc}
 
 
+def unlikelihood_loss(
+    logits: jax.Array,
+    tokens: jax.Array,
+    prompt_len: jax.Array,
+    length: jax.Array,
+    is_model: jax.Array | None = None,
+    *,
+    eos_id: int,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-level unlikelihood (Welleck et al., 2019), the paper's MLE + UL baseline.
+
+    At the state before action `t`, the candidates are the tokens of the preceding context
+    (`tokens[:t]`, prompt included) other than the target `tokens[t]`; the loss is
+    `-sum_c log(1 - pi(c|s)) / N_data` over data actions. Meant for rows without `<bkspc>`
+    (the baseline trains on clean data). Memory: a [B, T, V+1] candidate mask.
+    """
+    logits = logits.astype(jnp.float32)
+    A = logits.shape[-1]
+    B = tokens.shape[0]
+    valid = action_valid(tokens, prompt_len, length, eos_id)
+    seen_BxTxA = jax.lax.cummax(jax.nn.one_hot(tokens, A, dtype=jnp.float32), axis=1) > 0
+    cand = seen_BxTxA[:, :-1] & ~jax.nn.one_hot(tokens[:, 1:], A, dtype=bool)
+    data_row = jnp.ones(B, bool) if is_model is None else ~jnp.asarray(is_model, bool)
+    g = valid & data_row[:, None]
+    p = jax.nn.softmax(logits[:, :-1], axis=-1)
+    log_not = jnp.log(jnp.clip(1.0 - p, 1e-6, 1.0))
+    per_state = jnp.sum(jnp.where(cand, log_not, 0.0), axis=-1)
+    loss = -jnp.sum(jnp.where(g, per_state, 0.0)) / jnp.maximum(jnp.sum(g), 1)
+    return loss, {"ul/loss": loss}
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """The loss fields of an experiment config (`config.loss`); see configs/ for comments."""
@@ -250,6 +281,7 @@ class LossConfig:
     chi2_coef: float = 0.25  # c, weight of the r^2 term
     value_on: str = "mix"  # 'mix' (needs sampling) or 'data' (offline)
     clamp_margin: float = 1e-3  # js/hellinger: clamp r to its domain bound + margin [ours]
+    unlikelihood_weight: float = 0.0  # weight of token-level unlikelihood (MLE + UL baseline)
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -262,8 +294,10 @@ class LossConfig:
             )
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"loss.gamma={self.gamma} must be in (0, 1]")
-        if self.bc_weight < 0 or self.sm_weight < 0 or self.chi2_coef < 0:
-            raise ValueError("loss.bc_weight, loss.sm_weight and loss.chi2_coef must be >= 0")
+        if min(self.bc_weight, self.sm_weight, self.chi2_coef, self.unlikelihood_weight) < 0:
+            raise ValueError(
+                "loss.bc_weight, sm_weight, chi2_coef and unlikelihood_weight must be >= 0"
+            )
         if self.bc_warmup_steps < 0:
             raise ValueError("loss.bc_warmup_steps must be >= 0")
 
@@ -292,7 +326,9 @@ LossFn = Callable[[jax.Array, Batch, jax.Array], tuple[jax.Array, dict[str, jax.
 
 
 def make_loss_fn(cfg: LossConfig | Mapping[str, Any], *, eos_id: int) -> LossFn:
-    """`loss_fn(logits, batch, step) -> (loss, metrics)`: `bc_weight * L_BC + sm_weight * L_SM`.
+    """`loss_fn(logits, batch, step) -> (loss, metrics)`.
+
+    The total is `bc_weight * L_BC + sm_weight * L_SM + unlikelihood_weight * L_UL`.
 
     During the first `bc_warmup_steps` steps the SequenceMatch weight is 0 (pure BC). `step`
     may be traced, so the same compiled step serves both phases.
@@ -306,6 +342,10 @@ def make_loss_fn(cfg: LossConfig | Mapping[str, Any], *, eos_id: int) -> LossFn:
         if cfg.bc_weight > 0:
             bc, m = bc_loss(*args, eos_id=eos_id, action_weight=batch.action_weight)
             total += cfg.bc_weight * bc
+            metrics.update(m)
+        if cfg.unlikelihood_weight > 0:
+            ul, m = unlikelihood_loss(*args, eos_id=eos_id)
+            total += cfg.unlikelihood_weight * ul
             metrics.update(m)
         if cfg.sm_weight > 0:
             sm, m = sequence_match_loss(

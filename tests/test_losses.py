@@ -228,3 +228,28 @@ def test_garbage_logits_outside_the_episode_give_finite_gradients(div):
     ):
         val, grad = jax.value_and_grad(fn)(lg)
         assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
+
+
+def test_unlikelihood_matches_loop_reference():
+    logits, tokens, m, n, is_model, _, _ = make_batch(13, n_model=2)
+    tokens = np.where(tokens == BK, 1, tokens)  # the baseline trains on clean rows
+    got, _ = losses.unlikelihood_loss(logits, tokens, m, n, is_model, eos_id=EOS)
+    total, count = 0.0, 0
+    for b in range(len(tokens)):
+        if is_model[b]:
+            continue
+        for t in range(m[b], n[b]):
+            if EOS in tokens[b, m[b] : t].tolist():
+                break
+            p = np.exp(logits[b, t - 1].astype(np.float64))
+            p /= p.sum()
+            cands = set(tokens[b, :t].tolist()) - {int(tokens[b, t])}
+            total += sum(np.log(max(1 - p[c], 1e-6)) for c in cands)
+            count += 1
+    assert float(got) == pytest.approx(-total / count, rel=1e-5)
+    fn = losses.make_loss_fn({"sm_weight": 0.0, "unlikelihood_weight": 0.5}, eos_id=EOS)
+    batch = losses.Batch(tokens, m, n, is_model, np.ones(tokens.shape, np.float32))
+    tot, met = fn(logits, batch, 0)
+    assert "ul/loss" in met
+    bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS)
+    assert float(tot) == pytest.approx(float(bc) + 0.5 * float(got), rel=1e-5)

@@ -142,7 +142,7 @@ def test_one_step_equal_on_1_and_8_devices(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "variant", ["smoke", "mle", "bc", "sm_chi2", "sm_random", "sm_kl", "sm_nobkspc"]
+    "variant", ["smoke", "mle", "mle_ul", "bc", "sm_chi2", "sm_random", "sm_kl", "sm_nobkspc"]
 )
 def test_every_config_variant_loads(variant):
     c = arithmetic.get_config(variant)
