@@ -44,6 +44,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.difficulty = ""  # task-specific difficulty
     c.data.seq_len = 0  # T, row length including noise and backspaces
     c.data.prompt_max = 0  # sampler prompt width (0: the longest prompt in the data)
+    c.data.corpus = ""  # text: 'shakespeare' or a directory of .txt files
+    c.data.tokenizer = ""  # text: 'bpe_train:<vocab>', 'gpt2', 'smollm2' or 'bpe:<json>'
+    c.data.prompt_tokens = 0  # text: prompt length in tokens
+    c.data.completion_tokens = 0  # text: continuation length in tokens
+    c.data.max_files = 0  # text: read at most this many corpus files (0: all)
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny_llama"  # a key of MODEL_PRESETS

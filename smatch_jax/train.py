@@ -265,16 +265,17 @@ def train(
 
 
 def evaluate(run: Run, state: steps.TrainState, writer, step: int) -> dict[str, float]:
-    """Greedy decoding on the evaluation split: accuracy and sample dumps."""
+    """Greedy accuracy on arithmetic; samples and backspace statistics on text."""
     ev = run.data.eval_split
     model = nnx.merge(run.graphdef, state.params, run.frozen)
-    res = accuracy.evaluate_arithmetic(
-        model,
-        ev,
-        run.data.tokenizer,
-        prompt_max=run.settings.prompt_max,
-        max_new_tokens=run.settings.sampling.max_new_tokens,
+    tok = run.data.tokenizer
+    kw = dict(
+        prompt_max=run.settings.prompt_max, max_new_tokens=run.settings.sampling.max_new_tokens
     )
+    if run.config.data.task == "arithmetic":
+        res = accuracy.evaluate_arithmetic(model, ev, tok, **kw)
+    else:
+        res = accuracy.sample_text(model, ev, tok, seed=run.config.seed + step, **kw)
     scalars = {f"eval/{k}": float(v) for k, v in res.scalars.items()}
     writer.write_scalars(step, scalars)
     writer.write_texts(step, {"samples": res.samples})

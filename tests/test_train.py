@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import arithmetic, common
+from configs import arithmetic, common, text
 from smatch_jax import train
 from smatch_jax.models import ModelConfig, Transformer
 
@@ -164,3 +164,23 @@ def test_every_model_preset_builds_abstractly(preset):
 def test_unknown_variant_is_rejected():
     with pytest.raises(ValueError, match="unknown variant"):
         arithmetic.get_config("sm_chi3")
+
+
+@pytest.mark.parametrize(
+    "variant", ["smoke", "mle", "mle_ul", "bc", "sm_chi2", "gpt2", "smollm2", "smoke,bc"]
+)
+def test_every_text_variant_loads(variant):
+    c = text.get_config(variant)
+    assert c.data.task == "text"
+    assert c.data.seq_len >= c.data.prompt_tokens + c.data.completion_tokens + 1
+
+
+@pytest.mark.slow
+def test_text_smoke_run(tmp_path):
+    c = text.get_config("smoke")
+    c.data.data_dir = str(tmp_path / "data")
+    c.train.num_steps, c.loss.bc_warmup_steps, c.train.eval_every = 8, 4, 8
+    state, met = train.train(c, str(tmp_path / "w"))
+    assert int(state.step) == 8 and np.isfinite(met["loss"])
+    assert "eval/bkspc_per_sample" in met and "sm/r_model" in met
+    assert (tmp_path / "w" / "samples" / "step_8.txt").read_text().count("->") >= 8

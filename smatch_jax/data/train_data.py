@@ -60,12 +60,15 @@ def build_train_data(
             tokenizer=d.tokenizer,
             prompt_tokens=d.prompt_tokens,
             completion_tokens=d.completion_tokens,
+            max_files=d.max_files,
             **common,
         )
         eval_name = "validation"
     tok = builders.load_tokenizer(b)
     train = builders.load_split(b, "train")
     ev = builders.load_split(b, eval_name)
+    if d.test_size and len(ev["prompt_len"]) > d.test_size:  # evaluate on the first test_size
+        ev = {k: v[: d.test_size] for k, v in ev.items()}
     for name, split in (("train", train), (eval_name, ev)):
         if len(split["prompt_len"]) == 0:
             raise ValueError(f"the {name} split is empty; check data.train_size / data.test_size")

@@ -93,3 +93,48 @@ def evaluate_arithmetic(
         "n": float(N),
     }
     return AccuracyResult(scalars, correct, "\n".join(lines))
+
+
+def sample_text(
+    model,
+    split: dict,
+    tokenizer: Tokenizer,
+    *,
+    prompt_max: int,
+    max_new_tokens: int,
+    seed: int = 0,
+    batch_size: int = 64,
+    n_show: int = 8,
+) -> AccuracyResult:
+    """Samples continuations (temperature 1) of the split's prompts: backspace statistics,
+    lengths and a text dump. MAUVE and n-gram metrics come with the evaluation module."""
+    tokens, prompt_len = np.asarray(split["tokens"]), np.asarray(split["prompt_len"])
+    N = len(prompt_len)
+    cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens)
+    n_bk, lens, lines = np.zeros(N), np.zeros(N), []
+    for start in range(0, N, batch_size):
+        sl = slice(start, min(start + batch_size, N))
+        m = prompt_len[sl]
+        prompts = np.where(
+            np.arange(prompt_max)[None] < m[:, None], tokens[sl, :prompt_max], tokenizer.pad_id
+        )
+        key = jax.random.fold_in(jax.random.key(seed), start)
+        out = jax.device_get(
+            sampling.sample(
+                model, prompts, m, key, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, cfg=cfg
+            )
+        )
+        for i, b in enumerate(range(sl.start, sl.stop)):
+            n_bk[b] = out.n_bkspc[i]
+            lens[b] = out.final_length[i] - m[i]
+            if len(lines) < n_show:
+                q = tokenizer.decode(prompts[i, : m[i]].tolist())
+                cont = tokenizer.decode(out.final[i, m[i] : out.final_length[i]].tolist())
+                lines.append(f"{q!r} -> {cont!r} ({int(out.n_bkspc[i])} backspaces)")
+    scalars = {
+        "bkspc_per_sample": float(n_bk.mean()),
+        "bkspc_sample_frac": float((n_bk > 0).mean()),
+        "mean_new_tokens": float(lens.mean()),
+        "n": float(N),
+    }
+    return AccuracyResult(scalars, np.zeros(0, bool), "\n".join(lines))

