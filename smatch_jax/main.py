@@ -28,6 +28,9 @@ def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()  # our own progress line is enough
     config = _CONFIG.value
     if config.distributed:
         jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)

@@ -149,6 +149,16 @@ def test_every_config_variant_loads(variant):
     assert c.data.task == "arithmetic" and c.train.num_steps > 0
     if variant == "mle":
         assert c.loss.sm_weight == 0 and c.noise.rate == 0
+    _build_abstractly(c)
+
+
+def _build_abstractly(c):
+    """The config's model, shapes only (no weights are loaded or initialised)."""
+    if c.model.init != "scratch":
+        return
+    preset = common.MODEL_PRESETS[c.model.preset]
+    cfg = ModelConfig(vocab_size=64, max_positions=c.data.seq_len, **preset)
+    nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
 @pytest.mark.parametrize("preset", sorted(common.MODEL_PRESETS))
@@ -173,6 +183,7 @@ def test_every_text_variant_loads(variant):
     c = text.get_config(variant)
     assert c.data.task == "text"
     assert c.data.seq_len >= c.data.prompt_tokens + c.data.completion_tokens + 1
+    _build_abstractly(c)
 
 
 @pytest.mark.slow
