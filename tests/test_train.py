@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import arithmetic, common, text
-from smatch_jax import train
+from smatch_jax import evaluate, generate, train
 from smatch_jax.models import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +41,17 @@ def _params(state):
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
 
 
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    wd = tmp_path_factory.mktemp("full")
+    state, metrics = train.train(tiny_config(data_dir), str(wd))
+    return wd, state, metrics
+
+
 @pytest.mark.slow
-def test_run_writes_outputs_and_resumes_bit_for_bit(data_dir, tmp_path):
+def test_run_writes_outputs_and_resumes_bit_for_bit(data_dir, trained, tmp_path):
     cfg = tiny_config(data_dir)
-    full, metrics = train.train(cfg, str(tmp_path / "full"))
-    wd = tmp_path / "full"
+    wd, full, metrics = trained
     lines = [json.loads(x) for x in (wd / "metrics.jsonl").read_text().splitlines()]
     keys = set().union(*lines)
     # BC warm-up first, then SequenceMatch steps that sampled into the replay buffer.
@@ -195,3 +201,26 @@ def test_text_smoke_run(tmp_path):
     assert int(state.step) == 8 and np.isfinite(met["loss"])
     assert "eval/bkspc_per_sample" in met and "sm/r_model" in met
     assert (tmp_path / "w" / "samples" / "step_8.txt").read_text().count("->") >= 8
+
+
+@pytest.mark.slow
+def test_evaluate_and_generate_from_a_workdir(trained, capsys):
+    wd = trained[0]
+    a = evaluate.evaluate_workdir(str(wd))
+    b = evaluate.evaluate_workdir(str(wd))
+    assert a["step"] == 12 and a["metrics"] == b["metrics"]  # deterministic
+    saved = json.loads((wd / "eval_12.json").read_text())
+    assert saved["metrics"]["n"] == 8 and "accuracy_ci_low" in saved["metrics"]
+    assert "| accuracy |" in (wd / "eval_12.md").read_text()
+    generate.main(
+        [
+            "--workdir",
+            str(wd),
+            "--prompt",
+            "In base 7, what is 12 + 3? ",
+            "--greedy",
+            "--max_new_tokens",
+            "4",
+        ]
+    )
+    assert "--- sample 0" in capsys.readouterr().out

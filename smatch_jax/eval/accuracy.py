@@ -92,6 +92,10 @@ def evaluate_arithmetic(
         "bkspc_sample_frac": float((n_bk > 0).mean()),
         "n": float(N),
     }
+    if "base" in split:  # breakdown by number base (harder in large bases)
+        base = np.asarray(split["base"])
+        for b in np.unique(base):
+            scalars[f"accuracy_base{int(b)}"] = float(correct[base == b].mean())
     return AccuracyResult(scalars, correct, "\n".join(lines))
 
 
