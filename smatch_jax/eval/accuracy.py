@@ -1,4 +1,4 @@
-"""Arithmetic accuracy (SPEC 7): exact match of the final answer after backspaces.
+"""Arithmetic accuracy (SPEC 7) and text generation statistics, on the final text.
 
 The model decodes greedily with the KV-cache sampler from each held-out question; the final
 text (never the raw action stream) is compared with the reference answer. Reported with a
@@ -15,6 +15,7 @@ import numpy as np
 
 from smatch_jax import sampling
 from smatch_jax.data.tokenizer_base import Tokenizer
+from smatch_jax.eval import text_metrics
 
 
 @dataclasses.dataclass
@@ -22,6 +23,7 @@ class AccuracyResult:
     scalars: dict[str, float]  # accuracy, ci_low, ci_high, bkspc_per_sample, ...
     correct: np.ndarray  # bool [N]
     samples: str  # a few decoded generations, for the sample dump
+    generations: list[str] = dataclasses.field(default_factory=list)  # text: every generation
 
 
 def bootstrap_ci(correct: np.ndarray, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
@@ -51,6 +53,7 @@ def evaluate_arithmetic(
     N = len(prompt_len)
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, greedy=True)
     correct, n_bk, lines = np.zeros(N, bool), np.zeros(N, np.int64), []
+    rows, row_len = [], []
     for start in range(0, N, batch_size):
         sl = slice(start, min(start + batch_size, N))
         m = prompt_len[sl]
@@ -79,6 +82,8 @@ def evaluate_arithmetic(
             text = tokenizer.decode(final).strip()
             correct[b] = text == answers[b].strip()
             n_bk[b] = out.n_bkspc[i]
+            rows.append(out.actions[i, : out.length[i]].tolist())
+            row_len.append(int(out.length[i]))
             if len(lines) < n_show:
                 q = tokenizer.decode(prompts[i, : m[i]].tolist())
                 acts = tokenizer.render_actions(out.actions[i, m[i] : out.length[i]].tolist())
@@ -92,6 +97,12 @@ def evaluate_arithmetic(
         "bkspc_sample_frac": float((n_bk > 0).mean()),
         "n": float(N),
     }
+    length = np.asarray(split["length"])
+    ref = [tokens[b, : length[b]].tolist() for b in range(N)]
+    bk = text_metrics.backspace_stats(rows, prompt_len, row_len, tokenizer.bkspc_id, reference=ref)
+    for k in ("mean_run_length", "deleted_wrong_frac", "deleted_off_path_frac"):
+        if k in bk:
+            scalars[f"bkspc_{k}"] = float(bk[k])
     if "base" in split:  # breakdown by number base (harder in large bases)
         base = np.asarray(split["base"])
         for b in np.unique(base):
@@ -116,6 +127,7 @@ def sample_text(
     N = len(prompt_len)
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens)
     n_bk, lens, lines = np.zeros(N), np.zeros(N), []
+    gen, rows, row_len = [], [], []
     for start in range(0, N, batch_size):
         sl = slice(start, min(start + batch_size, N))
         m = prompt_len[sl]
@@ -131,14 +143,26 @@ def sample_text(
         for i, b in enumerate(range(sl.start, sl.stop)):
             n_bk[b] = out.n_bkspc[i]
             lens[b] = out.final_length[i] - m[i]
+            cont = out.final[i, m[i] : out.final_length[i]].tolist()
+            gen.append(cont[:-1] if out.ended[i] else cont)
+            rows.append(out.actions[i, : out.length[i]].tolist())
+            row_len.append(int(out.length[i]))
             if len(lines) < n_show:
                 q = tokenizer.decode(prompts[i, : m[i]].tolist())
                 cont = tokenizer.decode(out.final[i, m[i] : out.final_length[i]].tolist())
                 lines.append(f"{q!r} -> {cont!r} ({int(out.n_bkspc[i])} backspaces)")
+    bk = text_metrics.backspace_stats(rows, prompt_len, row_len, tokenizer.bkspc_id)
     scalars = {
         "bkspc_per_sample": float(n_bk.mean()),
         "bkspc_sample_frac": float((n_bk > 0).mean()),
+        "bkspc_mean_run_length": float(bk["mean_run_length"]),
         "mean_new_tokens": float(lens.mean()),
         "n": float(N),
     }
-    return AccuracyResult(scalars, np.zeros(0, bool), "\n".join(lines))
+    for n in (1, 2, 3):
+        scalars[f"ngram_entropy_{n}"] = float(text_metrics.ngram_entropy(gen, n))
+    scalars["diversity"] = float(text_metrics.diversity(gen))
+    scalars["repetition_rate"] = float(text_metrics.repetition_rate(gen))
+    result = AccuracyResult(scalars, np.zeros(0, bool), "\n".join(lines))
+    result.generations = [tokenizer.decode(g) for g in gen]  # final text, for MAUVE
+    return result
