@@ -8,6 +8,7 @@ this process replays the same global batch on its own devices and compares.
 """
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -117,7 +118,10 @@ def _run_workers(data_dir, tmp_path) -> tuple[dict[str, np.ndarray], list[str]]:
             texts.append(log.read())
             log.close()
     codes = [p.returncode for p in procs]
-    report = "\n".join(f"--- worker {i} (rc={c})\n{t[-3000:]}" for i, (c, t) in enumerate(zip(codes, texts, strict=True)))
+    report = "\n".join(
+        f"--- worker {i} (rc={c})\n{t[-3000:]}"
+        for i, (c, t) in enumerate(zip(codes, texts, strict=True))
+    )
     assert codes == [0] * N_PROC, report
     return dict(np.load(out)), texts
 
@@ -139,13 +143,13 @@ def test_one_step_equal_on_1_device_and_2_processes_x_4_devices(tmp_path):
     mh, logs = _run_workers(data_dir, tmp_path)
     n_dev = N_PROC * DEV_PER_PROC
     assert all(f"processes {N_PROC} devices {n_dev}" in t for t in logs), logs
-    assert "sharded 0" not in logs[0]  # the parameters really are split over the processes
+    n_sharded = int(re.search(r"sharded (\d+)", logs[0]).group(1))
+    assert n_sharded > 0  # the parameters really are split over the processes
 
-    # The 2-process global batch holds this process's rows (its row order may differ: process p
-    # reads every P-th example), so replay the step on exactly that global batch.
+    # The 2-process global batch is this process's batch row for row, so the step is the same.
     mh_batch = {k: mh[k] for k in own}
-    assert sorted(_rows(mh_batch)) == sorted(_rows(own))
-    batch = sharding.global_batch(mh_batch, run.mesh)
+    assert _rows(mh_batch) == _rows(own)
+    batch = sharding.global_batch(own, run.mesh)
     state, _ = run.refill(run.state, batch)
     state, met = run.train_step(state, batch, with_model=True)
 
@@ -154,14 +158,19 @@ def test_one_step_equal_on_1_device_and_2_processes_x_4_devices(tmp_path):
     assert float(mh["grad_norm"]) == pytest.approx(float(met["grad_norm"]), rel=1e-4)
     before = jax.tree.leaves(run.state.params)
     for i, x in enumerate(jax.tree.leaves(state.params)):
-        np.testing.assert_allclose(mh[f"param{i}"], np.asarray(x), rtol=1e-4, atol=1e-6)
+        # atol: 1e-3 of the step's update (lr 1e-3); measured differences are ~2e-7
+        np.testing.assert_allclose(
+            mh[f"param{i}"], np.asarray(x), rtol=1e-4, atol=1e-6, err_msg=f"param{i}"
+        )
     moved = sum(
         bool(np.any(np.asarray(a) != np.asarray(b)))
         for a, b in zip(before, jax.tree.leaves(state.params), strict=True)
     )
     assert moved == len(before)
     for i, x in enumerate(jax.tree.leaves(state.opt_state)):  # Adam moments: the gradients
-        np.testing.assert_allclose(mh[f"opt{i}"], np.asarray(x), rtol=1e-4, atol=1e-9)
+        x = np.asarray(x)  # second moments are ~1e-12: tolerance relative to each leaf's scale
+        atol = 1e-5 * float(np.abs(x).max()) if x.dtype.kind == "f" else 0
+        np.testing.assert_allclose(mh[f"opt{i}"], x, rtol=1e-4, atol=atol, err_msg=f"opt{i}")
 
 
 def test_global_batch_row_order_is_the_same_for_any_process_count(tmp_path):
@@ -172,6 +181,4 @@ def test_global_batch_row_order_is_the_same_for_any_process_count(tmp_path):
     one = data_lib.build_train_data(cfg, 0, 1).next()
     parts = [data_lib.build_train_data(cfg, p, N_PROC).next() for p in range(N_PROC)]
     two = {k: np.concatenate([b[k] for b in parts]) for k in one}
-    assert sorted(_rows(one)) == sorted(_rows(two))
-    if _rows(one) != _rows(two):
-        pytest.xfail("pipeline.make_dataset strides examples over processes (row order differs)")
+    assert _rows(one) == _rows(two)

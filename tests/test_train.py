@@ -111,14 +111,17 @@ from tests.test_train import tiny_config
 from smatch_jax import train, sharding
 cfg = tiny_config({data!r})
 cfg.loss.bc_warmup_steps = 0
+cfg.optim.warmup_steps = 0  # lr > 0 at step 0, so the parameters move
 cfg.mesh.data, cfg.mesh.fsdp = {mesh}
 run = train.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
 state, _ = run.refill(run.state, batch)
 state, met = run.train_step(state, batch, with_model=True)
 leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+before = [np.asarray(x) for x in jax.tree.leaves(run.state.params)]
+moved = sum(bool(np.any(a != b)) for a, b in zip(before, leaves))
 np.savez({out!r}, loss=np.asarray(met["loss"]), *leaves)
-print("devices", jax.device_count())
+print("devices", jax.device_count(), "moved", moved, "of", len(leaves))
 """
 
 
@@ -140,6 +143,8 @@ def test_one_step_equal_on_1_and_8_devices(data_dir, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"devices {n_dev}" in proc.stdout
+        moved, total = proc.stdout.split("moved")[1].split("of")
+        assert int(moved) == int(total)  # every parameter took a step
         results[n_dev] = np.load(out)
     a, b = results[1], results[8]
     assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)

@@ -6,11 +6,12 @@
     it = make_iterator(...same arguments...); it.set_state(state)   # continues exactly
 
 The example order is a global one, identical on every process: `MapDataset.source(source)`,
-`.shuffle(seed)` (grain's index shuffle, reseeded every epoch by `.repeat`), `.repeat(num_epochs)`.
-Process `p` of `P` takes the elements `p, p + P, p + 2P, ...` of that order and batches them
-`batch_size` at a time, so at step `s` the P shards are disjoint and together are exactly the
-global batch of `batch_size * P` elements `[s*B*P, (s+1)*B*P)` of the global order (the batch
-a single process would see with `batch_size * P`, up to the order of its rows).
+`.shuffle(seed)` (grain's index shuffle, reseeded every epoch by `.repeat`), `.repeat(num_epochs)`,
+cut into batches of `batch_size`. Process `p` of `P` takes the batches `p, p + P, p + 2P, ...`,
+so at step `s` it holds the contiguous elements `[(s*P + p)*B, (s*P + p + 1)*B)` and the P
+batches, in process order, are exactly the global batch `[s*B*P, (s+1)*B*P)`: row for row the
+batch a single process sees with `batch_size * P`. (Row order matters: the noise, the sampler
+and the replay draw are keyed by row position.)
 
 With a finite `num_epochs` and `drop_remainder=True` the global order is first cut to a multiple
 of `batch_size * P`, so every process yields the same number of batches (needed by multi-host
@@ -92,8 +93,8 @@ def make_dataset(
     ds = ds.repeat(num_epochs)
     if num_epochs is not None and drop_remainder:
         ds = ds[: len(ds) // global_batch * global_batch]
-    ds = ds[process_index::process_count]
-    return ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_stack)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, batch_fn=_stack)
+    return ds[process_index::process_count]
 
 
 def make_iterator(
