@@ -7,7 +7,8 @@
 Variants (`:name`): `mle` (BC on clean data), `bc` (BC with noise + <bkspc>), `sm_chi2`
 (default: SequenceMatch chi2_mix with ground-truth noise), `sm_random` (random noise),
 `sm_kl`, `sm_nobkspc` (SequenceMatch without <bkspc>: no noise, sampler never backspaces),
-`smoke` (a tiny, fast end-to-end run for tests and CI). Append `,<variant>` to combine, e.g.
+`smoke` (a tiny, fast end-to-end run for tests and CI), `pretrain` / `finetune` (the two stages
+of experiments/arithmetic.py at CPU scale). Append `,<variant>` to combine, e.g.
 `smoke,bc`.
 """
 
@@ -31,7 +32,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     for variant in (arg or "sm_chi2").split(","):
         common.apply_loss_variant(c, variant)
-        if variant == "smoke":
+        if variant == "pretrain":  # experiments/arithmetic.py stage 1: MLE from scratch
+            common.apply_loss_variant(c, "mle")
+            _cpu_scale(c)
+            c.seed = 1000  # its own questions: the fine-tuning sets (seeds 0, 1, ...) differ
+            c.data.train_size = 20000
+            c.train.num_steps = 3000
+            c.optim.lr = 2e-3
+            c.optim.warmup_steps = 100
+            c.train.eval_every = 500
+            c.train.ckpt_every = 500
+        elif variant == "finetune":  # stage 2: set model.init='ckpt:<pretrain workdir>'
+            _cpu_scale(c)
+            c.train.num_steps = 300
+            c.loss.bc_warmup_steps = 50
+            c.optim.lr = 5e-4
+            c.optim.warmup_steps = 20
+            c.sampling.sample_every = 5
+            c.replay.capacity = 256
+            c.train.eval_every = 300
+            c.train.ckpt_every = 300
+        elif variant == "smoke":
             c.data.train_size = 256
             c.data.test_size = 32
             c.model.preset = "tiny_llama"
@@ -45,7 +66,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.train.ckpt_every = 20
             c.replay.capacity = 64
         elif variant not in common.LOSS_VARIANTS:
-            raise ValueError(
-                f"unknown variant {variant!r}; choose from {[*common.LOSS_VARIANTS, 'smoke']}"
-            )
+            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     return c
+
+
+VARIANTS = (*common.LOSS_VARIANTS, "smoke", "pretrain", "finetune")
+
+
+def _cpu_scale(c: ml_collections.ConfigDict) -> None:
+    """The 2-core CPU scale of experiments/arithmetic.py (the paper's data, a smaller model)."""
+    c.model.preset = "mini_llama"
+    c.data.seq_len = 80
+    c.train.batch_size = 32
+    c.train.model_rows = 32
+    c.train.log_every = 25

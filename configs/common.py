@@ -12,6 +12,7 @@ import ml_collections
 # from the tokenizer at run time.
 MODEL_PRESETS = {
     "tiny_llama": dict(family="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
+    "mini_llama": dict(family="llama", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=192),
     "small_llama": dict(family="llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
     "small_gpt2": dict(family="gpt2", d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512),
     "gpt2_124m": dict(
@@ -52,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny_llama"  # a key of MODEL_PRESETS
-    c.model.init = "scratch"  # 'scratch', 'smollm2' or 'hf:<dir>' (pretrained + <bkspc> row)
+    c.model.init = "scratch"  # 'scratch', 'smollm2', 'hf:<dir>' or 'ckpt:<workdir>' (+ <bkspc> row)
     c.model.lora_rank = 0  # > 0: LoRA adapters of this rank, base weights frozen
     c.model.lora_alpha = 0.0  # LoRA scale numerator (0: = rank)
     c.model.dtype = "float32"  # compute dtype

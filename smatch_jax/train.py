@@ -32,8 +32,13 @@ from smatch_jax.models import ModelConfig, Transformer, importers, lora
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ml_collections.ConfigDict, vocab_size: int, seq_len: int, seed: int):
-    """The model of `cfg.model` (presets in configs/common.py), from scratch or pretrained."""
+def build_model(
+    cfg: ml_collections.ConfigDict, vocab_size: int, seq_len: int, seed: int, tokenizer=None
+):
+    """The model of `cfg.model` (presets in configs/common.py), from scratch or pretrained.
+
+    `tokenizer` (optional) is checked against the tokenizer of a `ckpt:<workdir>` model.
+    """
     from configs.common import MODEL_PRESETS  # configs/ lives at the repository root
 
     init = cfg.init
@@ -51,8 +56,14 @@ def build_model(cfg: ml_collections.ConfigDict, vocab_size: int, seq_len: int, s
         model = importers.smollm2(dtype=cfg.dtype)
     elif init.startswith("hf:"):
         model = importers.load_hf(init[3:], dtype=cfg.dtype)
+    elif init.startswith("ckpt:"):  # fine-tune a model trained here (e.g. MLE pretraining)
+        run, state = load_trained(init[5:])
+        model = nnx.merge(run.graphdef, state.params, run.frozen)
+        _check_same_tokenizer(run.data.tokenizer, tokenizer, init)
     else:
-        raise ValueError(f"model.init={init!r}; use 'scratch', 'smollm2' or 'hf:<dir>'")
+        raise ValueError(
+            f"model.init={init!r}; use 'scratch', 'smollm2', 'hf:<dir>' or 'ckpt:<workdir>'"
+        )
     if model.config.vocab_size != vocab_size:
         raise ValueError(
             f"the model has vocab_size={model.config.vocab_size} but the tokenizer "
@@ -63,6 +74,17 @@ def build_model(cfg: ml_collections.ConfigDict, vocab_size: int, seq_len: int, s
             model, rank=cfg.lora_rank, alpha=cfg.lora_alpha or None, rngs=nnx.Rngs(seed + 1)
         )
     return model
+
+
+def _check_same_tokenizer(theirs, ours, init: str) -> None:
+    if ours is None or theirs.vocab_size != ours.vocab_size:
+        return  # a different vocabulary size is reported by the caller
+    ids = range(theirs.vocab_size)
+    if [theirs.decode([i]) for i in ids] != [ours.decode([i]) for i in ids]:
+        raise ValueError(
+            f"model.init={init!r} was trained with a different tokenizer (same size, other "
+            "tokens); fine-tune on data built with the same tokenizer"
+        )
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int, mask=None):
@@ -109,7 +131,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     data = data_lib.build_train_data(config, jax.process_index(), jax.process_count())
     tok = data.tokenizer
     T, P = config.data.seq_len, data.prompt_max
-    model = build_model(config.model, tok.vocab_size, T, config.seed)
+    model = build_model(config.model, tok.vocab_size, T, config.seed, tok)
     graphdef, params, frozen = nnx.split(
         model, lora.trainable_filter(config.model.lora_rank > 0), ...
     )
@@ -231,6 +253,7 @@ def train(
     stopper = checkpointing.PreemptionHandler().install()
     sm_on = run.settings.model_rows > 0
     last: dict[str, float] = {}
+    sampled: dict[str, float] = {}
     t_last, tokens_since = time.time(), 0
     try:
         step = int(state.step)
@@ -243,7 +266,7 @@ def train(
                 and (step - config.loss.bc_warmup_steps) % config.sampling.sample_every == 0
             ):
                 state, sample_stats = run.refill(state, batch)
-                last.update(jax.device_get(sample_stats))
+                sampled = {k: float(v) for k, v in jax.device_get(sample_stats).items()}
             state, met = run.train_step(state, batch, with_model=with_model)
             step += 1
             if step % config.train.log_every == 0 or step == n:
@@ -257,8 +280,9 @@ def train(
                 now = time.time()
                 met["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
-                last.update({k: float(v) for k, v in met.items()})
-                writer.write_scalars(step, last)
+                met = {**sampled, **{k: float(v) for k, v in met.items()}}  # latest refill's
+                last.update(met)
+                writer.write_scalars(step, met)  # eval scalars are written by `evaluate`
                 if progress:
                     progress.update(step, loss=last["loss"])
             if step % config.train.eval_every == 0 or step == n:
