@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format assets clean-venv
+.PHONY: run full test lint format assets clean-venv
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -20,8 +20,13 @@ $(STAMP): $(PY) requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	@touch $(STAMP)
 
+# The arithmetic comparison (MLE vs BC vs SequenceMatch, noise 0.1, one seed): ~10 min on 2 cores.
 run: $(STAMP)
-	$(PY) -m smatch_jax.demo
+	$(PY) -m experiments.arithmetic --quick
+
+# The whole arithmetic sweep (4 noise levels, 3 seeds, ablations); resumable.
+full: $(STAMP)
+	$(PY) -m experiments.arithmetic
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

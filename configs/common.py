@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # where prepared datasets live ('' = $SMATCH_JAX_DATA or default)
     c.data.train_size = 0  # training examples
     c.data.test_size = 0  # evaluation examples
-    c.data.difficulty = ""  # task-specific difficulty
+    c.data.difficulty = ""  # task-specific difficulty (arithmetic: of the train split)
+    c.data.test_difficulty = ""  # arithmetic: of the test split ('': 'interpolate')
     c.data.seq_len = 0  # T, row length including noise and backspaces
     c.data.prompt_max = 0  # sampler prompt width (0: the longest prompt in the data)
     c.data.corpus = ""  # text: 'shakespeare' or a directory of .txt files

@@ -50,6 +50,7 @@ def build_train_data(
             train_size=d.train_size,
             test_size=d.test_size,
             difficulty=d.difficulty,
+            test_difficulty=d.get("test_difficulty") or "interpolate",
             **common,
         )
         eval_name = "test"

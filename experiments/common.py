@@ -1,0 +1,116 @@
+"""What every experiment shares: resumable runs, provenance, markdown tables and plots.
+
+An experiment is a list of `Run`s (a config and a workdir each). `run_all` trains the runs that
+have no `result.json` yet (a run interrupted half-way resumes from its checkpoint), so
+re-running an experiment's command continues a sweep instead of starting over. The results
+file of an experiment names the command, the git revision and the wall time that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+
+
+@dataclasses.dataclass
+class Run:
+    name: str  # unique within the experiment; the workdir's name
+    method: str  # the row of the results table
+    config: ml_collections.ConfigDict
+    noise: float = 0.0
+    seed: int = 0
+
+
+def enable_compilation_cache(path: str | Path) -> None:
+    """Runs with equal shapes (e.g. the seeds of one method) reuse each other's compiles."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run_all(runs: list[Run], root: Path, train_fn: Callable[[Run, Path], dict]) -> list[dict]:
+    """Each run's result (its `result.json`), training the missing ones in order."""
+    results = []
+    for i, r in enumerate(runs):
+        out = root / r.name / "result.json"
+        if out.exists():
+            res = json.loads(out.read_text())
+            print(f"[{i + 1}/{len(runs)}] {r.name}: done earlier", flush=True)
+        else:
+            print(f"[{i + 1}/{len(runs)}] {r.name}: training", flush=True)
+            t0 = time.time()
+            res = train_fn(r, root / r.name)
+            res.update(
+                name=r.name, method=r.method, noise=r.noise, seed=r.seed, wall_s=time.time() - t0
+            )
+            out.write_text(json.dumps(res, indent=2))
+        results.append(res)
+    return results
+
+
+def last_eval(workdir: Path) -> dict:
+    """The last evaluation a run wrote to its metrics.jsonl (also when it finished earlier)."""
+    last = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if any(k.startswith("eval/") for k in rec):
+            last = rec
+    return last
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + ("+uncommitted changes" if dirty else "")
+
+
+def provenance(t0: float, module: str, run_seconds: float) -> str:
+    """`run_seconds`: the summed training time of every run, also of runs finished earlier."""
+    cmd = " ".join(["python -m", module, *sys.argv[1:]])
+    return (
+        f"Command: `{cmd}` (from the repository root)  \n"
+        f"Git revision: `{git_revision()}`  \n"
+        f"Wall time: {(time.time() - t0) / 60:.1f} min for this invocation, "
+        f"{run_seconds / 60:.1f} min of training summed over all runs, on {os.cpu_count()} "
+        f"CPU cores ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+    )
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% t-interval over seeds (0 with one seed)."""
+    v = np.asarray(values, np.float64)
+    if v.size < 2:
+        return float(v.mean()), 0.0
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 8: 2.36, 10: 2.26}
+    t = t95.get(v.size, 1.96 if v.size > 10 else 2.45)
+    return float(v.mean()), float(t * v.std(ddof=1) / np.sqrt(v.size))
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

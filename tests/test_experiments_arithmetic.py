@@ -1,0 +1,92 @@
+"""experiments/arithmetic.py without training: the plan, resumption and the summary."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import arithmetic, common
+
+
+def test_quick_plan_is_mle_bc_sm_at_one_noise_level():
+    runs = arithmetic.plan(quick=True, seeds=3)
+    assert [(r.method, r.noise, r.seed) for r in runs] == [
+        ("mle", 0.0, 0),
+        ("bc", 0.1, 0),
+        ("sm_gt", 0.1, 0),
+    ]
+    mle, bc, sm = (r.config for r in runs)
+    assert mle.loss.sm_weight == 0 and mle.noise.rate == 0
+    assert bc.loss.sm_weight == 0 and bc.noise.rate == 0.1
+    assert sm.loss.sm_weight > 0 and sm.noise.rate == 0.1 and sm.noise.kind == "ground_truth"
+
+
+def test_full_plan_covers_every_method_level_and_seed():
+    runs = arithmetic.plan(quick=False, seeds=3)
+    assert len({r.name for r in runs}) == len(runs)
+    cells = {(r.method, r.noise) for r in runs}
+    for n in arithmetic.NOISE_LEVELS:
+        assert ("sm_gt", n) in cells
+        if n > 0:
+            assert ("bc", n) in cells and ("sm_random", n) in cells
+    for r in runs:
+        assert {x.seed for x in runs if (x.method, x.noise) == (r.method, r.noise)} == {0, 1, 2}
+        assert r.config.seed == r.seed
+        if r.method == "sm_random":
+            assert r.config.noise.kind == "random" and r.config.noise.rate == r.noise
+        if r.method == "sm_gt_nomask":
+            assert not r.config.noise.mask_noise_actions
+        if r.method == "sm_nobkspc":
+            assert r.config.noise.rate == 0 and not r.config.sampling.allow_bkspc
+
+
+def test_run_all_reuses_finished_runs(tmp_path):
+    runs = arithmetic.plan(quick=True, seeds=1)
+    calls = []
+
+    def fake_train(r, wd):
+        calls.append(r.name)
+        wd.mkdir(parents=True)
+        return {"eval/accuracy": 0.5}
+
+    first = common.run_all(runs, tmp_path, fake_train)
+    again = common.run_all(runs, tmp_path, fake_train)
+    assert calls == [r.name for r in runs]  # the second call trained nothing
+    assert first == again and first[0]["method"] == "mle"
+
+
+def _fake(method, noise, seed, acc):
+    return {
+        "method": method,
+        "noise": noise,
+        "seed": seed,
+        "eval/accuracy": acc,
+        "eval/accuracy_ci_low": acc - 0.05,
+        "eval/accuracy_ci_high": acc + 0.05,
+        "eval/n": 200,
+        "wall_s": 1.0,
+    }
+
+
+def test_summary_table_means_and_plot(tmp_path):
+    results = [_fake("mle", 0.0, s, a) for s, a in enumerate([0.2, 0.3])]
+    results += [_fake("sm_gt", 0.1, s, a) for s, a in enumerate([0.4, 0.5])]
+    results += [_fake("bc", 0.1, 0, 0.25)]
+    out = tmp_path / "arith"
+    text = arithmetic.summarise(results, {"eval/accuracy": 0.1}, "header\n", out)
+    m, h = common.mean_ci([0.4, 0.5])
+    assert m == pytest.approx(0.45) and h == pytest.approx(
+        12.71 * np.std([0.4, 0.5], ddof=1) / np.sqrt(2)
+    )
+    row = next(line for line in text.splitlines() if line.startswith("| SequenceMatch, ground"))
+    assert f"{m:.3f} ± {h:.3f}" in row
+    bc = next(line for line in text.splitlines() if line.startswith("| BC"))
+    assert "0.250 [0.20, 0.30]" in bc  # one seed: its bootstrap interval
+    assert (tmp_path / "arith.png").stat().st_size > 1000
+    json.dumps(results)  # what main writes
+
+
+def test_last_eval_reads_the_latest_evaluation(tmp_path):
+    lines = [{"step": 1, "loss": 2.0}, {"step": 2, "eval/accuracy": 0.1}, {"step": 3, "loss": 1}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    assert common.last_eval(tmp_path) == lines[1]
