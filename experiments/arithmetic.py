@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="MLE, BC, SM at noise 0.1, one seed")
     ap.add_argument("--tune", action="store_true", help="SequenceMatch settings, one at a time")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--summarise_only", action="store_true", help="no training: report the finished runs"
+    )
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
@@ -256,13 +259,17 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = str(root / "data")
     pre_wd = pretrain(root, data_dir)
     runs = tuning_plan() if args.tune else plan(args.quick, args.seeds)
-    results = common.run_all(runs, root / "runs", make_train_fn(pre_wd, data_dir))
+    train_fn = make_train_fn(pre_wd, data_dir)
+    results = common.run_all(runs, root / "runs", train_fn, train=not args.summarise_only)
+    if not results:
+        raise SystemExit(f"no finished runs under {root / 'runs'}")
     name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
     out = Path(args.out) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
     run_s = sum(r["wall_s"] for r in results) + pre.get("wall_s", 0.0)
     header = common.provenance(t0, MODULE, run_s)
+    header += f"Runs: {len(results)} of the {len(runs)} planned finished.\n"
     tuned = args.tune
     text = summarise_tuning(results, header) if tuned else summarise(results, pre, header, out)
     out.with_suffix(".md").write_text(text)

@@ -42,14 +42,20 @@ def enable_compilation_cache(path: str | Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def run_all(runs: list[Run], root: Path, train_fn: Callable[[Run, Path], dict]) -> list[dict]:
-    """Each run's result (its `result.json`), training the missing ones in order."""
+def run_all(
+    runs: list[Run], root: Path, train_fn: Callable[[Run, Path], dict], *, train: bool = True
+) -> list[dict]:
+    """Each run's result (its `result.json`), training the missing ones in order
+    (`train=False`: only the finished runs' results, e.g. to summarise a sweep half-way)."""
     results = []
     for i, r in enumerate(runs):
         out = root / r.name / "result.json"
         if out.exists():
             res = json.loads(out.read_text())
             print(f"[{i + 1}/{len(runs)}] {r.name}: done earlier", flush=True)
+        elif not train:
+            print(f"[{i + 1}/{len(runs)}] {r.name}: not run", flush=True)
+            continue
         else:
             print(f"[{i + 1}/{len(runs)}] {r.name}: training", flush=True)
             t0 = time.time()
