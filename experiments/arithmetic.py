@@ -103,7 +103,9 @@ def pretrain(root: Path, data_dir: str) -> Path:
     if not (wd / "result.json").exists():
         print("pretraining (MLE) ...", flush=True)
         t0 = time.time()
-        train.train(c, str(wd))
+        state, _ = train.train(c, str(wd))
+        if int(state.step) < c.train.num_steps:
+            raise SystemExit(f"pretraining stopped at step {int(state.step)}; rerun to resume")
         res = {**common.last_eval(wd), "wall_s": time.time() - t0}
         (wd / "result.json").write_text(json.dumps(res, indent=2))
     return wd
@@ -113,7 +115,9 @@ def make_train_fn(pretrained: Path, data_dir: str):
     def train_fn(r: common.Run, wd: Path) -> dict:
         r.config.model.init = f"ckpt:{pretrained}"
         r.config.data.data_dir = data_dir
-        _, last = train.train(r.config, str(wd))
+        state, last = train.train(r.config, str(wd))
+        if int(state.step) < r.config.train.num_steps:  # preempted (SIGTERM): saved, not done
+            raise SystemExit(f"{r.name} stopped at step {int(state.step)}; rerun to resume")
         return {**common.last_eval(wd), **{k: float(v) for k, v in last.items()}}
 
     return train_fn
