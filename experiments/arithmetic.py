@@ -37,10 +37,10 @@ from smatch_jax import train
 MODULE = "experiments.arithmetic"
 METHODS = {  # key: (label, config variant, config edits)
     "mle": ("MLE", "mle", {}),
-    "bc": ("BC (MLE + <bkspc>)", "bc", {}),
+    "bc": ("BC (MLE + `<bkspc>`)", "bc", {}),
     "sm_gt": ("SequenceMatch, ground-truth noise", "sm_chi2", {}),
     "sm_random": ("SequenceMatch, random noise", "sm_random", {}),
-    "sm_nobkspc": ("SequenceMatch without <bkspc>", "sm_nobkspc", {}),
+    "sm_nobkspc": ("SequenceMatch without `<bkspc>`", "sm_nobkspc", {}),
     "sm_gt_nomask": ("SequenceMatch, gt noise, noise actions trained", "sm_chi2", {"mask": False}),
 }
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
@@ -150,8 +150,8 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         ("eval/accuracy", "accuracy"),
         ("eval/accuracy_ci_low", "95% CI low (1 seed)"),
         ("eval/accuracy_ci_high", "95% CI high"),
-        ("eval/bkspc_per_sample", "<bkspc>/sample"),
-        ("eval/bkspc_sample_frac", "samples using <bkspc>"),
+        ("eval/bkspc_per_sample", "`<bkspc>`/sample"),
+        ("eval/bkspc_sample_frac", "samples using `<bkspc>`"),
         ("eval/bkspc_deleted_wrong_frac", "deleted token was wrong"),
         ("bc/token_accuracy", "train token acc"),
         ("sm/r_data", "r data"),
@@ -185,7 +185,7 @@ TUNING_COLUMNS = [
     ("eval/accuracy", "accuracy"),
     ("eval/accuracy_ci_low", "CI low"),
     ("eval/accuracy_ci_high", "CI high"),
-    ("eval/bkspc_per_sample", "<bkspc>/sample"),
+    ("eval/bkspc_per_sample", "`<bkspc>`/sample"),
     ("eval/bkspc_deleted_wrong_frac", "deleted was wrong"),
     ("bc/loss", "L_BC"),
     ("sm/loss", "L_SM"),
@@ -234,7 +234,7 @@ def _plot(by, levels, path: Path) -> None:
         ys, es = zip(*[_interval(rs) for _, rs in pts], strict=True)
         es = np.asarray(es).T  # [2, len(xs)]: below, above
         style = "--" if key == "mle" else "-o" if len(xs) > 1 else "s"
-        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label)
+        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label.replace("`", ""))
     ax.set_xlabel("noise level (probability of a noise token before each data token)")
     ax.set_ylabel("held-out exact match")
     ax.set_ylim(bottom=0)
