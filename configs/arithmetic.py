@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             _cpu_scale(c)
             c.seed = 1000  # its own questions: the fine-tuning sets (seeds 0, 1, ...) differ
             c.data.train_size = 20000
-            c.train.num_steps = 6000  # ~6 min on 2 cores; 11% held-out accuracy at 3000
+            c.train.num_steps = 6000  # 7.4 min on 2 cores: 29.5% held-out (11% at 3000)
             c.optim.lr = 2e-3
             c.optim.warmup_steps = 100
             c.train.eval_every = 1000
