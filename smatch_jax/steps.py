@@ -2,7 +2,8 @@
 
 * `train_step`: data rows get noise + `<bkspc>` augmentation (on device, keyed by the step),
   model rows are drawn from the replay buffer; both go through `backspace_layout` and ONE
-  forward pass; the loss factory combines BC and SequenceMatch; one optimiser update.
+  forward pass; the loss factory combines BC and SequenceMatch; one optimiser update, not
+  applied when the loss or the gradient is non-finite (`metrics["finite"]` says which).
 * `refill`: the policy samples continuations of the current data prompts with the KV-cache
   sampler and pushes the action rows into the replay buffer.
 
@@ -96,15 +97,23 @@ def make_train_step(
             return loss_fn(logits, rows, state.step)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A non-finite step leaves the parameters and optimiser state as they were (only the
+        # step counter moves); the loop then stops or counts the skipped update.
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
         metrics = {
             **metrics,
             "grad_norm": optax.tree.norm(grads),
             "noise/tokens_per_row": jnp.mean(nz.n_noise.astype(jnp.float32)),
             "noise/truncated_frac": jnp.mean(nz.truncated.astype(jnp.float32)),
             "tokens": jnp.sum(length - prompt_len),
-            "finite": jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)),
+            "finite": finite,
         }
         new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new, metrics
