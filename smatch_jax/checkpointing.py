@@ -16,11 +16,19 @@ Typed PRNG keys (``jax.random.key``) may be leaves of ``state``: they are stored
 time (the abstract leaf is the typed key's ``ShapeDtypeStruct``). Raw uint32 key data works
 as an ordinary array.
 
-Atomicity: Orbax writes a step into ``<step>.orbax-checkpoint-tmp-<ts>`` and renames it when
-complete, so an interrupted write is never listed as a step. A step that is damaged later
-(truncated or deleted files) is only detected when read: :meth:`Checkpointer.restore_latest_valid`
-tries the newest step first and falls back to older ones, warning about each failure. Silent
-bit flips inside array data are not detected (Orbax keeps no checksums).
+Atomicity: Orbax writes a step into ``<step>.orbax-checkpoint-tmp[-<ts>]`` and renames it when
+complete, so an interrupted write (e.g. SIGKILL) is never listed as a step; with
+``cleanup_tmp=True`` such leftovers are deleted when the next run opens the directory. A step
+that is damaged later (truncated or deleted files) is only detected when read:
+:meth:`Checkpointer.restore_latest_valid` tries the newest step first and falls back to older
+ones, warning about each failure; with ``quarantine=True`` the unreadable newer steps are
+renamed ``<step>.unreadable[-k]`` (kept for inspection, no longer listed) so that the resumed
+run can write those steps again. Silent bit flips inside array data are not detected (Orbax
+keeps no checksums).
+
+Write failures (disk full, quota, permissions) surface, asynchronously, at the next
+:meth:`Checkpointer.save`, :meth:`~Checkpointer.wait` or :meth:`~Checkpointer.close` as a
+:class:`CheckpointWriteError` naming the step, the cause and the last complete checkpoint.
 
 Preemption: :class:`PreemptionHandler` turns SIGTERM (and optionally SIGINT) into a flag the
 train loop polls; the loop then saves with ``force=True`` and exits 0. In a multi-process run
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import signal
 import threading
 import warnings
@@ -47,6 +56,7 @@ import orbax.checkpoint as ocp
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "Checkpointer",
     "PreemptionHandler",
     "abstract_like",
@@ -61,6 +71,10 @@ _B64_KEY = "__bytes_b64__"
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint could be restored."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions, ...)."""
 
 
 def encode_json_state(obj: Any) -> Any:
@@ -169,12 +183,25 @@ class Checkpointer:
     :meth:`close` waits, and an exit hook does the same if ``close`` is never called.
     """
 
-    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        cleanup_tmp: bool = False,
+    ) -> None:
+        """``cleanup_tmp`` deletes unfinished step directories left by a killed writer; only
+        the process that writes checkpoints should set it (a reader could delete a step that
+        a running trainer is writing)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.workdir = Path(workdir).absolute()
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
         self._manager = ocp.CheckpointManager(self.workdir, options=options, item_names=_ITEMS)
         self._closed = False
@@ -209,7 +236,30 @@ class Checkpointer:
             extra=ocp.args.JsonSave(encode_json_state(dict(extra or {}))),
             meta=ocp.args.JsonSave(meta),
         )
-        return bool(self._manager.save(step, args=args, force=force))
+        with self._reporting_write_errors(step):
+            return bool(self._manager.save(step, args=args, force=force))
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose directories are complete on disk (read from the directory)."""
+        if not self.workdir.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.workdir.iterdir() if p.name.isdigit())
+
+    @contextlib.contextmanager
+    def _reporting_write_errors(self, step: int | None = None):
+        """Turn a failed (possibly earlier, asynchronous) write into a CheckpointWriteError."""
+        try:
+            yield
+        except Exception as e:
+            done = self.committed_steps()
+            cause = str(e).strip().splitlines()[0][:500] if str(e).strip() else type(e).__name__
+            what = "a checkpoint" if step is None else f"checkpoint step {step} (or an earlier one)"
+            raise CheckpointWriteError(
+                f"writing {what} to {self.workdir} failed: {type(e).__name__}: {cause}\n"
+                "The disk may be full or the directory unwritable: free space (df -h) or use "
+                "another --workdir, then rerun to resume from the last complete checkpoint "
+                f"({'step ' + str(done[-1]) if done else 'none: the run restarts from scratch'})."
+            ) from e
 
     def all_steps(self) -> list[int]:
         """Sorted steps: those on disk at construction plus those saved since.
@@ -260,11 +310,15 @@ class Checkpointer:
             decode_json_state(restored.extra or {}),
         )
 
-    def restore_latest_valid(self, *, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+    def restore_latest_valid(
+        self, *, abstract_state: Any, quarantine: bool = False
+    ) -> tuple[int, Any, dict, dict] | None:
         """Restore the newest readable step, falling back to older ones; None if none exist.
 
-        Each unreadable step produces a ``RuntimeWarning`` naming the step and the error.
-        Raises :class:`CheckpointError` if checkpoints exist but none can be restored.
+        Each unreadable step produces a ``RuntimeWarning`` naming the step and the error; with
+        ``quarantine``, unreadable steps newer than the restored one are renamed
+        ``<step>.unreadable`` so that they can be written again. Raises
+        :class:`CheckpointError` if checkpoints exist but none can be restored.
         """
         steps = self.all_steps()
         if not steps:
@@ -272,7 +326,7 @@ class Checkpointer:
         errors = []
         for step in reversed(steps):
             try:
-                return self.restore(step, abstract_state=abstract_state)
+                restored = self.restore(step, abstract_state=abstract_state)
             except Exception as e:  # any read/parse/shape failure means "try an older step"
                 errors.append(f"step {step}: {type(e).__name__}: {e}")
                 warnings.warn(
@@ -281,12 +335,37 @@ class Checkpointer:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-        raise CheckpointError(f"no restorable checkpoint in {self.workdir}:\n" + "\n".join(errors))
+                continue
+            if quarantine and step != steps[-1]:
+                self._quarantine([s for s in steps if s > step])
+            return restored
+        raise CheckpointError(
+            f"no restorable checkpoint in {self.workdir}:\n"
+            + "\n".join(errors)
+            + "\nMove the directory away to start from scratch."
+        )
+
+    def _quarantine(self, steps: list[int]) -> None:
+        """Rename unreadable step directories out of Orbax's view (process 0 renames)."""
+        if jax.process_index() == 0:
+            for step in steps:
+                src = self.workdir / str(step)
+                dst, k = self.workdir / f"{step}.unreadable", 1
+                while dst.exists():
+                    dst, k = self.workdir / f"{step}.unreadable-{k}", k + 1
+                src.rename(dst)
+                warnings.warn(f"moved unreadable checkpoint {src} to {dst}", RuntimeWarning, 3)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("smatch_jax checkpoint quarantine")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Block until every pending asynchronous save is committed."""
         if not self._closed:
-            self._manager.wait_until_finished()
+            with self._reporting_write_errors():
+                self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Wait for pending saves and release resources (idempotent)."""
@@ -295,7 +374,8 @@ class Checkpointer:
                 return
             self._closed = True
             try:
-                self._manager.wait_until_finished()
+                with self._reporting_write_errors():
+                    self._manager.wait_until_finished()
             finally:
                 self._manager.close()
                 _OPEN.discard(self)
