@@ -6,6 +6,12 @@ flushed at once so a crash loses nothing and a resumed run keeps appending. Non-
 (NaN, ±inf) are written as ``null`` so every line is strict JSON; TensorBoard gets them as is.
 Text samples go to TensorBoard and to ``<workdir>/samples/step_<step>.txt``.
 
+A run resumed from a checkpoint at step ``s`` opens the writer with ``purge_after=s``: records
+of later steps (written before the interruption; the resumed run writes them again) are
+dropped from metrics.jsonl (rewritten atomically; a line cut by a kill is dropped too), their
+sample files are deleted and TensorBoard is told to hide events from step ``s + 1`` on. So the
+outputs of an interrupted and resumed run are those of an uninterrupted one.
+
 TensorBoard event files are written with ``tensorboardX`` (pure Python, needs only numpy and
 protobuf) into ``<workdir>/tensorboard/``; each writer opens a new event file, which
 TensorBoard merges. If tensorboardX is not installed, a warning is issued and only the JSON
@@ -30,7 +36,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-__all__ = ["MetricWriter", "Progress", "to_json_number"]
+__all__ = ["MetricWriter", "Progress", "host_rss_mb", "to_json_number"]
 
 _RESERVED = ("step", "time")
 
@@ -49,6 +55,18 @@ def to_json_number(value: Any) -> int | float | None:
     return item if math.isfinite(item) else None
 
 
+def host_rss_mb() -> float | None:
+    """Resident memory of this process in MB (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.items():
@@ -64,7 +82,12 @@ class MetricWriter:
     """Write scalars to ``metrics.jsonl`` and TensorBoard, and texts to ``samples/``."""
 
     def __init__(
-        self, workdir: str | Path, *, enabled: bool = True, tensorboard: bool = True
+        self,
+        workdir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        purge_after: int | None = None,
     ) -> None:
         self.workdir = Path(workdir)
         self.enabled = enabled
@@ -73,6 +96,8 @@ class MetricWriter:
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if purge_after is not None:
+            self._purge_after(int(purge_after))
         self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
@@ -84,7 +109,28 @@ class MetricWriter:
                     stacklevel=2,
                 )
             else:
-                self._tb = SummaryWriter(logdir=str(self.workdir / "tensorboard"), flush_secs=30)
+                purge = None if purge_after is None else int(purge_after) + 1
+                self._tb = SummaryWriter(
+                    logdir=str(self.workdir / "tensorboard"), flush_secs=30, purge_step=purge
+                )
+
+    def _purge_after(self, step: int) -> None:
+        """Drop metrics records and sample files of steps after `step` (see module doc)."""
+        path = self.workdir / "metrics.jsonl"
+        if path.exists():
+            kept = []
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if int(json.loads(line)["step"]) <= step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by a kill
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
+        for f in (self.workdir / "samples").glob("step_*.txt"):
+            if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
+                f.unlink()
 
     @property
     def tensorboard_dir(self) -> Path:
