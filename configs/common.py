@@ -105,6 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 500  # evaluation + sample dump cadence (and at the end)
     c.train.ckpt_every = 500  # checkpoint cadence (and at the end / on SIGTERM)
     c.train.keep_ckpts = 3  # checkpoints kept
+    c.train.nonfinite = "stop"  # non-finite loss/gradient: 'stop' the run or 'skip' the update
+    c.train.max_skips = 10  # 'skip': stop anyway after this many skipped updates
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # data-parallel axis size (-1: all devices not used by fsdp)

@@ -3,7 +3,7 @@
 * `train_step`: data rows get noise + `<bkspc>` augmentation (on device, keyed by the step),
   model rows are drawn from the replay buffer; both go through `backspace_layout` and ONE
   forward pass; the loss factory combines BC and SequenceMatch; one optimiser update, not
-  applied when the loss or the gradient is non-finite (`metrics["finite"]` says which).
+  applied when the loss, the gradient or the update is non-finite (`metrics["finite"]`).
 * `refill`: the policy samples continuations of the current data prompts with the KV-cache
   sampler and pushes the action rows into the replay buffer.
 
@@ -97,9 +97,12 @@ def make_train_step(
             return loss_fn(logits, rows, state.step)
 
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # The update too: a finite gradient times an overflowing learning rate is not.
+        finite = jnp.isfinite(loss) & jnp.isfinite(
+            optax.tree.norm(grads) + optax.tree.norm(updates)
+        )
         # A non-finite step leaves the parameters and optimiser state as they were (only the
         # step counter moves); the loop then stops or counts the skipped update.
         params, opt_state = jax.tree.map(

@@ -7,6 +7,13 @@
 
 The checkpoint holds the whole `TrainState` (params, optimiser state, replay buffer, RNG) and
 the data-iterator state, so a restarted run continues exactly where it stopped.
+
+Reliability (README "Reliability"): the config and the workdir are checked before anything is
+built (`smatch_jax.validate`); a workdir of another config is refused unless `force_resume`;
+unreadable newest checkpoints are set aside and the previous one is used; outputs written
+after the restored step are purged so that they are written again identically; a
+non-finite loss or gradient is never applied and stops the run (`train.nonfinite='stop'`,
+naming the step and its diagnostics) or is skipped (`'skip'`, at most `train.max_skips`).
 """
 
 from __future__ import annotations
@@ -24,7 +31,17 @@ import ml_collections
 import optax
 from flax import nnx
 
-from smatch_jax import checkpointing, losses, metrics, noise, replay, sampling, sharding, steps
+from smatch_jax import (
+    checkpointing,
+    losses,
+    metrics,
+    noise,
+    replay,
+    sampling,
+    sharding,
+    steps,
+    validate,
+)
 from smatch_jax.data import train_data as data_lib
 from smatch_jax.eval import accuracy
 from smatch_jax.models import ModelConfig, Transformer, importers, lora
@@ -130,6 +147,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     data = data_lib.build_train_data(config, jax.process_index(), jax.process_count())
     tok = data.tokenizer
+    validate.check_tokenizer(tok)
     T, P = config.data.seq_len, data.prompt_max
     model = build_model(config.model, tok.vocab_size, T, config.seed, tok)
     graphdef, params, frozen = nnx.split(
@@ -221,39 +239,124 @@ def _is_sm_step(config, step: int) -> bool:
     return config.loss.sm_weight > 0 and step >= config.loss.bc_warmup_steps
 
 
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient stopped the run (its update was not applied)."""
+
+
+class _NonFiniteGuard:
+    """Checks each step's `finite` flag one step late, so the device is never left idle.
+
+    The train step itself never applies a non-finite update; this decides whether the run
+    stops (policy 'stop') or goes on (policy 'skip', at most `max_skips` times).
+    """
+
+    def __init__(self, policy: str, max_skips: int, ckpt: checkpointing.Checkpointer):
+        self.policy, self.max_skips, self.ckpt = policy, max_skips, ckpt
+        self.skipped = 0
+        self._held: tuple[int, dict] | None = None  # (step, device metrics) not yet checked
+
+    def push(self, step: int, met: dict) -> None:
+        """Check the previous step, hold this one."""
+        self.check()
+        self._held = (step, met)
+
+    def check(self) -> None:
+        """Check the held step (blocks until it is computed)."""
+        if self._held is None:
+            return
+        step, met = self._held
+        self._held = None
+        if bool(jax.device_get(met["finite"])):
+            return
+        diag = jax.device_get({k: v for k, v in met.items() if k not in ("finite", "tokens")})
+        text = ", ".join(f"{k}={float(v):.4g}" for k, v in sorted(diag.items()))
+        if self.policy == "skip" and self.skipped < self.max_skips:
+            self.skipped += 1
+            log.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d of at most %d): %s",
+                *(step, self.skipped, self.max_skips, text),
+            )
+            return
+        last = self.ckpt.latest_step()
+        why = f"after {self.skipped} skipped updates " if self.policy == "skip" else ""
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {step} {why}(the update was not applied): "
+            f"{text}\nThe last checkpoint is step {last} in {self.ckpt.workdir}. Lower "
+            "optim.lr or raise optim.warmup_steps, check the data, or set "
+            "train.nonfinite='skip' to skip such updates."
+        )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming from `workdir` if it holds a checkpoint); returns the last metrics."""
     return train(config, workdir)[1]
 
 
+def _prepare(config, workdir_p: Path, force_resume: bool) -> None:
+    """Checks that need no model or data: the config, the workdir, its saved config."""
+    validate.check_config(config)
+    diff = validate.prepare_workdir(workdir_p, config.to_dict(), force=force_resume)
+    if diff:
+        log.info("config changes from %s: %s", workdir_p / "config.json", diff)
+
+
+def _write_config(config, workdir_p: Path) -> None:
+    tmp = workdir_p / "config.json.tmp"
+    tmp.write_text(json.dumps(config.to_dict(), indent=2))
+    tmp.replace(workdir_p / "config.json")
+
+
+def _restore(run: Run, ckpt: checkpointing.Checkpointer):
+    """(state, sampler stats of the last refill, restored step or None)."""
+    newest = ckpt.latest_step()
+    restored = ckpt.restore_latest_valid(abstract_state=_abstract(run), quarantine=True)
+    if restored is None:
+        return run.state, {}, None
+    step0, state, data_state, extra = restored
+    run.data.set_state(data_state)
+    if step0 != newest:
+        log.warning(
+            "checkpoints after step %d were unreadable (set aside as <step>.unreadable); "
+            "resuming from step %d",
+            step0,
+            step0,
+        )
+    log.info("resumed from step %d", step0)
+    return state, extra.get("sampled", {}), step0
+
+
 def train(
-    config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    stop_after: int | None = None,
+    force_resume: bool = False,
 ) -> tuple[steps.TrainState, dict[str, float]]:
     """The loop; returns the final state and metrics.
 
     `stop_after=k` stops after k steps of this invocation as a preemption would (checkpoint,
-    clean return), for tests of resumption.
+    clean return), for tests of resumption. `force_resume` continues a workdir whose
+    config.json differs from `config` (see `validate.prepare_workdir`).
     """
     workdir_p = Path(workdir)
-    workdir_p.mkdir(parents=True, exist_ok=True)
+    _prepare(config, workdir_p, force_resume)
     run = setup(config)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
+    validate.check_free_space(workdir_p, state_bytes, config.train.keep_ckpts)
     host0 = jax.process_index() == 0
     if host0:
-        (workdir_p / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    ckpt = checkpointing.Checkpointer(workdir_p / "checkpoints", keep=config.train.keep_ckpts)
-    restored = ckpt.restore_latest_valid(abstract_state=_abstract(run))
-    state = run.state
-    if restored is not None:
-        step0, state, data_state, _ = restored
-        run.data.set_state(data_state)
-        log.info("resumed from step %d", step0)
-    writer = metrics.MetricWriter(workdir_p, enabled=host0)
+        _write_config(config, workdir_p)
+    ckpt = checkpointing.Checkpointer(
+        workdir_p / "checkpoints", keep=config.train.keep_ckpts, cleanup_tmp=host0
+    )
+    state, sampled, step0 = _restore(run, ckpt)
+    writer = metrics.MetricWriter(workdir_p, enabled=host0, purge_after=step0 or 0)
     n = config.train.num_steps
     progress = metrics.Progress(n, start_step=int(state.step)) if host0 else None
     stopper = checkpointing.PreemptionHandler().install()
+    guard = _NonFiniteGuard(config.train.nonfinite, config.train.max_skips, ckpt)
     sm_on = run.settings.model_rows > 0
     last: dict[str, float] = {}
-    sampled: dict[str, float] = {}
     t_last, tokens_since = time.time(), 0
     try:
         step = int(state.step)
@@ -269,13 +372,14 @@ def train(
                 sampled = {k: float(v) for k, v in jax.device_get(sample_stats).items()}
             state, met = run.train_step(state, batch, with_model=with_model)
             step += 1
+            guard.push(step, met)
             if step % config.train.log_every == 0 or step == n:
+                guard.check()
                 met = jax.device_get(met)
-                if not met.pop("finite"):
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at step {step}: "
-                        + ", ".join(f"{k}={float(v):.4g}" for k, v in met.items())
-                    )
+                met.pop("finite")
+                if config.train.nonfinite == "skip":
+                    met["train/skipped_updates"] = guard.skipped
+                met["host/rss_mb"] = metrics.host_rss_mb() or 0.0
                 tokens_since += int(met.pop("tokens")) * config.train.log_every
                 now = time.time()
                 met["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
@@ -290,7 +394,11 @@ def train(
                 last.update(ev)
             stop = stopper.should_stop(step) or step >= stop_step
             if step % config.train.ckpt_every == 0 or step == n or stop:
-                ckpt.save(step, state=state, data_state=run.data.get_state(), force=True)
+                guard.check()  # never checkpoint past an unchecked step
+                extra = {"sampled": sampled}  # so the resumed run logs the same sampler stats
+                ckpt.save(
+                    step, state=state, data_state=run.data.get_state(), extra=extra, force=True
+                )
             if stop and step < n:
                 log.warning("stopping at step %d (checkpoint saved)", step)
                 break

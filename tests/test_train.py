@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -98,8 +99,8 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(data_dir, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     steps = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and 0 < steps[-1] < 100000
-    cfg = tiny_config(data_dir, num_steps=steps[-1] + 1)
-    cfg.train.batch_size, cfg.train.model_rows, cfg.replay.capacity = 16, 16, 64
+    cfg = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
+    cfg.train.num_steps = steps[-1] + 1  # the run's own config, one step longer
     state, _ = train.train(cfg, str(wd))  # restores it and takes one more step
     assert int(state.step) == steps[-1] + 1
 
