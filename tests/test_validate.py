@@ -1,0 +1,166 @@
+"""Bad input fails fast with one message naming the fix (README "Reliability").
+
+Config keys, types, ranges and incompatible settings; command-line overrides; the tokenizer's
+<bkspc> id; an unwritable, full or foreign workdir; a missing asset. None of these builds a
+model: the checks run before anything expensive.
+"""
+
+import json
+import os
+import shutil
+from collections import namedtuple
+
+import ml_collections
+import pytest
+
+from configs import arithmetic, text
+from smatch_jax import assets, main, train, validate
+from smatch_jax.data.tokenizers import CharTokenizer
+from tests.test_train import tiny_config
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return tiny_config(tmp_path / "data")
+
+
+def _edited(c, key, value):
+    """`c` with `key` set to `value`, as a config loaded from JSON would have it (a
+    ConfigDict refuses a wrong type on assignment, a freshly built one does not)."""
+    d = c.to_dict()
+    section, _, field = key.rpartition(".")
+    (d[section] if section else d)[field] = value
+    return ml_collections.ConfigDict(d)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "loss.chi2coef",
+            0.5,
+            r"unknown config key 'loss.chi2coef'; did you mean 'loss.chi2_coef'",
+        ),
+        ("train.num_stepz", 5, r"did you mean 'train.num_steps'"),
+        ("train.num_steps", "100", r"train.num_steps='100' has type str; it must be of type int"),
+        ("noise.mask_noise_actions", 1, r"must be of type bool"),
+        ("loss.value_on", "mx", r"loss.value_on='mx' is unknown; choose one of \['mix', 'data'\]"),
+        ("model.preset", "huge", r"model.preset='huge' is unknown; choose one of"),
+        ("noise.rate", 1.5, r"noise.rate=1.5 is out of range; it must be in \[0.0, 1.0\]"),
+        ("train.batch_size", 0, r"train.batch_size=0 is out of range"),
+        ("data.train_size", 0, r"data.train_size=0 would make an empty split"),  # an empty dataset
+        ("train.model_rows", 0, r"loss.value_on='mix' needs rows sampled from the model"),
+        ("data.prompt_max", 96, r"data.prompt_max=96 leaves no room for actions"),
+        ("train.nonfinite", "ignore", r"train.nonfinite='ignore' is unknown"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_is_built(cfg, tmp_path, key, value, message):
+    with pytest.raises(validate.ConfigError, match=message):
+        train.train(_edited(cfg, key, value), str(tmp_path / "w"))
+    assert not (tmp_path / "data").exists()  # no dataset was built
+
+
+def test_offline_value_term_needs_no_model_rows(cfg):
+    cfg.train.model_rows, cfg.loss.value_on = 0, "data"
+    validate.check_config(cfg)  # compatible: no error
+
+
+def test_text_row_longer_than_seq_len_is_refused():
+    c = text.get_config("smoke")
+    c.data.seq_len = c.data.prompt_tokens + 1
+    with pytest.raises(validate.ConfigError, match=r"data.seq_len=\d+ is shorter than a text row"):
+        validate.check_config(c)
+
+
+def test_every_problem_is_reported_at_once(cfg):
+    cfg.train.batch_size, cfg.noise.rate = 0, -1.0
+    with pytest.raises(validate.ConfigError) as e:
+        validate.check_config(cfg)
+    assert "train.batch_size=0" in str(e.value) and "noise.rate=-1.0" in str(e.value)
+
+
+def test_command_line_override_typo_names_the_closest_key():
+    argv = ["--config=configs/arithmetic.py:smoke", "--workdir=/x", "--config.loss.chi2coef=0.5"]
+    with pytest.raises(SystemExit, match=r"did you mean 'loss.chi2_coef'"):
+        main.check_overrides(argv)
+    main.check_overrides([*argv[:2], "--config.loss.chi2_coef=0.5"])  # a known key passes
+
+
+def test_bkspc_id_inside_the_base_vocabulary_is_refused():
+    class Clash(CharTokenizer):
+        @property
+        def bkspc_id(self):
+            return 3  # an ordinary token's id
+
+    ok = CharTokenizer("0123456789+=")
+    validate.check_tokenizer(ok)
+    bad = Clash("0123456789+=")
+    with pytest.raises(validate.ConfigError, match=r"<bkspc> id 3 must be vocab_size=\d+"):
+        validate.check_tokenizer(bad)
+
+
+def test_missing_asset_names_the_fetch_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMATCH_JAX_ASSETS", str(tmp_path / "empty_cache"))
+    c = text.get_config("smoke")
+    c.data.data_dir = str(tmp_path / "data")
+    with pytest.raises(assets.AssetMissingError, match=r"python -m smatch_jax.assets fetch"):
+        train.train(c, str(tmp_path / "w"))
+
+
+def test_workdir_under_a_file_is_not_writable(cfg, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(validate.WorkdirError, match=r"is not writable.*choose another --workdir"):
+        train.train(cfg, str(tmp_path / "file" / "w"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_workdir_is_not_writable(cfg, tmp_path):
+    wd = tmp_path / "ro"
+    wd.mkdir()
+    wd.chmod(0o500)
+    try:
+        with pytest.raises(validate.WorkdirError, match="is not writable"):
+            train.train(cfg, str(wd))
+    finally:
+        wd.chmod(0o700)
+
+
+def test_too_little_free_space_is_refused(tmp_path, monkeypatch, caplog):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 20, 9 << 20, 1 << 20))
+    with pytest.raises(validate.WorkdirError, match=r"1.0 MB free but one checkpoint needs"):
+        validate.check_free_space(tmp_path, 2 << 20, keep=3)
+    validate.check_free_space(tmp_path, 300 << 10, keep=3)  # fits once, not keep + 1 times
+    assert "keeping 3 checkpoints" in caplog.text
+
+
+def test_workdir_of_another_config_is_refused_with_a_diff(cfg, tmp_path):
+    wd = tmp_path / "w"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(cfg.to_dict()))
+    other = tiny_config(tmp_path / "data")
+    other.loss.chi2_coef, other.seed = 0.5, 3
+    with pytest.raises(validate.WorkdirError) as e:
+        train.train(other, str(wd))
+    msg = str(e.value)
+    assert "loss.chi2_coef: 0.25 (workdir) -> 0.5 (now)" in msg and "seed: 0 (workdir) -> 3" in msg
+    assert "--force_resume" in msg and not (tmp_path / "data").exists()
+    # Forced: accepted, and the old config is kept next to the new one.
+    assert validate.prepare_workdir(wd, other.to_dict(), force=True)
+    assert json.loads((wd / "config.previous.json").read_text())["seed"] == 0
+
+
+def test_run_length_and_cadence_may_change_on_resume(cfg, tmp_path):
+    wd = tmp_path / "w"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(cfg.to_dict()))
+    longer = tiny_config(tmp_path / "data", num_steps=100, log_every=7, ckpt_every=9)
+    diff = validate.prepare_workdir(wd, longer.to_dict())
+    assert set(diff) == {"train.num_steps", "train.log_every", "train.ckpt_every"}
+
+
+def test_every_shipped_config_passes():
+    for v in arithmetic.VARIANTS:
+        validate.check_config(arithmetic.get_config(v))
+    for v in ("smoke", "mle", "mle_ul", "bc", "sm_chi2", "gpt2", "smollm2", "smoke,bc"):
+        validate.check_config(text.get_config(v))
