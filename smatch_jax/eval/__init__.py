@@ -1,1 +1,1 @@
-"""Evaluation: accuracy (and, with the evaluation issue, MAUVE, n-gram metrics, perplexity)."""
+"""Evaluation: arithmetic accuracy, MAUVE, featurizers, n-gram statistics and perplexity."""

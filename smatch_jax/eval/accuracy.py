@@ -24,6 +24,7 @@ class AccuracyResult:
     correct: np.ndarray  # bool [N]
     samples: str  # a few decoded generations, for the sample dump
     generations: list[str] = dataclasses.field(default_factory=list)  # text: every generation
+    generation_ids: list[list[int]] = dataclasses.field(default_factory=list)  # text, no eos
 
 
 def bootstrap_ci(correct: np.ndarray, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
@@ -122,7 +123,8 @@ def sample_text(
     n_show: int = 8,
 ) -> AccuracyResult:
     """Samples continuations (temperature 1) of the split's prompts: backspace statistics,
-    lengths and a text dump. MAUVE and n-gram metrics come with the evaluation module."""
+    lengths, token-level n-gram entropy / diversity / repetition of the final continuations
+    (after backspaces, eos removed) and a text dump. MAUVE and perplexity: `evaluate`."""
     tokens, prompt_len = np.asarray(split["tokens"]), np.asarray(split["prompt_len"])
     N = len(prompt_len)
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens)
@@ -152,9 +154,12 @@ def sample_text(
                 cont = tokenizer.decode(out.final[i, m[i] : out.final_length[i]].tolist())
                 lines.append(f"{q!r} -> {cont!r} ({int(out.n_bkspc[i])} backspaces)")
     bk = text_metrics.backspace_stats(rows, prompt_len, row_len, tokenizer.bkspc_id)
+    n_actions = sum(row_len) - int(prompt_len.sum())
     scalars = {
         "bkspc_per_sample": float(n_bk.mean()),
         "bkspc_sample_frac": float((n_bk > 0).mean()),
+        "bkspc_action_frac": float(n_bk.sum() / max(n_actions, 1)),  # of all actions taken
+        "deletions_per_sample": float((n_bk.sum() - bk["n_noop"]) / N),  # no-ops excluded
         "bkspc_mean_run_length": float(bk["mean_run_length"]),
         "mean_new_tokens": float(lens.mean()),
         "n": float(N),
@@ -165,4 +170,5 @@ def sample_text(
     scalars["repetition_rate"] = float(text_metrics.repetition_rate(gen))
     result = AccuracyResult(scalars, np.zeros(0, bool), "\n".join(lines))
     result.generations = [tokenizer.decode(g) for g in gen]  # final text, for MAUVE
+    result.generation_ids = gen
     return result
