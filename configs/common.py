@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.prompt_tokens = 0  # text: prompt length in tokens
     c.data.completion_tokens = 0  # text: continuation length in tokens
     c.data.max_files = 0  # text: read at most this many corpus files (0: all)
+    c.data.split_seed = -1  # text: seed of the document split and BPE (-1: the run's seed)
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny_llama"  # a key of MODEL_PRESETS

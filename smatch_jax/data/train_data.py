@@ -62,7 +62,7 @@ def build_train_data(
             prompt_tokens=d.prompt_tokens,
             completion_tokens=d.completion_tokens,
             max_files=d.max_files,
-            **common,
+            **{**common, "seed": _split_seed(config)},
         )
         eval_name = "validation"
     tok = builders.load_tokenizer(b)
@@ -97,3 +97,10 @@ def build_train_data(
     )
     rows = (train["tokens"], train["prompt_len"], train["length"])
     return TrainData(tok, rows, ev, prompt_max, it)
+
+
+def _split_seed(config: ml_collections.ConfigDict) -> int:
+    """Text: the seed of the document split and the trained BPE (`data.split_seed`, or the
+    run's seed when it is -1 or absent), so runs of several seeds can share one dataset."""
+    split_seed = config.data.get("split_seed", -1)
+    return config.seed if split_seed is None or split_seed < 0 else split_seed
