@@ -59,8 +59,9 @@ def make_featurizer(name: str, ref_model=None, tokenizer=None) -> CachedFeaturiz
 
     if name == "minilm":
         return CachedFeaturizer(featurizers.MiniLMFeaturizer(), "all-MiniLM-L6-v2 (mean-pooled)")
-    if name == "model":
-        fn = featurizers.ModelFeaturizer(ref_model, tokenizer, prepend_bos=False)
+    if name == "model":  # an empty continuation is featurised as the lone eos token
+        model_fn = featurizers.ModelFeaturizer(ref_model, tokenizer, prepend_bos=False)
+        fn = lambda texts: model_fn([tokenizer.encode(t) or [tokenizer.eos_id] for t in texts])
         return CachedFeaturizer(fn, "reference model, last-token final hidden state")
     raise ValueError(f"unknown featurizer {name!r}; use 'minilm' or 'model'")
 

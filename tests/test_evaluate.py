@@ -125,3 +125,13 @@ def test_text_report_has_mauve_perplexity_and_protocol():
         "the evaluated model itself"
     )
     assert "featurizer" in evaluate.summary_markdown({"step": 0, "task": "text", **a})
+
+
+def test_model_featurizer_handles_empty_continuations():
+    tok, _ = _char_setup()
+    feat = evaluate.make_featurizer("model", _model("llama"), tok)
+    out = feat(["", "abc", ""])
+    assert out.shape == (3, 32) and np.isfinite(out).all()
+    np.testing.assert_array_equal(out[0], out[2])
+    with pytest.raises(ValueError, match="unknown featurizer"):
+        evaluate.make_featurizer("gpt2")
