@@ -3,6 +3,7 @@
     python -m experiments.text              # pretrain once, fine-tune 4 methods x 2 seeds
     python -m experiments.text --seeds 1    # one seed
     python -m experiments.text --summarise_only
+    python -m experiments.text --reevaluate      # evaluate the finished runs again, then go on
 
 1. Pretrain (once): a 3-layer Llama-style model (`mini_llama`) with MLE on the Shakespeare
    corpus, a 1000-id BPE, 24-token prompts and 24-token continuations
@@ -61,6 +62,7 @@ COLUMNS = [  # (metric key, header, format)
     ("bkspc_action_frac", "`<bkspc>` rate", "{:.4f}"),
     ("deletions_per_sample", "deletions/sample", "{:.3f}"),
     ("mean_new_tokens", "length (tokens)", "{:.1f}"),
+    ("eos_frac", "ended with eos", "{:.2f}"),
 ]
 
 
@@ -107,6 +109,18 @@ def make_train_fn(pretrained: Path, data_dir: str, featurizer):
         return {**train_metrics, **evaluate_run(wd, pretrained, featurizer)}
 
     return train_fn
+
+
+def reevaluate(root: Path, runs: list[common.Run], pre_wd: Path, featurizer) -> None:
+    """Evaluates the pretrained model and every finished run again (after a change of the
+    evaluation code), keeping their training metrics and wall times."""
+    for wd in [pre_wd, *(root / r.name for r in runs)]:
+        out = wd / "result.json"
+        if out.exists():
+            print(f"re-evaluating {wd.name}", flush=True)
+            old = json.loads(out.read_text())
+            kept = {k: v for k, v in old.items() if not k.startswith("text/")}
+            out.write_text(json.dumps({**kept, **evaluate_run(wd, pre_wd, featurizer)}, indent=2))
 
 
 def _mauve_values(rs: list[dict]) -> list[float]:
@@ -263,6 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--summarise_only", action="store_true", help="no training: report the finished runs"
     )
+    ap.add_argument(
+        "--reevaluate", action="store_true", help="evaluate the finished runs again first"
+    )
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/text")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
@@ -274,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     featurizer = None if args.summarise_only else evaluate.make_featurizer("minilm")
     pre_wd = pretrain(root, data_dir, featurizer)
     runs = plan(args.seeds)
+    if args.reevaluate and not args.summarise_only:
+        reevaluate(root / "runs", runs, pre_wd, featurizer)
     train_fn = make_train_fn(pre_wd, data_dir, featurizer)
     results = common.run_all(runs, root / "runs", train_fn, train=not args.summarise_only)
     if not results:

@@ -1,5 +1,7 @@
 """experiments/text.py without training: the plan and the summary of a toy result list."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,22 @@ def test_summary_table_verdict_and_plot(tmp_path):
 def test_experiment_variants_load(variant):
     c = text_config.get_config(variant)
     assert c.model.preset == "mini_llama" and c.data.split_seed == 0
+
+
+def test_reevaluate_replaces_only_the_evaluation(tmp_path, monkeypatch):
+    runs = text.plan(seeds=1)[:2]
+    pre = tmp_path / "pretrain"
+    for wd in (pre, tmp_path / runs[0].name):  # the second run has not finished
+        wd.mkdir()
+        (wd / "result.json").write_text(json.dumps({"text/old": 0.0, "loss": 2.0, "wall_s": 3}))
+    seen = []
+
+    def fake_eval(wd, pre_wd, featurizer):
+        seen.append(wd.name)
+        return {"text/mauve": 0.5, "protocol": {"n": 1}}
+
+    monkeypatch.setattr(text, "evaluate_run", fake_eval)
+    text.reevaluate(tmp_path, runs, pre, featurizer=None)
+    assert seen == ["pretrain", runs[0].name]
+    got = json.loads((tmp_path / runs[0].name / "result.json").read_text())
+    assert got == {"loss": 2.0, "wall_s": 3, "text/mauve": 0.5, "protocol": {"n": 1}}

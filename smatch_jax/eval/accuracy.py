@@ -128,7 +128,7 @@ def sample_text(
     tokens, prompt_len = np.asarray(split["tokens"]), np.asarray(split["prompt_len"])
     N = len(prompt_len)
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens)
-    n_bk, lens, lines = np.zeros(N), np.zeros(N), []
+    n_bk, lens, ended, lines = np.zeros(N), np.zeros(N), np.zeros(N, bool), []
     gen, rows, row_len = [], [], []
     for start in range(0, N, batch_size):
         sl = slice(start, min(start + batch_size, N))
@@ -144,9 +144,9 @@ def sample_text(
         )
         for i, b in enumerate(range(sl.start, sl.stop)):
             n_bk[b] = out.n_bkspc[i]
-            lens[b] = out.final_length[i] - m[i]
             cont = out.final[i, m[i] : out.final_length[i]].tolist()
             gen.append(cont[:-1] if out.ended[i] else cont)
+            lens[b], ended[b] = len(gen[-1]), out.ended[i]
             rows.append(out.actions[i, : out.length[i]].tolist())
             row_len.append(int(out.length[i]))
             if len(lines) < n_show:
@@ -161,7 +161,8 @@ def sample_text(
         "bkspc_action_frac": float(n_bk.sum() / max(n_actions, 1)),  # of all actions taken
         "deletions_per_sample": float((n_bk.sum() - bk["n_noop"]) / N),  # no-ops excluded
         "bkspc_mean_run_length": float(bk["mean_run_length"]),
-        "mean_new_tokens": float(lens.mean()),
+        "mean_new_tokens": float(lens.mean()),  # final continuation, eos not counted
+        "eos_frac": float(ended.mean()),  # continuations that ended with eos
         "n": float(N),
     }
     for n in (1, 2, 3):
