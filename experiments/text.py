@@ -262,7 +262,7 @@ def _plot(by: dict[str, list[dict]], pre: dict, path: Path) -> None:
     a2.bar(x, [np.mean(v) for v in ppl], yerr=[np.std(v) for v in ppl], capsize=4, color="C1")
     a2.axhline(pre["text/ppl_reference"], ls="--", c="gray", label="data continuations")
     a2.set_yscale("log")
-    a2.set_ylabel("perplexity of generations under the pretrained model (log)")
+    a2.set_ylabel("perplexity under the pretrained model")
     for a in (a1, a2):
         a.set_xticks(x, labels, fontsize=7)
         a.legend(fontsize=7)
