@@ -98,10 +98,18 @@ def masked_attention(
     return out_BxTxKxGxD.reshape(B, T, H, D)
 
 
-def _write_rows(cache_BxSxKxD: jax.Array, new_BxNxKxD: jax.Array, index_B: jax.Array) -> jax.Array:
-    """Writes row b of `new` into slots [index[b], index[b] + N) of row b of `cache`."""
-    write = lambda c, n, i: jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (i, 0, 0))
-    return jax.vmap(write)(cache_BxSxKxD, new_BxNxKxD, index_B)
+def _write_rows(
+    cache_LxBxSxKxD: jax.Array, layer: int, new_BxNxKxD: jax.Array, index_B: jax.Array
+) -> jax.Array:
+    """Writes row b of `new` into slots [index[b], index[b] + N) of row b of cache layer `layer`.
+
+    Only the new slots are written, into the stacked cache of all layers: inside the sampler's
+    while_loop XLA updates the buffer in place instead of copying the cache every step.
+    """
+    write = lambda c, n, i: jax.lax.dynamic_update_slice(
+        c, n[None].astype(c.dtype), (layer, i, 0, 0)
+    )
+    return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(cache_LxBxSxKxD, new_BxNxKxD, index_B)
 
 
 def _linear(config: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float) -> nnx.Linear:
@@ -147,8 +155,13 @@ class Attention(nnx.Module):
         mask_BxTxS: jax.Array,
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
+        layer: int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Without a cache S = T (self-attention over x); with one, writes K/V then attends."""
+        """Without a cache S = T (self-attention over x); with one, writes K/V then attends.
+
+        `cache_kv` is the (k, v) pair of the whole stacked cache [L, B, S, K, D]; this block's
+        K/V go to `layer`, and the updated pair is returned.
+        """
         cfg = self.config
         B, T, _ = x_BxTxD.shape
         q_BxTxHxD = self.q_proj(x_BxTxD).reshape(B, T, cfg.n_heads, cfg.head_dim)
@@ -159,9 +172,11 @@ class Attention(nnx.Module):
             k_BxTxKxD = rope_rotate(k_BxTxKxD, positions_BxT, cfg.rope_theta)
         new_cache_kv = None
         if cache_kv is not None:
-            k_BxTxKxD = _write_rows(cache_kv[0], k_BxTxKxD, cache_index_B)
-            v_BxTxKxD = _write_rows(cache_kv[1], v_BxTxKxD, cache_index_B)
-            new_cache_kv = (k_BxTxKxD, v_BxTxKxD)  # now [B, S, K, D]
+            new_cache_kv = tuple(
+                _write_rows(c, layer, new, cache_index_B)
+                for c, new in zip(cache_kv, (k_BxTxKxD, v_BxTxKxD), strict=True)
+            )
+            k_BxTxKxD, v_BxTxKxD = new_cache_kv[0][layer], new_cache_kv[1][layer]  # [B, S, K, D]
         out_BxTxHxD = masked_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxS)
         out_BxTxD = self.o_proj(out_BxTxHxD.reshape(B, T, cfg.n_heads * cfg.head_dim))
         return out_BxTxD, new_cache_kv
@@ -202,9 +217,10 @@ class Block(nnx.Module):
         mask_BxTxS: jax.Array,
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
+        layer: int = 0,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_BxTxD, new_cache_kv = self.attn(
-            self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache_kv, cache_index_B
+            self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache_kv, cache_index_B, layer
         )
         x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
@@ -285,18 +301,12 @@ class Transformer(nnx.Module):
         tokens' own slots). The module is not mutated.
         """
         x_BxKxD = self.embed(input_ids_BxK, positions_BxK)
-        new_k, new_v = [], []
+        kv = (cache.k, cache.v)
         for layer, block in enumerate(self.blocks):
-            x_BxKxD, (k_BxSxHxD, v_BxSxHxD) = block(
-                x_BxKxD,
-                positions_BxK,
-                attn_mask_BxKxS,
-                (cache.k[layer], cache.v[layer]),
-                cache_index_B,
+            x_BxKxD, kv = block(
+                x_BxKxD, positions_BxK, attn_mask_BxKxS, kv, cache_index_B, layer=layer
             )
-            new_k.append(k_BxSxHxD)
-            new_v.append(v_BxSxHxD)
-        return self._logits(x_BxKxD), KVCache(k=jnp.stack(new_k), v=jnp.stack(new_v))
+        return self._logits(x_BxKxD), KVCache(k=kv[0], v=kv[1])
 
     def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
         h_BxTxD = self.final_norm(x_BxTxD)
