@@ -103,13 +103,16 @@ def _write_rows(
 ) -> jax.Array:
     """Writes row b of `new` into slots [index[b], index[b] + N) of row b of cache layer `layer`.
 
-    Only the new slots are written, into the stacked cache of all layers: inside the sampler's
-    while_loop XLA updates the buffer in place instead of copying the cache every step.
+    One scatter of the new slots into the stacked cache of all layers, so that inside the
+    sampler's while_loop XLA updates the buffer in place (no per-step copy or transpose of the
+    cache). Starts are clamped to [0, S - N] like `lax.dynamic_update_slice`.
     """
-    write = lambda c, n, i: jax.lax.dynamic_update_slice(
-        c, n[None].astype(c.dtype), (layer, i, 0, 0)
+    B, S = cache_LxBxSxKxD.shape[1:3]
+    N = new_BxNxKxD.shape[1]
+    slots_BxN = jnp.clip(index_B, 0, S - N)[:, None] + jnp.arange(N)
+    return cache_LxBxSxKxD.at[layer, jnp.arange(B)[:, None], slots_BxN].set(
+        new_BxNxKxD.astype(cache_LxBxSxKxD.dtype), indices_are_sorted=True, unique_indices=True
     )
-    return jax.vmap(write, in_axes=(1, 0, 0), out_axes=1)(cache_LxBxSxKxD, new_BxNxKxD, index_B)
 
 
 def _linear(config: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float) -> nnx.Linear:
