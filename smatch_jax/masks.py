@@ -13,6 +13,14 @@ produce, at every position `k`, the logits of the state *after* action `k`:
 `S` is a stack of input positions making up the current state. Both functions walk it with a
 `lax.scan` over positions, vmapped over rows, so they are jit-able and shared by training and
 sampling (the sampler runs the same stack online).
+
+`backspace_layout(..., method="parallel")` computes the same layout without a sequential loop:
+every action writes stack slot `d_k - 1`, where `d_k` is the state length after action `k` (a
++1/-1 walk reflected at the prompt length: one cumulative sum and one cumulative min);
+position `k'` stays in the state until the first later action `j` with `d_j <= d_k'`, and a
+`<bkspc>` at `k` copies the id of the last token action `j < k` with `d_j = d_k`. Those are
+[B, T, T] comparisons and reductions. On CPU the scan is faster (benchmarks/RESULTS.md); the
+parallel form avoids T sequential steps on accelerators.
 """
 
 from __future__ import annotations
@@ -104,7 +112,12 @@ def _check_shapes(tokens: jax.Array, prompt_len: jax.Array, length: jax.Array) -
 
 
 def backspace_layout(
-    tokens: jax.Array, prompt_len: jax.Array, length: jax.Array, *, bkspc_id: int
+    tokens: jax.Array,
+    prompt_len: jax.Array,
+    length: jax.Array,
+    *,
+    bkspc_id: int,
+    method: str = "scan",
 ) -> Layout:
     """The one-pass layout of SPEC 3 for rows `tokens` [B, T].
 
@@ -113,6 +126,7 @@ def backspace_layout(
       prompt_len: int32 [B], `m >= 1`.
       length: int32 [B], `n` with `m <= n <= T`.
       bkspc_id: id of the `<bkspc>` action (the base vocabulary size `V`).
+      method: "scan" (the stack walk) or "parallel" (no sequential loop); identical results.
 
     Returns:
       `Layout(input_ids, positions, attn_mask)`. Position `k < n` represents the state after
@@ -123,8 +137,51 @@ def backspace_layout(
     prompt_len = jnp.asarray(prompt_len, jnp.int32)
     length = jnp.asarray(length, jnp.int32)
     _check_shapes(tokens, prompt_len, length)
-    walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id, True))(tokens, prompt_len, length)
-    return Layout(walk.input_ids, walk.positions, walk.mask_rows)
+    if method == "scan":
+        walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id, True))(
+            tokens, prompt_len, length
+        )
+        return Layout(walk.input_ids, walk.positions, walk.mask_rows)
+    if method != "parallel":
+        raise ValueError(f"method={method!r}; use 'scan' or 'parallel'")
+    return _parallel_layout(tokens, prompt_len, length, bkspc_id)
+
+
+def _parallel_layout(tokens, prompt_len, length, bkspc_id: int) -> Layout:
+    """`backspace_layout` by [B, T, T] comparisons instead of a walk (module docstring)."""
+    T = tokens.shape[1]
+    k_1xT = jnp.arange(T, dtype=jnp.int32)[None, :]
+    m_Bx1, n_Bx1 = prompt_len[:, None], length[:, None]
+    valid_BxT = k_1xT < n_Bx1
+    action_BxT = valid_BxT & (k_1xT >= m_Bx1)
+    is_bk_BxT = action_BxT & (tokens == bkspc_id)
+    is_tok_BxT = valid_BxT & ~is_bk_BxT
+    depth_BxT = _state_lengths(is_bk_BxT, action_BxT, k_1xT, m_Bx1)
+
+    # Position k' leaves the state at the first later action j (< n) with depth_j <= depth_k'.
+    later_BxKxJ = (k_1xT[:, None, :] > k_1xT[:, :, None]) & valid_BxT[:, None, :]
+    leaves_BxKxJ = later_BxKxJ & (depth_BxT[:, None, :] <= depth_BxT[:, :, None])
+    end_BxT = jnp.min(jnp.where(leaves_BxKxJ, k_1xT[:, None, :], T), axis=-1)
+    q_Tx1, kk_1xT = k_1xT[0][:, None], k_1xT[0][None, :]
+    in_state_BxQxK = (kk_1xT <= q_Tx1)[None] & (q_Tx1[None] < end_BxT[:, None, :])
+    mask_BxQxK = jnp.where(valid_BxT[:, :, None], in_state_BxQxK, (kk_1xT == q_Tx1)[None])
+
+    # A <bkspc> at k feeds the id of the last token action j < k at its new depth.
+    same_BxKxJ = (depth_BxT[:, None, :] == depth_BxT[:, :, None]) & is_tok_BxT[:, None, :]
+    earlier_BxKxJ = same_BxKxJ & (k_1xT[:, None, :] < k_1xT[:, :, None])
+    src_BxT = jnp.max(jnp.where(earlier_BxKxJ, k_1xT[:, None, :], 0), axis=-1)
+    ids_BxT = jnp.where(is_bk_BxT, jnp.take_along_axis(tokens, src_BxT, axis=1), tokens)
+    positions_BxT = jnp.where(valid_BxT, depth_BxT - 1, 0)
+    return Layout(ids_BxT, positions_BxT, mask_BxQxK)
+
+
+def _state_lengths(is_bk_BxT, action_BxT, k_1xT, m_Bx1):
+    """[B, T] state length after each action: k + 1 in the prompt, then a +1 / -1 walk that
+    stays at the prompt length when a `<bkspc>` meets the prompt (the walk reflected at m)."""
+    step_BxT = jnp.where(action_BxT, jnp.where(is_bk_BxT, -1, 1), 0)
+    free_BxT = m_Bx1 + jnp.cumsum(step_BxT, axis=1)  # without the floor at m
+    below_BxT = jax.lax.cummin(free_BxT - m_Bx1, axis=1)
+    return jnp.where(k_1xT < m_Bx1, k_1xT + 1, free_BxT - jnp.minimum(below_BxT, 0))
 
 
 def apply_backspaces(

@@ -103,6 +103,20 @@ def test_layout_matches_reference(batch):
     _check(batch)
 
 
+@functools.cache
+def _parallel():
+    return jax.jit(functools.partial(masks.backspace_layout, bkspc_id=BK, method="parallel"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(rows(), min_size=4, max_size=4))
+def test_parallel_layout_equals_the_scan(batch):
+    tokens, m, n = (np.array([r[i] for r in batch], np.int32) for i in range(3))
+    want, got = _jitted()[0](tokens, m, n), _parallel()(tokens, m, n)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_check_rows_messages():
     ok = np.array([[1, 2, BK, 0]]), np.array([1]), np.array([3])
     masks.check_rows(*ok, n_actions=BK + 1)
