@@ -43,24 +43,24 @@ class Layout(NamedTuple):
 class _Walk(NamedTuple):
     input_ids: jax.Array  # [T]
     positions: jax.Array  # [T]
-    mask_rows: jax.Array | None  # [T, T] or None
+    leave: jax.Array  # [T] step at which each position left the state (T: never)
     stack: jax.Array  # [T] input positions of the final state, first `size` entries valid
     size: jax.Array  # [] final state length
 
 
 def _walk_row(
-    tokens_T: jax.Array,
-    prompt_len: jax.Array,
-    length: jax.Array,
-    bkspc_id: int,
-    with_mask: bool,
+    tokens_T: jax.Array, prompt_len: jax.Array, length: jax.Array, bkspc_id: int
 ) -> _Walk:
-    """Runs the SPEC 3 stack over one row."""
+    """Runs the SPEC 3 stack over one row.
+
+    Each step only writes single entries (ids, positions, the stack, leave times), so the loop
+    body is a handful of scalar updates; the [T, T] mask follows from the leave times
+    (`_mask_from_leave`) outside the loop.
+    """
     T = tokens_T.shape[0]
-    idx_T = jnp.arange(T, dtype=jnp.int32)
 
     def step(carry, k):
-        ids_T, pos_T, in_state_T, stack_T, size = carry
+        ids_T, pos_T, leave_T, stack_T, size = carry
         tok = tokens_T[k]
         valid = k < length
         is_bk = valid & (k >= prompt_len) & (tok == bkspc_id)
@@ -75,30 +75,35 @@ def _walk_row(
         new_pos = jnp.where(is_bk, pos_T[top], jnp.where(is_tok, size, 0))
         ids_T = ids_T.at[k].set(jnp.where(valid, new_id, tok))
         pos_T = pos_T.at[k].set(new_pos)
-
-        # State membership: tokens push k; backspaces drop `deleted` (if popped) and swap
-        # `top` for k.
-        drop_del = pops & (idx_T == deleted)
-        drop_top = is_bk & (idx_T == top)
-        in_state_T = (in_state_T & ~drop_del & ~drop_top) | (valid & (idx_T == k))
-        stack_T = jnp.where(
-            is_tok,
-            stack_T.at[size].set(k, mode="drop"),
-            jnp.where(is_bk, stack_T.at[size_after_pop - 1].set(k), stack_T),
-        )
+        # A popped token leaves the state at k; a backspace also swaps `top` out for k.
+        leave_T = leave_T.at[jnp.where(pops, deleted, T)].set(k, mode="drop")
+        leave_T = leave_T.at[jnp.where(is_bk, top, T)].set(k, mode="drop")
+        slot = jnp.where(is_tok, size, jnp.where(is_bk, size_after_pop - 1, T))
+        stack_T = stack_T.at[slot].set(k, mode="drop")
         size = jnp.where(is_tok, size + 1, size_after_pop)
-        row = jnp.where(valid, in_state_T, idx_T == k) if with_mask else None
-        return (ids_T, pos_T, in_state_T, stack_T, size), row
+        return (ids_T, pos_T, leave_T, stack_T, size), None
 
     init = (
         jnp.zeros((T,), jnp.int32),
         jnp.zeros((T,), jnp.int32),
-        jnp.zeros((T,), bool),
+        jnp.full((T,), T, jnp.int32),
         jnp.zeros((T,), jnp.int32),
         jnp.zeros((), jnp.int32),
     )
-    (ids_T, pos_T, _, stack_T, size), rows = jax.lax.scan(step, init, idx_T)
-    return _Walk(ids_T, pos_T, rows, stack_T, size)
+    idx_T = jnp.arange(T, dtype=jnp.int32)
+    (ids_T, pos_T, leave_T, stack_T, size), _ = jax.lax.scan(step, init, idx_T)
+    return _Walk(ids_T, pos_T, leave_T, stack_T, size)
+
+
+def _mask_from_leave(leave_BxT: jax.Array, length: jax.Array) -> jax.Array:
+    """[B, T, T] mask: position k is in the state after action q iff k <= q < leave[k];
+    padding queries (q >= n) attend to themselves only."""
+    T = leave_BxT.shape[1]
+    q_Tx1 = jnp.arange(T, dtype=jnp.int32)[:, None]
+    k_1xT = q_Tx1.T
+    in_state_BxQxK = (k_1xT <= q_Tx1)[None] & (q_Tx1[None] < leave_BxT[:, None, :])
+    valid_Bx1x1 = q_Tx1[None] < length[:, None, None]
+    return jnp.where(valid_Bx1x1, in_state_BxQxK, (k_1xT == q_Tx1)[None])
 
 
 def _check_shapes(tokens: jax.Array, prompt_len: jax.Array, length: jax.Array) -> None:
@@ -138,10 +143,8 @@ def backspace_layout(
     length = jnp.asarray(length, jnp.int32)
     _check_shapes(tokens, prompt_len, length)
     if method == "scan":
-        walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id, True))(
-            tokens, prompt_len, length
-        )
-        return Layout(walk.input_ids, walk.positions, walk.mask_rows)
+        walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id))(tokens, prompt_len, length)
+        return Layout(walk.input_ids, walk.positions, _mask_from_leave(walk.leave, length))
     if method != "parallel":
         raise ValueError(f"method={method!r}; use 'scan' or 'parallel'")
     return _parallel_layout(tokens, prompt_len, length, bkspc_id)
@@ -201,7 +204,7 @@ def apply_backspaces(
     prompt_len = jnp.asarray(prompt_len, jnp.int32)
     length = jnp.asarray(length, jnp.int32)
     _check_shapes(tokens, prompt_len, length)
-    walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id, False))(tokens, prompt_len, length)
+    walk = jax.vmap(lambda t, m, n: _walk_row(t, m, n, bkspc_id))(tokens, prompt_len, length)
     T = tokens.shape[1]
     # The layout's input id at a stack entry is the id of that state token.
     final = jnp.take_along_axis(walk.input_ids, walk.stack, axis=1)
