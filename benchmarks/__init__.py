@@ -1,0 +1,1 @@
+"""Benchmarks of smatch_jax: side-by-side ratios (`python -m benchmarks.run`); see RESULTS.md."""
