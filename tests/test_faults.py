@@ -119,8 +119,15 @@ def _records(wd):
 
 
 def _last_logged(wd):
+    """The last step in metrics.jsonl; a line the run is writing at this moment is skipped
+    (polled while the run is alive: a read can see the first part of a line)."""
     path = Path(wd) / "metrics.jsonl"
-    steps = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            steps.append(json.loads(line)["step"])
+        except json.JSONDecodeError:
+            continue
     return max(steps, default=0)
 
 
