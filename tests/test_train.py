@@ -90,10 +90,12 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_0(data_dir, tmp_path):
         "--config.train.log_every=1",
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (wd / "metrics.jsonl").exists():
+    # The first logged step means the loop runs (metrics.jsonl itself is created earlier, before
+    # the preemption handler is installed, while a SIGTERM still ends the process at once).
+    deadline, metrics_file = time.time() + 240, wd / "metrics.jsonl"
+    while time.time() < deadline and not (metrics_file.exists() and metrics_file.read_text()):
         time.sleep(0.5)
-    assert (wd / "metrics.jsonl").exists(), proc.communicate(timeout=30)[0].decode()[-3000:]
+    assert metrics_file.exists(), proc.communicate(timeout=30)[0].decode()[-3000:]
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 0, out[-3000:]
