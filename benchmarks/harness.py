@@ -69,7 +69,7 @@ def make_optimizer() -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, b1=0.9, b2=0.98))
 
 
-def synthetic_rows(size: Size, seed: int = 0, p_bkspc: float = 0.1, pad_id: int = 0):
+def synthetic_rows(size: Size, seed: int = 0, p_bkspc: float = 0.1):
     """Full rows [B, T]: a prompt of T/4 tokens, then actions with `<bkspc>` at rate p_bkspc.
 
     Returns numpy `(tokens_with_bkspc, tokens_plain, prompt_len, length)`; the plain rows
@@ -82,7 +82,6 @@ def synthetic_rows(size: Size, seed: int = 0, p_bkspc: float = 0.1, pad_id: int 
     n = np.full(B, T, np.int32)
     bk = (rng.random((B, T)) < p_bkspc) & (np.arange(T)[None] >= m[:, None])
     tokens = np.where(bk, V, plain).astype(np.int32)
-    del pad_id
     return tokens, plain, m, n
 
 

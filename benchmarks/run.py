@@ -13,13 +13,13 @@ import dataclasses
 import json
 import os
 import platform
-import subprocess
 import time
 
 import jax
 
 from benchmarks import figures, scaling
 from benchmarks import harness as h
+from experiments.common import git_revision
 
 PROFILES = {
     "quick": dict(
@@ -39,15 +39,6 @@ DEFAULT_SAMPLE_EVERY = 10  # configs/common.py sampling.sample_every
 
 
 def machine() -> dict:
-    def git_rev():
-        try:
-            out = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-            )
-            return out.stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
     dev = jax.devices()[0]
     return {
         "platform": dev.platform,
@@ -57,7 +48,7 @@ def machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "load_avg_1m": os.getloadavg()[0],
         "jax": jax.__version__,
-        "git": git_rev(),
+        "git": git_revision(),
     }
 
 
