@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # where prepared datasets live ('' = $SMATCH_JAX_DATA or default)
     c.data.train_size = 0  # training examples
     c.data.test_size = 0  # evaluation examples
+    c.data.validation_size = 500  # arithmetic: questions of the validation split
+    c.data.eval_split = ""  # split evaluated during training ('': test for arithmetic,
+    # validation for text); arithmetic experiments choose settings on 'validation'
     c.data.difficulty = ""  # task-specific difficulty (arithmetic: of the train split)
     c.data.test_difficulty = ""  # arithmetic: of the test split ('': 'interpolate')
     c.data.seq_len = 0  # T, row length including noise and backspaces
@@ -75,6 +78,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.gamma = 0.998  # discount
     c.loss.chi2_coef = 0.25  # c, weight of the r^2 term
     c.loss.value_on = "mix"  # 'mix' (on-policy rows) or 'data' (offline)
+    # Revision 2 of the objective (docs/method.md 2.7); each option is ablated in
+    # experiments/results/arithmetic_objective.md.
+    c.loss.temperature = 1.0  # alpha: Q = alpha * logits, the objective divided by alpha
+    c.loss.terminal = "zero"  # V after eos: 'zero' or 'bootstrap' (read at the eos position)
+    c.loss.masked_actions = "unrewarded"  # weight-0 (noise) actions: 'unrewarded' | 'environment'
+    c.loss.normalize = "token"  # expectations per 'token' (action count) or per 'row' (episode)
+    c.loss.truncated_weight = 1.0  # row weight of model rows cut off before eos [ours]
     c.loss.clamp_margin = 1e-3  # js/hellinger domain clamp margin [ours]
     c.loss.unlikelihood_weight = 0.0  # token-level unlikelihood weight (the MLE + UL baseline)
 

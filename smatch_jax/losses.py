@@ -1,14 +1,20 @@
-"""SequenceMatch and behavioural-cloning losses (SPEC 2): pure functions of logits and tokens.
+"""SequenceMatch and behavioural-cloning losses (docs/method.md section 2): pure functions of
+logits and tokens.
 
-The logits are soft Q-values: at the position `j` representing state `s`, `Q(s, a) = l_j[a]`,
-`V(s) = logsumexp(l_j)` and `pi = softmax(l_j)`. Action `t` of a row (`m <= t < n`, `a =
-tokens[t]`) moves the state represented at `j = t - 1` to the one represented at `t`, so
+The logits are soft Q-values at temperature `alpha` (section 2.7): at the position `j`
+representing state `s`, `Q(s, a) = alpha * l_j[a]`, `V(s) = alpha * logsumexp(l_j)` and
+`pi = softmax(l_j)`. Action `t` of a row (`m <= t < n`, `a = tokens[t]`) moves the state
+represented at `j = t - 1` to the one represented at `t`, so
 
-    r = l_{t-1}[a] - gamma * V(s_t),   V(s_t) = 0 when a == eos (terminal),
+    r = Q(s, a) - gamma * V(s'),   V(s') = 0 after eos unless terminal='bootstrap',
 
-with discount `w = gamma ** (t - m)`. Expectations are global token means per group (`data`
-rows vs `model` rows), never per-row means. Everything here is model-agnostic: `logits` are
-whatever the model produced on the backspace layout of `tokens` (masks.py).
+with discount `w = gamma ** k` (`k`: the actions of the episode before this one). The options
+of revision 2 (`temperature`, `terminal`, `masked_actions`, `normalize`, and
+`truncated_weight` for model rows cut off before eos) each keep their revision-1 value as the
+keyword default. Expectations are per group (`data` rows vs `model` rows): global token means
+(`normalize='token'`) or per-episode means (`'row'`), never per-row means. Everything here is
+model-agnostic: `logits` are whatever the model produced on the backspace layout of `tokens`
+(masks.py).
 
 All per-action arrays use the *state* frame: index `j` in `[0, T-1)` stands for the action
 `tokens[:, j + 1]` taken from the state at position `j`.
@@ -19,26 +25,35 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 DIVERGENCES = ("chi2_mix", "chi2", "kl", "js", "hellinger")
 VALUE_ON = ("mix", "data")
+TERMINAL = ("zero", "bootstrap")
+MASKED_ACTIONS = ("unrewarded", "environment")
+NORMALIZE = ("token", "row")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"loss.{name}={value!r} is unknown; choose one of {list(choices)}")
 
 
 class Actions(NamedTuple):
-    """Per-action quantities of SPEC 2.2, in the state frame ([B, T-1] each)."""
+    """Per-action quantities of section 2.2, in the state frame ([B, T-1] each)."""
 
-    valid: jax.Array  # bool: tokens[:, j+1] is an action of the episode
-    q: jax.Array  # Q(s, a)
-    v: jax.Array  # V(s) = logsumexp(l_j)
-    v_next: jax.Array  # V(s') or 0 after eos
-    log_pi: jax.Array  # log pi(a | s)
+    valid: jax.Array  # bool: tokens[:, j+1] is an agent action of the episode
+    q: jax.Array  # Q(s, a) = alpha * l[a]
+    v: jax.Array  # V(s) = alpha * logsumexp(l_j)
+    v_next: jax.Array  # V(s'), 0 after eos under terminal='zero'
+    log_pi: jax.Array  # log pi(a | s) (independent of alpha)
     pi_bkspc: jax.Array  # pi(<bkspc> | s)
-    discount: jax.Array  # gamma ** (i - 1)
+    discount: jax.Array  # gamma ** (agent actions before this one)
     weight: jax.Array  # action weight aw (0 for masked noise actions)
+    ended: jax.Array  # bool [B]: the episode ends with an eos action
 
 
 def action_valid(tokens: jax.Array, prompt_len: jax.Array, length: jax.Array, eos_id: int):
@@ -55,6 +70,22 @@ def action_valid(tokens: jax.Array, prompt_len: jax.Array, length: jax.Array, eo
     return in_range & (eos_before == 0)
 
 
+def _after_environment(env: jax.Array) -> jax.Array:
+    """[B, T-1] int: for the action in state frame `j`, the position whose state follows it
+    once the environment's actions right after it have run (`env`: [B, T-1] bool, state frame).
+
+    Without environment actions that is `j + 1`; with a run of them at `j + 2 ..`, the last
+    position of the run. Position `u` is "not environment" when `u == 0` or `~env[:, u-1]`;
+    the answer is (first such `u > j + 1`) - 1, with `T` standing in when there is none.
+    """
+    B, J = env.shape
+    T = J + 1
+    pos = jnp.broadcast_to(jnp.arange(T + 1), (B, T + 1))
+    is_env = jnp.pad(env, ((0, 0), (1, 1)))  # position u (0..T), False at 0 and at T
+    first_free = jax.lax.cummin(jnp.where(is_env, T, pos), axis=1, reverse=True)
+    return first_free[:, 2:] - 1
+
+
 def per_action(
     logits: jax.Array,
     tokens: jax.Array,
@@ -64,30 +95,59 @@ def per_action(
     eos_id: int,
     gamma: float,
     action_weight: jax.Array | None = None,
+    temperature: float = 1.0,
+    terminal: str = "zero",
+    masked_actions: str = "unrewarded",
 ) -> Actions:
-    """SPEC 2.2 for every action of every row. Gradients flow through q, v and v_next."""
+    """Section 2.2 (with the options of 2.7) for every action of every row.
+
+    Under `masked_actions='environment'` an action of weight 0 is the environment's: it is not
+    `valid` (enters no term), the agent action before a run of them reads `v_next` at the end
+    of the run, and the discount counts agent actions only. Gradients flow through q, v and
+    v_next.
+    """
+    _check_choice("terminal", terminal, TERMINAL)
+    _check_choice("masked_actions", masked_actions, MASKED_ACTIONS)
     logits = logits.astype(jnp.float32)
     tokens = tokens.astype(jnp.int32)
     prompt_len = prompt_len.astype(jnp.int32)
     length = length.astype(jnp.int32)
     a_BxJ = tokens[:, 1:]
-    valid = action_valid(tokens, prompt_len, length, eos_id)
+    in_episode = action_valid(tokens, prompt_len, length, eos_id)
+    is_eos = in_episode & (a_BxJ == eos_id)
+    ended = jnp.any(is_eos, axis=1)
+    if action_weight is None:
+        weight = jnp.ones(a_BxJ.shape, jnp.float32)
+    else:
+        weight = action_weight[:, 1:].astype(jnp.float32)
+    if masked_actions == "environment":
+        env = in_episode & (weight == 0)
+        valid = in_episode & ~env
+        steps = jnp.cumsum(valid, axis=1) - valid  # agent actions before this one
+        nxt = _after_environment(env)
+    else:
+        valid = in_episode
+        steps = jnp.arange(1, tokens.shape[1])[None, :] - prompt_len[:, None]
+        nxt = None
     lse_BxT = jax.nn.logsumexp(logits, axis=-1)
     # Zero every quantity outside the episode *before* any nonlinearity: garbage logits at
     # padding (-inf, or huge) would otherwise give 0 * inf = NaN in the backward pass.
     q = jnp.take_along_axis(logits[:, :-1], a_BxJ[..., None], axis=-1)[..., 0]
     q = jnp.where(valid, q, 0.0)
     v = jnp.where(valid, lse_BxT[:, :-1], 0.0)
-    v_next = jnp.where(valid & (a_BxJ != eos_id), lse_BxT[:, 1:], 0.0)
-    steps = jnp.arange(1, tokens.shape[1])[None, :] - prompt_len[:, None]  # i - 1
+    lse_next = lse_BxT[:, 1:] if nxt is None else jnp.take_along_axis(lse_BxT, nxt, axis=1)
+    reads_next = valid if terminal == "bootstrap" else valid & (a_BxJ != eos_id)
+    v_next = jnp.where(reads_next, lse_next, 0.0)
     discount = jnp.where(valid, jnp.float32(gamma) ** jnp.maximum(steps, 0), 0.0)
     pi_bkspc = jnp.where(valid, jnp.exp(logits[:, :-1, -1] - v), 0.0)
-    weight = jnp.ones_like(q) if action_weight is None else action_weight[:, 1:].astype(jnp.float32)
-    return Actions(valid, q, v, v_next, q - v, pi_bkspc, discount, weight)
+    alpha = jnp.float32(temperature)
+    return Actions(
+        valid, alpha * q, alpha * v, alpha * v_next, q - v, pi_bkspc, discount, weight, ended
+    )
 
 
 def _phi(divergence: str, r: jax.Array, clamp_margin: float) -> tuple[jax.Array, jax.Array]:
-    """phi(r) of SPEC 2.4 and a bool array of where r was clamped into phi's domain."""
+    """phi(r) of section 2.4 and a bool array of where r was clamped into phi's domain."""
     if divergence in ("chi2_mix", "chi2"):
         return r, jnp.zeros(r.shape, bool)
     if divergence == "kl":
@@ -104,6 +164,13 @@ def _group_mean(f, weight, group, n_group):
     return jnp.sum(jnp.where(group, weight * f, 0.0)) / jnp.maximum(n_group, 1e-9)
 
 
+def _group_count(rw, group, normalize: str):
+    """N_G: the group's (row-weighted) action count, or its count of rows with an action."""
+    if normalize == "row":
+        return jnp.sum(jnp.where(jnp.any(group, axis=1), rw, 0.0))
+    return jnp.sum(jnp.where(group, rw[:, None], 0.0))
+
+
 def sequence_match_loss(
     logits: jax.Array,
     tokens: jax.Array,
@@ -116,11 +183,16 @@ def sequence_match_loss(
     gamma: float = 0.998,
     chi2_coef: float = 0.25,
     value_on: str = "mix",
+    temperature: float = 1.0,
+    terminal: str = "zero",
+    masked_actions: str = "unrewarded",
+    normalize: str = "token",
+    truncated_weight: float = 1.0,
     action_weight: jax.Array | None = None,
     row_weight: jax.Array | None = None,
     clamp_margin: float = 1e-3,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The SequenceMatch objective of SPEC 2.4 (to be minimised) and its diagnostics.
+    """The SequenceMatch objective of section 2.4 (to be minimised) and its diagnostics.
 
     Args:
       logits: [B, T, V+1] model outputs at the backspace-layout positions of `tokens`.
@@ -132,18 +204,27 @@ def sequence_match_loss(
       gamma: discount.
       chi2_coef: `c`, weight of the `r^2` term (chi2 variants only).
       value_on: `mix` (needs model rows; falls back to data when a batch has none) or `data`.
+      temperature: alpha > 0. Q and V are alpha times the logits' values and the objective is
+        divided by alpha: the linear terms keep their scale, the r^2 term is
+        `c * alpha * (l[a] - gamma * lse(l'))^2` (2.7). 1 is revision 1.
+      terminal: `zero` (V after eos is 0) or `bootstrap` (read at the eos position).
+      masked_actions: `unrewarded` (an action of weight 0 keeps its value term) or
+        `environment` (it is a transition of the environment and enters no term).
+      normalize: `token` (divide by the group's action count) or `row` (by its row count).
+      truncated_weight: row weight of a model row whose episode does not end with eos (cut off
+        by the action budget or the row length) [ours]; 1 keeps it, 0 drops it.
       action_weight: optional float [B, T] aligned with `tokens`: weight of action
         `tokens[b, t]` (0 for masked noise tokens) in the data and `r^2` terms.
       row_weight: optional float [B]: a row of weight k counts as k copies of it (default 1).
       clamp_margin: js / hellinger clamp `r` to `lower bound + clamp_margin` [ours].
 
     Returns:
-      `(loss, metrics)`; metrics hold the SPEC 2.6 diagnostics under `sm/...`.
+      `(loss, metrics)`; metrics hold the section 2.6 diagnostics under `sm/...`. The terms
+      are reported divided by alpha (their contribution to the loss), r and V at scale alpha.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if value_on not in VALUE_ON:
-        raise ValueError(f"unknown value_on {value_on!r}; choose one of {VALUE_ON}")
+    _check_choice("divergence", divergence, DIVERGENCES)
+    _check_choice("value_on", value_on, VALUE_ON)
+    _check_choice("normalize", normalize, NORMALIZE)
     act = per_action(
         logits,
         tokens,
@@ -152,14 +233,19 @@ def sequence_match_loss(
         eos_id=eos_id,
         gamma=gamma,
         action_weight=action_weight,
+        temperature=temperature,
+        terminal=terminal,
+        masked_actions=masked_actions,
     )
     rw = jnp.ones(tokens.shape[0]) if row_weight is None else row_weight.astype(jnp.float32)
-    model_row = jnp.asarray(is_model, bool)[:, None]
-    data_g = act.valid & ~model_row
-    model_g = act.valid & model_row
-    cnt = rw[:, None] * act.valid
-    n_data = jnp.sum(jnp.where(data_g, cnt, 0.0))
-    n_model = jnp.sum(jnp.where(model_g, cnt, 0.0))
+    is_model = jnp.asarray(is_model, bool)
+    cut = is_model & ~act.ended
+    rw = jnp.where(cut, rw * truncated_weight, rw)
+    kept = rw > 0
+    data_g = act.valid & (~is_model & kept)[:, None]
+    model_g = act.valid & (is_model & kept)[:, None]
+    n_data = _group_count(rw, data_g, normalize)
+    n_model = _group_count(rw, model_g, normalize)
     has_model = n_model > 0
 
     def e_data(f, weighted):
@@ -174,15 +260,16 @@ def sequence_match_loss(
         mixed = 0.5 * e_data(f, weighted) + 0.5 * e_model(f, weighted)
         return jnp.where(has_model, mixed, e_data(f, weighted))
 
+    alpha = jnp.float32(temperature)
     r = act.q - gamma * act.v_next
     phi, clamped = _phi(divergence, r, clamp_margin)
-    data_term = e_data(phi, True)
+    data_term = e_data(phi, True) / alpha
     telescoped = act.v - gamma * act.v_next
-    value_term = e_mix(telescoped, False) if value_on == "mix" else e_data(telescoped, False)
+    value_term = (e_mix if value_on == "mix" else e_data)(telescoped, False) / alpha
     if divergence == "chi2_mix":
-        r2_term = e_mix(r * r, True)
+        r2_term = e_mix(r * r, True) / alpha
     elif divergence == "chi2":
-        r2_term = e_data(r * r, True)
+        r2_term = e_data(r * r, True) / alpha
     else:
         r2_term = jnp.float32(0.0)
     coef = chi2_coef if divergence in ("chi2_mix", "chi2") else 0.0
@@ -191,6 +278,7 @@ def sequence_match_loss(
     def plain_mean(f, group):
         return jnp.sum(jnp.where(group, f, 0.0)) / jnp.maximum(jnp.sum(group), 1)
 
+    n_model_rows = jnp.sum(is_model)
     metrics = {
         "sm/loss": loss,
         "sm/data_term": data_term,
@@ -198,12 +286,14 @@ def sequence_match_loss(
         "sm/r2_term": r2_term,
         "sm/r_data": plain_mean(r, data_g),
         "sm/r_model": plain_mean(r, model_g),
-        "sm/v_mean": plain_mean(act.v, act.valid),
-        "sm/clamp_frac": plain_mean(clamped.astype(jnp.float32), act.valid),
+        "sm/v_mean": plain_mean(act.v, data_g | model_g),
+        "sm/clamp_frac": plain_mean(clamped.astype(jnp.float32), data_g | model_g),
         "sm/pi_bkspc_data": plain_mean(act.pi_bkspc, data_g),
         "sm/pi_bkspc_model": plain_mean(act.pi_bkspc, model_g),
         "sm/n_data_actions": jnp.sum(data_g),
         "sm/n_model_actions": jnp.sum(model_g),
+        # Model rows whose episode ends with eos (the rest were cut off; truncated_weight).
+        "sm/model_ended_frac": jnp.sum(is_model & act.ended) / jnp.maximum(n_model_rows, 1),
     }
     return loss, metrics
 
@@ -218,14 +308,23 @@ def bc_loss(
     eos_id: int,
     action_weight: jax.Array | None = None,
     row_weight: jax.Array | None = None,
+    masked_actions: str = "unrewarded",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Behavioural cloning (SPEC 2.5): `-sum aw * log pi(a|s) / N_data` over data rows.
+    """Behavioural cloning (section 2.5): `-sum aw * log pi(a|s) / N_data` over data rows.
 
     Undiscounted, a global token mean, backspace actions included. On data without noise this
-    is maximum likelihood. Model rows (`is_model`) are ignored.
+    is maximum likelihood. Model rows (`is_model`) are ignored. Under
+    `masked_actions='environment'` actions of weight 0 are not counted in `N_data` either.
     """
     act = per_action(
-        logits, tokens, prompt_len, length, eos_id=eos_id, gamma=1.0, action_weight=action_weight
+        logits,
+        tokens,
+        prompt_len,
+        length,
+        eos_id=eos_id,
+        gamma=1.0,
+        action_weight=action_weight,
+        masked_actions=masked_actions,
     )
     B = tokens.shape[0]
     rw = jnp.ones(B) if row_weight is None else row_weight.astype(jnp.float32)
@@ -271,7 +370,12 @@ def unlikelihood_loss(
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The loss fields of an experiment config (`config.loss`); see configs/ for comments."""
+    """The loss fields of an experiment config (`config.loss`); see configs/ for comments.
+
+    The defaults here are revision 1 (the keyword defaults of `sequence_match_loss`), so that
+    a saved config without the revision-2 fields runs as it did; configs/common.py sets the
+    defaults the experiments chose.
+    """
 
     bc_weight: float = 1.0  # weight of L_BC in the total
     sm_weight: float = 1.0  # weight of L_SM in the total (after the warm-up)
@@ -280,26 +384,47 @@ class LossConfig:
     gamma: float = 0.998  # discount
     chi2_coef: float = 0.25  # c, weight of the r^2 term
     value_on: str = "mix"  # 'mix' (needs sampling) or 'data' (offline)
+    temperature: float = 1.0  # alpha: Q = alpha * logits (section 2.7)
+    terminal: str = "zero"  # one of TERMINAL
+    masked_actions: str = "unrewarded"  # one of MASKED_ACTIONS
+    normalize: str = "token"  # one of NORMALIZE
+    truncated_weight: float = 1.0  # row weight of model rows cut off before eos [ours]
     clamp_margin: float = 1e-3  # js/hellinger: clamp r to its domain bound + margin [ours]
     unlikelihood_weight: float = 0.0  # weight of token-level unlikelihood (MLE + UL baseline)
 
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "divergence": DIVERGENCES,
+        "value_on": VALUE_ON,
+        "terminal": TERMINAL,
+        "masked_actions": MASKED_ACTIONS,
+        "normalize": NORMALIZE,
+    }
+    # (field, lowest, highest, low inclusive); None = unbounded.
+    RANGES: ClassVar[tuple[tuple[str, float | None, float | None, bool], ...]] = (
+        ("bc_weight", 0.0, None, True),
+        ("sm_weight", 0.0, None, True),
+        ("bc_warmup_steps", 0, None, True),
+        ("gamma", 0.0, 1.0, False),
+        ("chi2_coef", 0.0, None, True),
+        ("temperature", 0.0, None, False),
+        ("truncated_weight", 0.0, 1.0, True),
+        ("clamp_margin", 0.0, None, True),
+        ("unlikelihood_weight", 0.0, None, True),
+    )
+
     def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(
-                f"loss.divergence={self.divergence!r} is unknown; choose one of {DIVERGENCES}"
-            )
-        if self.value_on not in VALUE_ON:
-            raise ValueError(
-                f"loss.value_on={self.value_on!r} is unknown; choose one of {VALUE_ON}"
-            )
-        if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"loss.gamma={self.gamma} must be in (0, 1]")
-        if min(self.bc_weight, self.sm_weight, self.chi2_coef, self.unlikelihood_weight) < 0:
-            raise ValueError(
-                "loss.bc_weight, sm_weight, chi2_coef and unlikelihood_weight must be >= 0"
-            )
-        if self.bc_warmup_steps < 0:
-            raise ValueError("loss.bc_warmup_steps must be >= 0")
+        for name, choices in self.CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
+        for name, low, high, inclusive in self.RANGES:
+            value = getattr(self, name)
+            too_low = low is not None and (value < low if inclusive else value <= low)
+            if too_low or (high is not None and value > high):
+                lo = "-inf" if low is None else low
+                hi = "inf" if high is None else high
+                raise ValueError(
+                    f"loss.{name}={value} is out of range; it must be in "
+                    f"{'[' if inclusive else '('}{lo}, {hi}]"
+                )
 
     @classmethod
     def from_mapping(cls, cfg: Mapping[str, Any]) -> LossConfig:
@@ -340,7 +465,12 @@ def make_loss_fn(cfg: LossConfig | Mapping[str, Any], *, eos_id: int) -> LossFn:
         metrics: dict[str, jax.Array] = {}
         total = jnp.float32(0.0)
         if cfg.bc_weight > 0:
-            bc, m = bc_loss(*args, eos_id=eos_id, action_weight=batch.action_weight)
+            bc, m = bc_loss(
+                *args,
+                eos_id=eos_id,
+                action_weight=batch.action_weight,
+                masked_actions=cfg.masked_actions,
+            )
             total += cfg.bc_weight * bc
             metrics.update(m)
         if cfg.unlikelihood_weight > 0:
@@ -355,6 +485,11 @@ def make_loss_fn(cfg: LossConfig | Mapping[str, Any], *, eos_id: int) -> LossFn:
                 gamma=cfg.gamma,
                 chi2_coef=cfg.chi2_coef,
                 value_on=cfg.value_on,
+                temperature=cfg.temperature,
+                terminal=cfg.terminal,
+                masked_actions=cfg.masked_actions,
+                normalize=cfg.normalize,
+                truncated_weight=cfg.truncated_weight,
                 action_weight=batch.action_weight,
                 clamp_margin=cfg.clamp_margin,
             )

@@ -24,6 +24,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from smatch_jax.data.train_data import EVAL_SPLITS
+from smatch_jax.losses import LossConfig
+
 log = logging.getLogger(__name__)
 
 # Fields a resumed run may change: run length, cadences, where the data lives, the mesh. A
@@ -45,8 +48,6 @@ CHOICES = {
     "data.task": ("arithmetic", "text"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "noise.kind": ("ground_truth", "random"),
-    "loss.divergence": ("chi2_mix", "chi2", "kl", "js", "hellinger"),
-    "loss.value_on": ("mix", "data"),
     "optim.schedule": ("cosine", "constant"),
     "train.nonfinite": ("stop", "skip"),
 }
@@ -58,8 +59,6 @@ RANGES = (
     ("data.prompt_max", 0, None, True),
     ("noise.rate", 0.0, 1.0, True),
     ("noise.max_burst", 1, None, True),
-    ("loss.gamma", 0.0, 1.0, False),
-    ("loss.bc_warmup_steps", 0, None, True),
     ("sampling.sample_every", 1, None, True),
     ("sampling.temperature", 0.0, None, False),
     ("sampling.top_k", 0, None, True),
@@ -78,6 +77,9 @@ RANGES = (
     ("train.max_skips", 0, None, True),
     ("mesh.fsdp", 1, None, True),
 )
+# The loss section's choices and ranges are written once, in its typed config.
+CHOICES.update({f"loss.{k}": v for k, v in LossConfig.CHOICES.items()})
+RANGES += tuple((f"loss.{k}", *rest) for k, *rest in LossConfig.RANGES)
 
 
 class ConfigError(ValueError):
@@ -205,8 +207,14 @@ def _compatibility_problems(flat: dict[str, Any]) -> list[str]:
             f"data.prompt_max={prompt_max} leaves no room for actions in data.seq_len={T}; "
             "raise data.seq_len or lower data.prompt_max (0: the longest prompt in the data)"
         )
+    splits = EVAL_SPLITS.get(flat["data.task"], ())
+    if flat["data.eval_split"] and flat["data.eval_split"] not in splits:
+        problems.append(
+            f"data.eval_split={flat['data.eval_split']!r} is not a split of "
+            f"{flat['data.task']}; choose one of {list(splits)} ('' for {splits[0]!r})"
+        )
     if flat["data.task"] == "arithmetic":
-        for key in ("data.train_size", "data.test_size"):
+        for key in ("data.train_size", "data.test_size", "data.validation_size"):
             if flat[key] < 1:
                 problems.append(f"{key}={flat[key]} would make an empty split; set it >= 1")
     if flat["data.task"] == "text":

@@ -71,34 +71,92 @@ def _phi(div, r):
     raise ValueError(div)
 
 
-def sm_loss(logits, tokens, m, n, is_model, *, eos, div, gamma, c, value_on, aw, rw, clamp):
-    """SPEC 2.4 loss, written as loops over rows and actions (float64)."""
+def _episode(tokens, m, n, eos):
+    """The token indices of a row's actions: m .. n-1, up to and including the first eos."""
+    acts = []
+    for t in range(m, n):
+        acts.append(t)
+        if tokens[t] == eos:
+            break
+    return acts
+
+
+def sm_loss(
+    logits,
+    tokens,
+    m,
+    n,
+    is_model,
+    *,
+    eos,
+    div,
+    gamma,
+    c,
+    value_on,
+    aw,
+    rw,
+    clamp,
+    temperature=1.0,
+    terminal="zero",
+    masked_actions="unrewarded",
+    normalize="token",
+    truncated_weight=1.0,
+):
+    """SPEC 2.4 with the options of 2.7, written as loops over rows and actions (float64).
+
+    Under masked_actions='environment' an action of weight 0 is skipped entirely; the agent
+    action before it looks further along the row for the state it leads to.
+    """
     logits = np.asarray(logits, np.float64)
-    sums = {g: {"phi": 0.0, "val": 0.0, "r2": 0.0, "n": 0.0} for g in ("data", "model")}
+    alpha = temperature
+    sums = {
+        g: {"phi": 0.0, "val": 0.0, "r2": 0.0, "n": 0.0, "rows": 0.0} for g in ("data", "model")
+    }
     for b in range(len(tokens)):
         g = "model" if is_model[b] else "data"
-        for t in range(m[b], n[b]):
-            if any(tokens[b][u] == eos for u in range(m[b], t)):
-                break  # actions after a terminal eos are not part of the episode
+        acts = _episode(tokens[b], m[b], n[b], eos)
+        weight_b = rw[b]
+        if is_model[b] and not (acts and tokens[b][acts[-1]] == eos):
+            weight_b *= truncated_weight
+        if weight_b == 0:
+            continue
+
+        env = {t for t in acts if masked_actions == "environment" and aw[b][t] == 0}
+
+        k = 0  # agent actions so far (all actions under 'unrewarded')
+        counted = False
+        for t in acts:
+            if t in env:
+                continue
             j = t - 1
             a = tokens[b][t]
-            q = logits[b, j, a]
-            v = _lse(logits[b, j])
-            v_next = 0.0 if a == eos else _lse(logits[b, j + 1])
+            q = alpha * logits[b, j, a]
+            v = alpha * _lse(logits[b, j])
+            p = t  # the position of the state this action leads to ...
+            while p + 1 in env:  # ... after the environment's actions
+                p += 1
+            v_next = 0.0 if a == eos and terminal == "zero" else alpha * _lse(logits[b, p])
             r = q - gamma * v_next
             lo = {"js": -math.log(2.0) + clamp, "hellinger": -1.0 + clamp}.get(div)
             rc = max(r, lo) if lo is not None else r
-            w = gamma ** (t - m[b])
-            sums[g]["phi"] += rw[b] * w * aw[b][t] * _phi(div, rc)
-            sums[g]["val"] += rw[b] * w * (v - gamma * v_next)
-            sums[g]["r2"] += rw[b] * w * aw[b][t] * r * r
-            sums[g]["n"] += rw[b]
+            w = gamma**k
+            a_w = aw[b][t]
+            sums[g]["phi"] += weight_b * w * a_w * _phi(div, rc)
+            sums[g]["val"] += weight_b * w * (v - gamma * v_next)
+            sums[g]["r2"] += weight_b * w * a_w * r * r
+            sums[g]["n"] += weight_b
+            k += 1
+            counted = True
+        if counted:
+            sums[g]["rows"] += weight_b
+
+    den = "rows" if normalize == "row" else "n"
 
     def e(g, key):
-        return sums[g][key] / max(sums[g]["n"], 1e-30) if sums[g]["n"] > 0 else 0.0
+        return sums[g][key] / sums[g][den] if sums[g][den] > 0 else 0.0
 
     def e_mix(key):
-        if sums["model"]["n"] == 0:
+        if sums["model"][den] == 0:
             return e("data", key)
         return 0.5 * e("data", key) + 0.5 * e("model", key)
 
@@ -109,19 +167,20 @@ def sm_loss(logits, tokens, m, n, is_model, *, eos, div, gamma, c, value_on, aw,
         reg = c * e("data", "r2")
     else:
         reg = 0.0
-    return -e("data", "phi") + value + reg
+    return (-e("data", "phi") + value + reg) / alpha
 
 
-def bc_loss(logits, tokens, m, n, is_model, *, eos, aw, rw):
-    """SPEC 2.5: -sum aw * log pi(a|s) / N_data over data rows (float64)."""
+def bc_loss(logits, tokens, m, n, is_model, *, eos, aw, rw, masked_actions="unrewarded"):
+    """SPEC 2.5: -sum aw * log pi(a|s) / N_data over data rows (float64); under
+    masked_actions='environment' the actions of weight 0 are not counted."""
     logits = np.asarray(logits, np.float64)
     total, count = 0.0, 0.0
     for b in range(len(tokens)):
         if is_model[b]:
             continue
-        for t in range(m[b], n[b]):
-            if any(tokens[b][u] == eos for u in range(m[b], t)):
-                break
+        for t in _episode(tokens[b], m[b], n[b], eos):
+            if masked_actions == "environment" and aw[b][t] == 0:
+                continue
             j = t - 1
             logp = logits[b, j, tokens[b][t]] - _lse(logits[b, j])
             total += rw[b] * aw[b][t] * logp

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smatch_jax import losses
+from smatch_jax import losses, noise
 from tests import reference
 
 V = 6  # base vocabulary 0..5
@@ -45,21 +45,40 @@ def make_batch(seed, *, n_rows=6, n_model=3, offsets=True):
     return logits, tokens, m, n, is_model, aw, rw
 
 
+OPTIONS = {  # revision-2 options of SPEC 2.7, each alone, and together
+    "rev1": {},
+    "temperature": {"temperature": 0.05},
+    "bootstrap": {"terminal": "bootstrap"},
+    "environment": {"masked_actions": "environment"},
+    "row": {"normalize": "row"},
+    "drop_truncated": {"truncated_weight": 0.0},
+    "half_truncated": {"truncated_weight": 0.5},
+    "all": {
+        "temperature": 0.1,
+        "terminal": "bootstrap",
+        "masked_actions": "environment",
+        "normalize": "row",
+        "truncated_weight": 0.0,
+    },
+}
+
+
 @functools.cache
-def _sm(div, value_on):
+def _sm(div, value_on, options="rev1", gamma=GAMMA):
     fn = functools.partial(
         losses.sequence_match_loss,
         eos_id=EOS,
         divergence=div,
-        gamma=GAMMA,
+        gamma=gamma,
         chi2_coef=0.25,
         value_on=value_on,
         clamp_margin=1e-3,
+        **OPTIONS[options],
     )
     return jax.jit(jax.value_and_grad(lambda lg, *a, **k: fn(lg, *a, **k)[0]))
 
 
-def _ref_sm(div, value_on, logits, tokens, m, n, is_model, aw, rw):
+def _ref_sm(div, value_on, logits, tokens, m, n, is_model, aw, rw, options="rev1", gamma=GAMMA):
     return reference.sm_loss(
         logits,
         tokens.tolist(),
@@ -68,12 +87,13 @@ def _ref_sm(div, value_on, logits, tokens, m, n, is_model, aw, rw):
         is_model,
         eos=EOS,
         div=div,
-        gamma=GAMMA,
+        gamma=gamma,
         c=0.25,
         value_on=value_on,
         aw=aw.tolist(),
         rw=rw.tolist(),
         clamp=1e-3,
+        **OPTIONS[options],
     )
 
 
@@ -89,18 +109,205 @@ def _check_grad(ref_fn, logits, grad, seed):
         assert got == pytest.approx(fd, rel=2e-4, abs=2e-4)
 
 
-@pytest.mark.parametrize("div", losses.DIVERGENCES)
-@pytest.mark.parametrize("value_on", losses.VALUE_ON)
-@pytest.mark.parametrize("n_model", [0, 3])
-def test_sequence_match_matches_reference(div, value_on, n_model):
-    seed = 100 * losses.DIVERGENCES.index(div) + 10 * losses.VALUE_ON.index(value_on) + n_model
-    logits, tokens, m, n, is_model, aw, rw = make_batch(seed, n_model=n_model)
-    loss, grad = _sm(div, value_on)(logits, tokens, m, n, is_model, action_weight=aw, row_weight=rw)
-    ref = functools.partial(_ref_sm, div, value_on)
+def _check_against_reference(div, value_on, options, batch, gamma=GAMMA):
+    logits, tokens, m, n, is_model, aw, rw = batch
+    loss, grad = _sm(div, value_on, options, gamma)(
+        logits, tokens, m, n, is_model, action_weight=aw, row_weight=rw
+    )
+    ref = functools.partial(_ref_sm, div, value_on, options=options, gamma=gamma)
     want = ref(logits, tokens, m, n, is_model, aw, rw)
     # float32 vs float64: hellinger's phi'(r) = 1/(1+r)^2 is ~1e6 near its clamp bound.
     assert float(loss) == pytest.approx(want, rel=5e-5, abs=1e-5)
     _check_grad(lambda x: ref(x, tokens, m, n, is_model, aw, rw), logits, grad, seed=1)
+    return float(loss)
+
+
+@pytest.mark.parametrize("div", losses.DIVERGENCES)
+@pytest.mark.parametrize("value_on", losses.VALUE_ON)
+@pytest.mark.parametrize("n_model", [0, 3])
+@pytest.mark.parametrize("options", ["rev1", "all"])
+def test_sequence_match_matches_reference(div, value_on, n_model, options):
+    seed = 100 * losses.DIVERGENCES.index(div) + 10 * losses.VALUE_ON.index(value_on) + n_model
+    batch = make_batch(seed, n_model=n_model)
+    _check_against_reference(div, value_on, options, batch)
+
+
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize(
+    ("div", "value_on", "gamma"), [("chi2_mix", "mix", GAMMA), ("kl", "mix", 1.0)]
+)
+def test_each_option_matches_reference_and_matters(options, div, value_on, gamma):
+    """Each option alone against the loop reference; and each changes the loss on these rows
+    (so the reference comparison cannot pass by ignoring it)."""
+    batch = make_batch(21, n_model=3)
+    got = _check_against_reference(div, value_on, options, batch, gamma)
+    if options != "rev1":
+        base = _ref_sm(div, value_on, *batch, options="rev1", gamma=gamma)
+        assert abs(got - base) > 1e-3
+
+
+def noisy_batch(seed, *, rate=0.4, max_burst=3, n_rows=6, n_model=2):
+    """Rows as the trainer builds them: clean data rows, then `noise.add_noise` (masked noise
+    tokens of weight 0 followed by their backspaces, bursts up to `max_burst`)."""
+    rng = np.random.default_rng(seed)
+    T2 = 16
+    tokens = np.zeros((n_rows, T2), np.int32)
+    m = rng.integers(1, 3, n_rows).astype(np.int32)
+    n = np.zeros(n_rows, np.int32)
+    for b in range(n_rows):
+        k = rng.integers(2, 6)
+        n[b] = m[b] + k
+        tokens[b, : n[b]] = rng.integers(0, EOS, n[b])
+        if b % 2 == 0:
+            tokens[b, n[b] - 1] = EOS
+    nz = noise.add_noise(
+        jax.random.key(seed),
+        tokens,
+        m,
+        n,
+        noise_probs=np.full(V, 1.0 / (V - 1)) * (np.arange(V) != EOS),
+        bkspc_id=BK,
+        noise_rate=rate,
+        max_burst=max_burst,
+        pad_id=0,
+    )
+    tokens, n, aw = (np.asarray(x) for x in (nz.tokens, nz.length, nz.action_weight))
+    assert (aw[:, 1:] == 0).sum() > 3  # noise was inserted, with runs of it
+    is_model = np.arange(n_rows) >= n_rows - n_model
+    aw = np.where(is_model[:, None], 1.0, aw).astype(np.float32)  # model rows: all weight 1
+    logits = rng.normal(0.0, 1.5, (n_rows, T2, V + 1)).astype(np.float32)
+    return logits, tokens, m, n, is_model, aw, np.ones(n_rows, np.float32)
+
+
+@pytest.mark.parametrize("div", ["chi2_mix", "chi2", "kl", "js"])
+@pytest.mark.parametrize("gamma", [GAMMA, 1.0])
+@pytest.mark.parametrize("options", ["environment", "all"])
+def test_noise_as_environment_matches_reference(div, gamma, options):
+    _check_against_reference(div, "mix", options, noisy_batch(3), gamma)
+
+
+def _discounted_nll(logits, tokens, m, n, is_model, aw, gamma, normalize="token"):
+    """E_data[w * -log pi(a|s)] over agent actions (the BC identity's right-hand side)."""
+    total, count, rows = 0.0, 0, 0
+    for b in range(len(tokens)):
+        if is_model[b]:
+            continue
+        agent = [t for t in reference._episode(tokens[b], m[b], n[b], EOS) if aw[b, t] > 0]
+        for k, t in enumerate(agent):
+            lp = logits[b, t - 1].astype(np.float64)
+            total += gamma**k * (reference._lse(lp) - lp[tokens[b, t]])
+        count += len(agent)
+        rows += bool(agent)
+    return total / (rows if normalize == "row" else count)
+
+
+@pytest.mark.parametrize("gamma", [GAMMA, 1.0])
+@pytest.mark.parametrize("terminal", losses.TERMINAL)
+@pytest.mark.parametrize("normalize", losses.NORMALIZE)
+def test_bc_identity_holds_with_noise_as_environment(gamma, terminal, normalize):
+    """SPEC 2.7: value_on=data, c=0, alpha=1: L_SM = E_data[w * -log pi] over agent actions,
+    exactly, for any logits and noise; at gamma = 1 it is L_BC (agent actions counted)."""
+    logits, tokens, m, n, is_model, aw, _ = noisy_batch(5)
+    kw = dict(eos_id=EOS, gamma=gamma, chi2_coef=0.0, value_on="data", terminal=terminal)
+    sm, _ = losses.sequence_match_loss(
+        logits,
+        tokens,
+        m,
+        n,
+        is_model,
+        action_weight=aw,
+        masked_actions="environment",
+        normalize=normalize,
+        **kw,
+    )
+    want = _discounted_nll(logits, tokens, m, n, is_model, aw, gamma, normalize)
+    assert float(sm) == pytest.approx(want, rel=1e-5)
+    if gamma == 1.0 and normalize == "token":
+        bc, _ = losses.bc_loss(
+            logits,
+            tokens,
+            m,
+            n,
+            is_model,
+            eos_id=EOS,
+            action_weight=aw,
+            masked_actions="environment",
+        )
+        assert float(sm) == pytest.approx(float(bc), rel=1e-5)
+    # Revision 1 ('unrewarded') leaves V(s) - gamma V(s + noise) per masked action: no identity.
+    sm1, _ = losses.sequence_match_loss(
+        logits, tokens, m, n, is_model, action_weight=aw, masked_actions="unrewarded", **kw
+    )
+    want1 = _discounted_nll(logits, tokens, m, n, is_model, aw, gamma)
+    assert abs(float(sm1) - want1) > 1e-2
+
+
+@pytest.mark.parametrize("div", ["chi2_mix", "chi2"])
+@pytest.mark.parametrize("terminal", losses.TERMINAL)
+def test_chi2_telescopes_to_bc_plus_a_boundary_term(div, terminal):
+    """SPEC 2.7 (issue 15): with gamma = 1 and c = 0 the linear part telescopes along each row,
+    L_SM = L_BC + 0.5 (E_model - E_data)[V(s_0) - V(s_n)] (row sums over the group's action
+    count; V(s_n) = 0 after eos under terminal='zero', read at the last position otherwise)."""
+    logits, tokens, m, n, is_model, _, _ = make_batch(31, n_model=3)
+    ones = np.ones(tokens.shape, np.float32)
+    sm, _ = losses.sequence_match_loss(
+        logits,
+        tokens,
+        m,
+        n,
+        is_model,
+        eos_id=EOS,
+        divergence=div,
+        gamma=1.0,
+        chi2_coef=0.0,
+        value_on="mix",
+        terminal=terminal,
+    )
+    bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS, action_weight=ones)
+    boundary = {"data": 0.0, "model": 0.0}
+    count = {"data": 0, "model": 0}
+    for b in range(len(tokens)):
+        g = "model" if is_model[b] else "data"
+        acts = reference._episode(tokens[b].tolist(), m[b], n[b], EOS)
+        last = acts[-1]
+        v0 = reference._lse(logits[b, m[b] - 1].astype(np.float64))
+        zero_end = tokens[b, last] == EOS and terminal == "zero"
+        vn = 0.0 if zero_end else reference._lse(logits[b, last].astype(np.float64))
+        boundary[g] += v0 - vn
+        count[g] += len(acts)
+    want = float(bc) + 0.5 * (boundary["model"] / count["model"] - boundary["data"] / count["data"])
+    assert float(sm) == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+def test_model_ended_fraction_and_truncated_weight():
+    """`sm/model_ended_frac` counts model rows that end with eos; truncated_weight=0 removes
+    the others from every term (the loss equals that of the batch without them)."""
+    logits, tokens, m, n, is_model, _, _ = make_batch(41, n_model=3)
+    fn = functools.partial(losses.sequence_match_loss, eos_id=EOS, gamma=GAMMA)
+    ended = [EOS in tokens[b, m[b] : n[b]].tolist() for b in range(len(tokens))]
+    _, met = fn(logits, tokens, m, n, is_model)
+    want = np.mean([e for e, mod in zip(ended, is_model, strict=True) if mod])
+    assert 0 < want < 1
+    assert float(met["sm/model_ended_frac"]) == pytest.approx(want)
+    dropped, _ = fn(logits, tokens, m, n, is_model, truncated_weight=0.0)
+    keep = np.array([e or not mod for e, mod in zip(ended, is_model, strict=True)])
+    sub, _ = fn(logits[keep], tokens[keep], m[keep], n[keep], is_model[keep])
+    assert float(dropped) == pytest.approx(float(sub), rel=1e-6)
+
+
+def test_temperature_scales_as_specified():
+    """alpha = 1 is revision 1; the linear terms keep their scale in alpha and the r^2 term is
+    c * alpha * (l[a] - gamma lse(l'))^2: the loss is affine in alpha."""
+    logits, tokens, m, n, is_model, aw, rw = make_batch(51, n_model=3)
+    kw = dict(eos_id=EOS, gamma=GAMMA, action_weight=aw, row_weight=rw)
+    val = {
+        a: float(losses.sequence_match_loss(logits, tokens, m, n, is_model, temperature=a, **kw)[0])
+        for a in (1.0, 0.5, 0.01)
+    }
+    rev1, _ = losses.sequence_match_loss(logits, tokens, m, n, is_model, **kw)
+    assert val[1.0] == pytest.approx(float(rev1))
+    slope = (val[1.0] - val[0.5]) / 0.5
+    assert val[0.01] == pytest.approx(val[1.0] - 0.99 * slope, rel=1e-4, abs=1e-4)
 
 
 def test_defaults_no_weights():

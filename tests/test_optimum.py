@@ -298,3 +298,73 @@ def test_wrong_objectives_do_not_reach_the_data():
     assert chi2["exact"][1] < 1e-4 and kl["exact"][1] < 1e-4
     for res in (chi2["flipped_data_term"], chi2["no_value_term"], kl["no_value_term"]):
         assert res[1] > 0.2
+
+
+# ---------------------------------------------------------------------------------------------
+# The temperature (SPEC 2.7): a one-step problem with 50 actions and one expert action.
+#
+# State s0 (the prompt) has NACT actions; the data always takes EXPERT. Every action leads to
+# a terminal state: its position has the constant logits END (logsumexp 0, so V = 0 there; not
+# a parameter), followed by a forced eos whose own step is identically zero (q = v = v_next =
+# 0), so the problem is one-step under every option (terminal, normalize, truncated_weight).
+# Closed form (alpha = temperature): the chi2_mix fixed point puts the non-expert logits at
+# -1/(c alpha) and the expert's at (1 - pi*) / (c alpha (1 + pi*)); at alpha = 1, c = 1/4 that
+# is pi* = 0.696 with 50 actions (0.31 with 1001), at alpha = 0.01 pi* > 0.999.
+# Measured (adam 0.05, cosine, 5000 steps): alpha = 1: 0.6956 (= the closed form); alpha =
+# 0.01 and 0.1: 0.9987 and 0.9991 (still rising toward 1: the logits move 0.05 per step).
+
+NACT = 50
+EOS50 = NACT
+NA50 = NACT + 2  # NACT tokens, eos, <bkspc>
+EXPERT = 7
+_ROWS = np.array([[1, a, EOS50] for a in range(NACT)] * 2, np.int32)  # data rows, model rows
+_IS_MODEL50 = np.arange(2 * NACT) >= NACT
+_END = np.full(NA50, -np.inf, np.float32)
+_END[EOS50] = 0.0
+
+
+def _one_step_objective(theta, c, kw):
+    s0 = jnp.concatenate([theta, jnp.full((2,), -jnp.inf)])  # eos and <bkspc> not allowed
+    lg = jnp.broadcast_to(jnp.stack([s0, _END, _END]), (2 * NACT, 3, NA50))
+    pi = jax.lax.stop_gradient(jax.nn.softmax(theta))  # model rows, as if sampled
+    rw = jnp.concatenate([jax.nn.one_hot(EXPERT, NACT), pi])
+    m, n = np.ones(2 * NACT, np.int32), np.full(2 * NACT, 3, np.int32)
+    return losses.sequence_match_loss(
+        lg, _ROWS, m, n, _IS_MODEL50, eos_id=EOS50, chi2_coef=c, row_weight=rw, **kw
+    )[0]
+
+
+def one_step_expert_prob(c, **kw):
+    opt = optax.adam(optax.cosine_decay_schedule(LR, STEPS, alpha=0.01))
+
+    def step(carry, _):
+        theta, state = carry
+        g = jax.grad(_one_step_objective)(theta, c, kw)
+        upd, state = opt.update(g, state, theta)
+        return (optax.apply_updates(theta, upd), state), None
+
+    theta0 = jnp.asarray(np.random.default_rng(0).normal(0.0, 1.0, NACT), jnp.float32)
+    run = jax.jit(lambda t: jax.lax.scan(step, (t, opt.init(t)), None, length=STEPS)[0][0])
+    return float(jax.nn.softmax(run(theta0))[EXPERT])
+
+
+def closed_form_expert_prob(n_actions, c, alpha):
+    """The pi* with pi* = softmax(l*, -1/(c alpha) repeated n - 1 times)[0] and
+    l* = (1 - pi*) / (c alpha (1 + pi*))."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisection: the residual is decreasing in pi*
+        p = 0.5 * (lo + hi)
+        gap = (1 - p) / (c * alpha * (1 + p)) + 1 / (c * alpha)  # l* - l_other
+        resid = 1.0 / (1.0 + (n_actions - 1) * np.exp(-gap)) - p
+        lo, hi = (p, hi) if resid > 0 else (lo, p)
+    return p
+
+
+def test_temperature_one_biases_the_fixed_point_closed_form():
+    """Revision 1 (alpha = 1, c = 1/4) converges to the biased fixed point of the closed form."""
+    assert closed_form_expert_prob(50, 0.25, 1.0) == pytest.approx(0.696, abs=1e-3)
+    assert closed_form_expert_prob(1001, 0.25, 1.0) == pytest.approx(0.31, abs=5e-3)
+    assert closed_form_expert_prob(50, 0.25, 0.01) > 0.999
+    got = one_step_expert_prob(0.25, temperature=1.0)
+    assert got == pytest.approx(closed_form_expert_prob(NACT, 0.25, 1.0), abs=2e-3)
+    assert got < 0.95

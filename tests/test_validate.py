@@ -46,6 +46,16 @@ def _edited(c, key, value):
         ("noise.mask_noise_actions", 1, r"must be of type bool"),
         ("loss.value_on", "mx", r"loss.value_on='mx' is unknown; choose one of \['mix', 'data'\]"),
         ("model.preset", "huge", r"model.preset='huge' is unknown; choose one of"),
+        (
+            "loss.terminal",
+            "bootstrapped",
+            r"loss.terminal='bootstrapped' is unknown; choose one of \['zero', 'bootstrap'\]",
+        ),
+        ("loss.masked_actions", "env", r"choose one of \['unrewarded', 'environment'\]"),
+        ("loss.normalize", "episode", r"choose one of \['token', 'row'\]"),
+        ("data.eval_split", "dev", r"data.eval_split='dev' is not a split of arithmetic"),
+        ("loss.temperature", 0.0, r"loss.temperature=0.0 is out of range; it must be in \(0.0"),
+        ("loss.truncated_weight", 2.0, r"loss.truncated_weight=2.0 is out of range"),
         ("noise.rate", 1.5, r"noise.rate=1.5 is out of range; it must be in \[0.0, 1.0\]"),
         ("train.batch_size", 0, r"train.batch_size=0 is out of range"),
         ("data.train_size", 0, r"data.train_size=0 would make an empty split"),  # an empty dataset
