@@ -66,9 +66,10 @@ def make_featurizer(name: str, ref_model=None, tokenizer=None) -> CachedFeaturiz
     raise ValueError(f"unknown featurizer {name!r}; use 'minilm' or 'model'")
 
 
-def load_model(workdir: str, step: int | None = None):
-    """(run, step, model) of a training workdir at `step` (default: latest)."""
-    run, state = train.load_trained(workdir, step)
+def load_model(workdir: str, step: int | None = None, split: str | None = None):
+    """(run, step, model) of a training workdir at `step` (default: latest); `split`: the
+    evaluation split `run.data.eval_split` holds (default: the run's own)."""
+    run, state = train.load_trained(workdir, step, eval_split=split)
     return run, int(state.step), nnx.merge(run.graphdef, state.params, run.frozen)
 
 
@@ -116,6 +117,7 @@ def text_report(
     ref_name: str = SELF,
     featurizer: CachedFeaturizer | None = None,
     mauve_seeds: Sequence[int] = MAUVE_SEEDS,
+    split_name: str = "validation",
 ) -> dict[str, Any]:
     """Metrics, protocol and samples of the text evaluation (see the module docstring)."""
     res = accuracy.sample_text(
@@ -129,7 +131,7 @@ def text_report(
     ref_ppl = _perplexity(scorer, split, ref_conts)
     metrics.update(ppl_generated=gen_ppl.perplexity, ppl_reference=ref_ppl.perplexity)
     protocol: dict[str, Any] = {
-        "split": "validation",
+        "split": split_name,
         "n": len(prompt_len),
         "prompt_tokens": f"{int(prompt_len.min())}-{int(prompt_len.max())}",
         "reference_continuation_tokens": f"{min(map(len, ref_conts))}-{max(map(len, ref_conts))}",
@@ -172,13 +174,16 @@ def evaluate_workdir(
     featurizer: str | CachedFeaturizer | None = None,
     ref_workdir: str | None = None,
     mauve_seeds: Sequence[int] = MAUVE_SEEDS,
+    split: str | None = None,
 ) -> dict:
-    """Evaluates `workdir` at `step` (default: latest) and writes eval_<step>.{json,md}.
+    """Evaluates `workdir` at `step` (default: latest) and writes eval_<step>.{json,md}
+    (`eval_<split>_<step>` when `split` names a split other than the run's own).
 
+    `split`: the split to evaluate (default: the one the run evaluated during training).
     Text only: `featurizer` ('minilm', 'model' or a `CachedFeaturizer`; None: no MAUVE),
     `ref_workdir` (the perplexity model; None: the evaluated model)."""
     t0 = time.time()
-    run, step, model = load_model(str(workdir), step)
+    run, step, model = load_model(str(workdir), step, split)
     tok, ev = run.data.tokenizer, run.data.eval_split
     kw = dict(
         prompt_max=run.settings.prompt_max, max_new_tokens=run.settings.sampling.max_new_tokens
@@ -187,7 +192,7 @@ def evaluate_workdir(
     if task == "arithmetic":
         res = accuracy.evaluate_arithmetic(model, ev, tok, **kw)
         protocol = {
-            "split": "test",
+            "split": run.data.eval_name,
             "n": len(ev["prompt_len"]),
             "decoding": "greedy",
             "max_new_tokens": kw["max_new_tokens"],
@@ -212,12 +217,14 @@ def evaluate_workdir(
             ref_name=ref_name,
             featurizer=featurizer,
             mauve_seeds=mauve_seeds,
+            split_name=run.data.eval_name,
             **kw,
         )
     report = {"step": step, "task": task, **body, "wall_s": round(time.time() - t0, 1)}
     out = Path(workdir)
-    (out / f"eval_{step}.json").write_text(json.dumps(report, indent=2))
-    (out / f"eval_{step}.md").write_text(summary_markdown(report))
+    name = f"eval_{step}" if split is None else f"eval_{run.data.eval_name}_{step}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(summary_markdown(report))
     return report
 
 
@@ -256,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
+    ap.add_argument(
+        "--split", default=None, help="split to evaluate (default: the run's own eval split)"
+    )
     ap.add_argument("--mauve", action="store_true", help="text: also MAUVE (slower)")
     ap.add_argument("--featurizer", choices=("minilm", "model"), default="minilm")
     ap.add_argument("--mauve_seeds", type=int, default=len(MAUVE_SEEDS), help="k-means seeds")
@@ -267,6 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         featurizer=args.featurizer if args.mauve else None,
         ref_workdir=args.ref_workdir,
         mauve_seeds=tuple(range(args.mauve_seeds)),
+        split=args.split,
     )
     print(summary_markdown(report))
 

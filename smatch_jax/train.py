@@ -223,12 +223,17 @@ def _abstract(run: Run):
     )
 
 
-def load_trained(workdir: str, step: int | None = None) -> tuple[Run, steps.TrainState]:
-    """The run of `workdir` (its saved config) restored at `step` (default: latest)."""
+def load_trained(
+    workdir: str, step: int | None = None, *, eval_split: str | None = None
+) -> tuple[Run, steps.TrainState]:
+    """The run of `workdir` (its saved config) restored at `step` (default: latest), with
+    `run.data.eval_split` the run's own evaluation split or `eval_split`."""
     cfg_file = Path(workdir) / "config.json"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{cfg_file} not found: is {workdir} a training workdir?")
     config = ml_collections.ConfigDict(json.loads(cfg_file.read_text()))
+    if eval_split is not None:
+        config.data.eval_split = eval_split
     run = setup(config)
     with checkpointing.Checkpointer(Path(workdir) / "checkpoints") as ckpt:
         step, state, _, _ = ckpt.restore(step, abstract_state=_abstract(run))

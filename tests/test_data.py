@@ -15,7 +15,15 @@ from smatch_jax.data import arithmetic, builders, pipeline, rows, text
 from smatch_jax.masks import check_rows
 
 tfds.display_progress_bar(False)
-SMALL = dict(train_size=120, test_size=30, test_large_size=40, difficulty="all", seed=3, T=96)
+SMALL = dict(
+    train_size=120,
+    test_size=30,
+    test_large_size=40,
+    validation_size=25,
+    difficulty="all",
+    seed=3,
+    T=96,
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +54,19 @@ def test_generation_is_deterministic_and_leaves_global_random_alone():
 def test_splits_disjoint_unique_and_test_independent_of_train():
     s = _gen()
     qs = {k: [q for q, _ in v] for k, v in s.items()}
-    assert {k: len(v) for k, v in qs.items()} == {"test": 30, "test_large": 40, "train": 120}
+    sizes = {"test": 30, "test_large": 40, "train": 120, "validation": 25}
+    assert {k: len(v) for k, v in qs.items()} == sizes
     for k, v in qs.items():
         assert len(set(v)) == len(v), k
     assert not set(qs["test"]) & set(qs["train"])
     assert not set(qs["test_large"]) & (set(qs["train"]) | set(qs["test"]))
+    assert not set(qs["validation"]) & (set(qs["train"]) | set(qs["test"]) | set(qs["test_large"]))
     bigger = _gen(train_size=200)
     assert bigger["test"] == s["test"] and bigger["test_large"] == s["test_large"]
+    # The validation split is generated last: the other splits do not depend on its size.
+    assert {k: v for k, v in _gen(validation_size=60).items() if k != "validation"} == {
+        k: v for k, v in s.items() if k != "validation"
+    }
 
 
 def test_answers_are_correct_in_their_base():
@@ -79,7 +93,7 @@ def test_difficulty_orders_lengths():
 
 def test_too_long_rows_are_resampled_and_counted():
     splits, stats = arithmetic.generate_splits(
-        train_size=50, test_size=10, test_large_size=10, seed=0, T=40
+        train_size=50, test_size=10, test_large_size=10, validation_size=10, seed=0, T=40
     )
     assert all(len(q) + 1 + len(a) + 1 <= 40 for v in splits.values() for q, a in v)
     assert sum(s.too_long_row for s in stats.values()) > 0
@@ -102,7 +116,7 @@ def test_arithmetic_builder_round_trip(arith, data_dir):
     tok = builders.load_tokenizer(arith)
     assert tok.bkspc_id == tok.vocab_size
     expected = _gen()
-    for split in ("train", "test", "test_large"):
+    for split in ("train", "test", "test_large", "validation"):
         r = builders.load_split(arith, split)
         _check_row_format(r, tok, SMALL["T"])
         assert list(zip(r["question"], r["answer"], strict=True)) == expected[split]
@@ -312,7 +326,7 @@ def test_clear_errors(tmp_path, arith, monkeypatch):
     with pytest.raises(ValueError, match="unknown difficulty"):
         builders.make_config("arithmetic", difficulty="insane")
     with pytest.raises(ValueError, match="unknown split"):
-        builders.load_split(arith, "validation")
+        builders.load_split(arith, "dev")
     with pytest.raises(rows.RowTooLongError, match="does not fit"):
         rows.make_row([1] * 10, [2], T=10, eos_id=0, pad_id=0)
     with pytest.raises(rows.RowTooLongError, match="completion"):
@@ -325,3 +339,23 @@ def test_clear_errors(tmp_path, arith, monkeypatch):
     monkeypatch.setenv("SMATCH_JAX_ASSETS", str(tmp_path / "no_assets"))
     with pytest.raises(assets.AssetMissingError, match="assets fetch shakespeare"):
         text.corpus_files("shakespeare")
+
+
+def test_build_survives_a_concurrent_build_of_the_same_dataset(tmp_path, monkeypatch):
+    """Two processes preparing one dataset: the loser's final rename raises FileExistsError
+    (seen when two experiment shards started together); `build` then uses the winner's."""
+    cls = builders.SmatchArithmetic
+    original = cls.download_and_prepare
+    calls = []
+
+    def lose_the_race(self, *a, **k):
+        calls.append(1)
+        original(self, *a, **k)  # the other process finishes first ...
+        if len(calls) == 1:
+            raise FileExistsError("Destination ... already exists.")  # ... our rename fails
+
+    monkeypatch.setattr(cls, "download_and_prepare", lose_the_race)
+    params = {**SMALL, "train_size": 20, "test_size": 5, "test_large_size": 5, "validation_size": 5}
+    b = builders.build("arithmetic", data_dir=tmp_path, **params)
+    assert len(calls) == 1 and b.is_prepared()
+    assert len(builders.load_split(b, "train")["prompt_len"]) == 20

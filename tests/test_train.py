@@ -220,6 +220,10 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     saved = json.loads((wd / "eval_12.json").read_text())
     assert saved["metrics"]["n"] == 8 and "accuracy_ci_low" in saved["metrics"]
     assert "| accuracy |" in (wd / "eval_12.md").read_text()
+    assert saved["protocol"]["split"] == "test"
+    val = evaluate.evaluate_workdir(str(wd), split="validation")  # another split, own file
+    assert val["protocol"]["split"] == "validation" and val["metrics"]["n"] == 500
+    assert json.loads((wd / "eval_validation_12.json").read_text())["metrics"] == val["metrics"]
     generate.main(
         [
             "--workdir",

@@ -12,7 +12,8 @@ is replaced by a fresh sample and counted in `GenStats` (nothing is dropped sile
 
 Splits, generated in this order from independent seeds so that `test` never depends on the
 train size or difficulty: `test` (default 200 questions), `test_large` (default 2000, for tight
-error bars), `train` (default 5000, as in the paper). Questions are unique within and across
+error bars), `train` (default 5000, as in the paper), `validation` (default 500, of the train
+difficulty: where experiments choose their settings). Questions are unique within and across
 splits. Rows: prompt = question + `sep`, completion = answer + eos, over a `CharTokenizer`
 whose alphabet is the sorted set of characters used by the task (question template, signs,
 the digits 0-9a-f of bases 2..16, and every character of the generated text).
@@ -42,6 +43,7 @@ MAX_ANSWER_LENGTH = 30
 BASE_DIGITS = "0123456789abcdef"  # the module samples bases 2..16
 QUESTION_RE = re.compile(r"In base (\d+), what is (-?[0-9a-z]+) ([+-]) (-?[0-9a-z]+)\?")
 SPECIALS = ("<eos>", "<pad>")
+VALIDATION_SEED_OFFSET = 1_000_003  # the validation split's seed is seed * 3 + this
 
 
 def _import_module() -> Any:
@@ -189,13 +191,19 @@ def generate_splits(
     train_size: int = 5000,
     test_size: int = 200,
     test_large_size: int = 2000,
+    validation_size: int = 500,
     difficulty: str = "all",
     test_difficulty: str = "interpolate",
     seed: int = 0,
     T: int = 128,
     sep: str = " ",
 ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, GenStats]]:
-    """The three splits as (question, answer) lists, pairwise disjoint, and their stats."""
+    """The four splits as (question, answer) lists, pairwise disjoint, and their stats.
+
+    `validation` holds questions of the training difficulty that are in no other split, for
+    choosing settings without looking at the test questions. It is generated last, from its
+    own seed, so the other splits do not depend on it.
+    """
     accept = fits(T, sep)
     if T < 4:
         raise ValueError(f"T={T} is too small for any arithmetic row")
@@ -205,6 +213,7 @@ def generate_splits(
         ("test", test_size, test_difficulty, 1),
         ("test_large", test_large_size, test_difficulty, 2),
         ("train", train_size, difficulty, 0),
+        ("validation", validation_size, difficulty, VALIDATION_SEED_OFFSET),
     ]
     for name, n, diff, offset in plan:
         exclude = {q for pairs in splits.values() for q, _ in pairs}

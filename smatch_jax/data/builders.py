@@ -91,6 +91,7 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
     train_size: int = 5000
     test_size: int = 200
     test_large_size: int = 2000
+    validation_size: int = 500
     difficulty: str = "all"
     test_difficulty: str = "interpolate"
     seed: int = 0
@@ -247,7 +248,7 @@ def make_config(task: str, **params: Any) -> tfds.core.BuilderConfig:
             full["corpus"] = str(Path(full["corpus"]).expanduser().resolve())
     elif full["difficulty"] not in arithmetic.DIFFICULTIES:
         raise ValueError(f"unknown difficulty {full['difficulty']!r}: {arithmetic.DIFFICULTIES}")
-    for k in ("train_size", "test_size", "test_large_size"):
+    for k in ("train_size", "test_size", "test_large_size", "validation_size"):
         if k in full and full[k] < 1:
             raise ValueError(f"{k} must be >= 1 (an empty split cannot be built), got {full[k]}")
     return config_cls(name=_config_name(prefix, full), **full)
@@ -259,8 +260,14 @@ def build(
     """The prepared builder of `task` (generated and written on first use, then cached)."""
     config = make_config(task, **params)
     data_dir = str(data_dir or default_data_dir())
-    builder = TASKS[task][0](config=config, data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare()  # a no-op when the dataset directory exists
+    make = lambda: TASKS[task][0](config=config, data_dir=data_dir, file_format="array_record")
+    builder = make()
+    try:
+        builder.download_and_prepare()  # a no-op when the dataset directory exists
+    except FileExistsError:  # another process prepared the same dataset at the same time
+        builder = make()
+        if not builder.is_prepared():
+            raise
     return builder
 
 

@@ -17,6 +17,8 @@ from smatch_jax.data import builders, pipeline
 from smatch_jax.data.tokenizer_base import Tokenizer
 
 TASKS = ("arithmetic", "text")
+# The splits `data.eval_split` may name per task; the first is the default ('').
+EVAL_SPLITS = {"arithmetic": ("test", "validation", "test_large"), "text": ("validation", "test")}
 
 
 @dataclasses.dataclass
@@ -24,6 +26,7 @@ class TrainData:
     tokenizer: Tokenizer
     train_rows: tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens, prompt_len, length
     eval_split: dict[str, Any]  # tokens, prompt_len, length (+ question / answer)
+    eval_name: str  # which split `eval_split` is ('test', 'validation', ...)
     prompt_max: int  # longest prompt in train and eval
     iterator: Any  # grain DatasetIterator of process-local batches
 
@@ -43,6 +46,12 @@ def build_train_data(
     d = config.data
     if d.task not in TASKS:
         raise ValueError(f"data.task={d.task!r} is unknown; choose one of {TASKS}")
+    eval_name = d.get("eval_split") or EVAL_SPLITS[d.task][0]
+    if eval_name not in EVAL_SPLITS[d.task]:
+        raise ValueError(
+            f"data.eval_split={eval_name!r} is not a split of {d.task}; choose one of "
+            f"{list(EVAL_SPLITS[d.task])}"
+        )
     common = dict(data_dir=d.data_dir or None, T=d.seq_len, seed=config.seed)
     if d.task == "arithmetic":
         b = builders.build(
@@ -51,9 +60,9 @@ def build_train_data(
             test_size=d.test_size,
             difficulty=d.difficulty,
             test_difficulty=d.get("test_difficulty") or "interpolate",
+            validation_size=d.get("validation_size", 500),
             **common,
         )
-        eval_name = "test"
     else:
         b = builders.build(
             "text",
@@ -64,11 +73,11 @@ def build_train_data(
             max_files=d.max_files,
             **{**common, "seed": _split_seed(config)},
         )
-        eval_name = "validation"
     tok = builders.load_tokenizer(b)
     train = builders.load_split(b, "train")
     ev = builders.load_split(b, eval_name)
-    if d.test_size and len(ev["prompt_len"]) > d.test_size:  # evaluate on the first test_size
+    # Text: evaluate on the first test_size chunks (arithmetic splits have their own sizes).
+    if d.task == "text" and d.test_size and len(ev["prompt_len"]) > d.test_size:
         ev = {k: v[: d.test_size] for k, v in ev.items()}
     for name, split in (("train", train), (eval_name, ev)):
         if len(split["prompt_len"]) == 0:
@@ -96,7 +105,7 @@ def build_train_data(
         process_count=process_count,
     )
     rows = (train["tokens"], train["prompt_len"], train["length"])
-    return TrainData(tok, rows, ev, prompt_max, it)
+    return TrainData(tok, rows, ev, eval_name, prompt_max, it)
 
 
 def _split_seed(config: ml_collections.ConfigDict) -> int:
