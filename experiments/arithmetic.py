@@ -2,6 +2,7 @@
 
     python -m experiments.arithmetic --quick   # `make run`: MLE vs BC vs SM, noise 0.1, seed 0
     python -m experiments.arithmetic           # the sweep: 4 noise levels, 3 seeds, ablations
+    python -m experiments.arithmetic --objective   # the objective's ablation (revision 2)
 
 1. Pretrain (once): a 3-layer Llama-style model (`mini_llama`, 0.2M parameters) with MLE on
    20,000 generated `add_or_sub_in_base` questions (`configs/arithmetic.py:pretrain`).
@@ -31,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from configs import arithmetic as arith_config
-from experiments import common
+from experiments import arithmetic_objective, common
 from smatch_jax import train
 
 MODULE = "experiments.arithmetic"
@@ -249,6 +250,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="MLE, BC, SM at noise 0.1, one seed")
     ap.add_argument("--tune", action="store_true", help="SequenceMatch settings, one at a time")
+    ap.add_argument(
+        "--objective",
+        action="store_true",
+        help="the objective's ablation (experiments/arithmetic_objective.py)",
+    )
+    ap.add_argument(
+        "--shard",
+        default="0/1",
+        help="i/n: run every n-th planned run from the i-th (for n processes; shard 0 pretrains)",
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
         "--summarise_only", action="store_true", help="no training: report the finished runs"
@@ -261,10 +272,21 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     common.enable_compilation_cache(root / "jax_cache")
     data_dir = str(root / "data")
+    shard = tuple(int(x) for x in args.shard.split("/"))
+    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+        raise SystemExit(f"--shard={args.shard!r}: use i/n with 0 <= i < n")
+    if shard[0] > 0 and not (root / "pretrain" / "result.json").exists():
+        raise SystemExit("pretraining is not finished: run shard 0 first (it pretrains)")
     pre_wd = pretrain(root, data_dir)
-    runs = tuning_plan() if args.tune else plan(args.quick, args.seeds)
     train_fn = make_train_fn(pre_wd, data_dir)
-    results = common.run_all(runs, root / "runs", train_fn, train=not args.summarise_only)
+    if args.objective:
+        arithmetic_objective.main(args, root, pre_wd, train_fn, t0, shard)
+        return
+    runs = tuning_plan() if args.tune else plan(args.quick, args.seeds)
+    mine = runs[shard[0] :: shard[1]]
+    results = common.run_all(mine, root / "runs", train_fn, train=not args.summarise_only)
+    if shard[1] > 1:  # the other shards' finished runs
+        results = common.run_all(runs, root / "runs", train_fn, train=False)
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
     name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
