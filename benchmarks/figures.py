@@ -130,7 +130,11 @@ def sampler_configs(size: h.Size, n_new: int) -> dict[str, sampling.SamplingConf
     """Backspace on (bias so ~10% of actions are `<bkspc>` at init) and off; n_new steps."""
     bias = math.log(max(size.vocab / 9.0, 1.0))
     base = sampling.SamplingConfig(max_new_tokens=n_new, max_actions=n_new, bkspc_logit_bias=bias)
-    return {"bkspc": base, "plain": dataclasses.replace(base, allow_bkspc=False)}
+    return {
+        "bkspc": base,
+        "plain": dataclasses.replace(base, allow_bkspc=False),
+        "no_repeat": dataclasses.replace(base, no_repeat_deleted=True),
+    }
 
 
 def check_recompute_equals_cached(model, size: h.Size, n_new: int, P: int = 8) -> bool:
@@ -179,18 +183,23 @@ def sampler(size: h.Size, reps: int, lengths=(64, 256, 1024)) -> dict:
             "plain": lambda c=cfgs["plain"]: sampling.sample(
                 graphdef, prompts, m, key, cfg=c, params=params, **kw
             ),
+            "no_repeat": lambda c=cfgs["no_repeat"]: sampling.sample(
+                graphdef, prompts, m, key, cfg=c, params=params, **kw
+            ),
             "recompute": lambda c=re_cfg: recompute_sample(
                 graphdef, params, prompts, m, key, cfg=c, **kw
             ),
         }
         t = h.interleave(calls, reps)
-        steps_of = {"bkspc": n_new, "plain": n_new, "recompute": re_cfg.n_actions}
+        steps_of = {"bkspc": n_new, "plain": n_new, "no_repeat": n_new}
+        steps_of["recompute"] = re_cfg.n_actions
         tps = {k: [size.batch * steps_of[k] / x for x in v] for k, v in t.items()}
         res = calls["bkspc"]()
         out["lengths"][str(n_new)] = {
             "tokens_per_s": {k: h.med(v) for k, v in tps.items()},
             "bkspc_frac": float(jnp.sum(res.n_bkspc)) / (size.batch * n_new),
             "bkspc_vs_plain": h.median_ratio(tps["bkspc"], tps["plain"]),
+            "no_repeat_vs_plain": h.median_ratio(tps["no_repeat"], tps["plain"]),
             "cache_speedup": h.median_ratio(tps["bkspc"], tps["recompute"]),
         }
     out["greedy_recompute_equals_cached"] = check_recompute_equals_cached(model, size, 16)

@@ -47,7 +47,7 @@ def recompute_sample(graphdef, params, prompts, prompt_len, key, *, cfg, eos_id,
         key, sub = jax.random.split(c["key"])
         live, L = ~c["done"], c["state_len"]
         logits = model(c["state"], positions, causal)[rows, L - 1]
-        a = sampling._choose(sub, logits, L, prompt_len, cfg, bkspc_id)
+        a = sampling._choose(sub, logits, L, prompt_len, cfg, (bkspc_id, eos_id), None)
         is_bk = live & (a == bkspc_id)
         is_tok = live & ~is_bk
         new_len = L + is_tok - is_bk

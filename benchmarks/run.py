@@ -74,12 +74,21 @@ def tables(res: dict) -> str:
             [pick({**r, "iqr": iqr(r)}, lay_keys) for r in res["layout"]],
         )
     ]
-    s, samplers = res["sampler"], ["bkspc", "plain", "recompute"]
-    ratios = ["bkspc_vs_plain", "cache_speedup"]
+    s, samplers = res["sampler"], ["bkspc", "plain", "no_repeat", "recompute"]
+    ratios = ["bkspc_vs_plain", "no_repeat_vs_plain", "cache_speedup"]
     out.append(
         _table(
             f"2. Sampling (size {s['size']}, batch {s['batch']}): tokens/s",
-            ["new tokens", "bkspc", "plain", "recompute", "bkspc/plain", "cache speedup"],
+            [
+                "new tokens",
+                "bkspc",
+                "plain",
+                "no_repeat_deleted",
+                "recompute",
+                "bkspc/plain",
+                "no_repeat/plain",
+                "cache speedup",
+            ],
             [
                 [n, *pick(v["tokens_per_s"], samplers), *pick(v, ratios)]
                 for n, v in s["lengths"].items()
@@ -129,6 +138,7 @@ def headline(res: dict) -> dict:
     return {
         "layout_overhead_ratio": max(r["layout_overhead_ratio"] for r in res["layout"]),
         "bkspc_sampler_ratio": n256["bkspc_vs_plain"],
+        "no_repeat_sampler_ratio": n256["no_repeat_vs_plain"],
         "cache_speedup_256": n256["cache_speedup"],
         "sm_step_ratio": by_k.get(DEFAULT_SAMPLE_EVERY, next(iter(by_k.values()))),
         "mfu": res["layout"][-1]["mfu"],

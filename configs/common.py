@@ -96,6 +96,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.bkspc_logit_bias = 0.0  # added to the <bkspc> logit when sampling
     c.sampling.allow_bkspc = True  # False: the sampler never backspaces
 
+    c.eval = ml_collections.ConfigDict()
+    c.eval.decodings = "all"  # arithmetic: 'all' or a comma list of greedy,greedy_no_repeat,sample
+    c.eval.num_samples = 4  # sampling seeds of the 'sample' decoding (mean and interval)
+    c.eval.temperature = 1.0  # temperature of the 'sample' decoding
+    c.eval.recovery = True  # arithmetic: also recovery from a corrupted answer prefix
+
     c.replay = ml_collections.ConfigDict()
     c.replay.capacity = 512  # rows kept (FIFO)
 

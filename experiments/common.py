@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
+
+from smatch_jax.eval.accuracy import mean_ci  # noqa: F401 (experiments use common.mean_ci)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -104,16 +105,6 @@ def provenance(t0: float, module: str, run_seconds: float) -> str:
         f"{run_seconds / 60:.1f} min of training summed over all runs, on {os.cpu_count()} "
         f"CPU cores ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
     )
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t-interval over seeds (0 with one seed)."""
-    v = np.asarray(values, np.float64)
-    if v.size < 2:
-        return float(v.mean()), 0.0
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 8: 2.36, 10: 2.26}
-    t = t95.get(v.size, 1.96 if v.size > 10 else 2.45)
-    return float(v.mean()), float(t * v.std(ddof=1) / np.sqrt(v.size))
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

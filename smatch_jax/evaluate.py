@@ -3,9 +3,13 @@
 Writes `W/eval_<step>.json` (every figure plus the protocol) and `W/eval_<step>.md` (a short
 summary). Deterministic: the same checkpoint and flags give the same file.
 
-* Arithmetic: greedy exact match of the final answer (after backspaces) with a bootstrap 95%
-  interval, per number base, backspace statistics.
-* Text: one sampled continuation (temperature 1, `<bkspc>` allowed) of every validation prompt;
+* Arithmetic: exact match of the final answer (after backspaces) under each decoding
+  (`--decoding greedy|greedy_no_repeat|sample|all`, `--temperature`, `--num_samples`; the
+  headline `accuracy` is greedy_no_repeat) with a bootstrap 95% interval, per number base,
+  backspace statistics, and recovery from a corrupted answer prefix (the paper's Table 2).
+  `--questions FILE.jsonl` evaluates your own {"question": ..., "answer": ...} lines.
+* Text: one sampled continuation (temperature 1, `<bkspc>` allowed; and again with
+  `no_repeat_deleted`, metrics suffixed `_no_repeat`) of every validation prompt;
   backspace statistics (rate, deletions per sample), token-level n-gram entropy, diversity,
   repetition and length of the final continuations (after backspaces), the same statistics of
   the reference continuations, and the perplexity of generated and reference continuations
@@ -29,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from smatch_jax import train
-from smatch_jax.eval import accuracy, text_metrics
+from smatch_jax.eval import accuracy, decoding, text_metrics
 from smatch_jax.eval import mauve as mauve_lib
 from smatch_jax.eval import perplexity as ppl_lib
 
@@ -119,24 +123,47 @@ def text_report(
     mauve_seeds: Sequence[int] = MAUVE_SEEDS,
     split_name: str = "validation",
 ) -> dict[str, Any]:
-    """Metrics, protocol and samples of the text evaluation (see the module docstring)."""
-    res = accuracy.sample_text(
-        model, split, tokenizer, prompt_max=prompt_max, max_new_tokens=max_new_tokens, seed=seed
-    )
+    """Metrics, protocol and samples of the text evaluation (see the module docstring).
+
+    The headline is ancestral sampling at temperature 1; the same metrics of sampling with
+    `no_repeat_deleted` (no token chosen again at a state it was deleted from) carry the
+    suffix `_no_repeat`."""
     prompt_len, ref_conts = _continuations(split, tokenizer.eos_id)
-    metrics = dict(res.scalars)
-    metrics.update({f"ref_{k}": v for k, v in _stats(ref_conts).items()})
     scorer = model if ref_model is None else ref_model
-    gen_ppl = _perplexity(scorer, split, res.generation_ids)
+    refs = [tokenizer.decode(c) for c in ref_conts]
+
+    def generate_and_score(no_repeat: bool):
+        res = accuracy.sample_text(
+            model,
+            split,
+            tokenizer,
+            prompt_max=prompt_max,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            no_repeat_deleted=no_repeat,
+        )
+        gen_ppl = _perplexity(scorer, split, res.generation_ids)
+        scores, spread = {**res.scalars, "ppl_generated": gen_ppl.perplexity}, None
+        if featurizer is not None:
+            spread = mauve_lib.mauve_with_spread(
+                featurizer(refs), featurizer(res.generations), seeds=tuple(mauve_seeds)
+            )
+            scores.update(mauve=spread["mean"], mauve_std=spread["std"])
+        return res, gen_ppl, scores, spread
+
+    res, gen_ppl, metrics, spread = generate_and_score(False)
+    metrics.update({f"{k}_no_repeat": v for k, v in generate_and_score(True)[2].items()})
     ref_ppl = _perplexity(scorer, split, ref_conts)
-    metrics.update(ppl_generated=gen_ppl.perplexity, ppl_reference=ref_ppl.perplexity)
+    metrics.update({f"ref_{k}": v for k, v in _stats(ref_conts).items()})
+    metrics["ppl_reference"] = ref_ppl.perplexity
     protocol: dict[str, Any] = {
         "split": split_name,
         "n": len(prompt_len),
         "prompt_tokens": f"{int(prompt_len.min())}-{int(prompt_len.max())}",
         "reference_continuation_tokens": f"{min(map(len, ref_conts))}-{max(map(len, ref_conts))}",
         "max_new_tokens": max_new_tokens,
-        "decoding": "ancestral sampling, temperature 1.0, no top-k / top-p, <bkspc> allowed",
+        "decoding": "ancestral sampling, temperature 1.0, no top-k / top-p, <bkspc> allowed; "
+        "*_no_repeat: the same with no_repeat_deleted",
         "sampling_seed": seed,
         "final_text": "after backspaces, eos removed; n-gram statistics on token ids",
         "perplexity": {
@@ -147,17 +174,12 @@ def text_report(
             "tokens_reference": ref_ppl.n_tokens,
         },
     }
-    if featurizer is not None:
-        refs = [tokenizer.decode(c) for c in ref_conts]
-        spread = mauve_lib.mauve_with_spread(
-            featurizer(refs), featurizer(res.generations), seeds=tuple(mauve_seeds)
-        )
-        metrics.update(mauve=spread["mean"], mauve_std=spread["std"])
+    if spread is not None:
         protocol["mauve"] = {
             "featurizer": featurizer.name,
             "texts": "generated vs reference continuations of the same prompts (no prompt)",
             "n_generated": len(res.generations),
-            "n_reference": len(refs),
+            "n_reference": len(ref_conts),
             "kmeans_seeds": list(mauve_seeds),
             "per_seed": spread["values"],
             "std": "over k-means seeds (ddof 0)",
@@ -175,30 +197,59 @@ def evaluate_workdir(
     ref_workdir: str | None = None,
     mauve_seeds: Sequence[int] = MAUVE_SEEDS,
     split: str | None = None,
+    decodings: Sequence[str] | None = None,
+    temperature: float | None = None,
+    num_samples: int | None = None,
+    questions: str | None = None,
 ) -> dict:
     """Evaluates `workdir` at `step` (default: latest) and writes eval_<step>.{json,md}
-    (`eval_<split>_<step>` when `split` names a split other than the run's own).
+    (`eval_<split>_<step>` when `split` names a split other than the run's own, and
+    `eval_<file stem>_<step>` for `questions`).
 
     `split`: the split to evaluate (default: the one the run evaluated during training).
+    Arithmetic: `decodings`, `temperature`, `num_samples` (default: the run's `config.eval`);
+    `questions`: a JSONL file of {"question": ..., "answer": ...} evaluated instead of a split.
     Text only: `featurizer` ('minilm', 'model' or a `CachedFeaturizer`; None: no MAUVE),
     `ref_workdir` (the perplexity model; None: the evaluated model)."""
     t0 = time.time()
     run, step, model = load_model(str(workdir), step, split)
-    tok, ev = run.data.tokenizer, run.data.eval_split
+    tok, ev, split_name = run.data.tokenizer, run.data.eval_split, run.data.eval_name
     kw = dict(
         prompt_max=run.settings.prompt_max, max_new_tokens=run.settings.sampling.max_new_tokens
     )
     task = run.config.data.task
+    if questions is not None and task != "arithmetic":
+        raise ValueError("--questions is for arithmetic runs (question/answer pairs)")
     if task == "arithmetic":
-        res = accuracy.evaluate_arithmetic(model, ev, tok, **kw)
+        if questions is not None:
+            ev = read_questions(questions, tok, run.config.data.seq_len)
+            split_name = Path(questions).stem
+            kw["prompt_max"] = max(kw["prompt_max"], int(ev["prompt_len"].max()))
+        given = dict(decodings=decodings, temperature=temperature, num_samples=num_samples)
+        opts = train.arithmetic_eval_options(
+            run, **{k: v for k, v in given.items() if v is not None}
+        )
+        res = accuracy.evaluate_arithmetic(model, ev, tok, **kw, **opts)
         protocol = {
-            "split": run.data.eval_name,
+            "split": split_name,
             "n": len(ev["prompt_len"]),
-            "decoding": "greedy",
+            "decodings": list(opts["decodings"]),
+            "headline": "accuracy = greedy_no_repeat when evaluated, else the first decoding",
+            "sample": f"temperature {opts['temperature']}, {opts['num_samples']} seeds (mean, "
+            "95% t-interval over seeds)",
+            "recovery": "answer prefix of j reference tokens (j uniform) + one ground-truth "
+            "noise token, deletable; the final answer after backspaces equals the reference"
+            if opts["noise_probs"] is not None
+            else "off",
             "max_new_tokens": kw["max_new_tokens"],
             "final_text": "after backspaces",
         }
-        body = {"metrics": res.scalars, "protocol": protocol, "samples": res.samples.splitlines()}
+        body = {
+            "metrics": res.scalars,
+            "protocol": protocol,
+            "samples": res.samples.splitlines(),
+            "recovery_examples": res.recovery_examples,
+        }
     else:
         ref_model, ref_name = None, SELF
         if ref_workdir:
@@ -222,10 +273,40 @@ def evaluate_workdir(
         )
     report = {"step": step, "task": task, **body, "wall_s": round(time.time() - t0, 1)}
     out = Path(workdir)
-    name = f"eval_{step}" if split is None else f"eval_{run.data.eval_name}_{step}"
+    own = split is None and questions is None
+    name = f"eval_{step}" if own else f"eval_{split_name}_{step}"
     (out / f"{name}.json").write_text(json.dumps(report, indent=2))
     (out / f"{name}.md").write_text(summary_markdown(report))
     return report
+
+
+def read_questions(path: str, tokenizer, seq_len: int) -> dict[str, Any]:
+    """A JSONL file of {"question": str, "answer": str} as an arithmetic split (the task's row
+    format: question + " ", then the answer and eos). Errors name the line."""
+    from smatch_jax.data import arithmetic
+
+    examples = []
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            if not isinstance(ex, dict) or set(ex) != {"question", "answer"}:
+                raise ValueError('want an object with exactly "question" and "answer"')
+            if not all(isinstance(ex[k], str) for k in ex):
+                raise ValueError("question and answer must be strings")
+            examples.append(
+                arithmetic.encode_example(ex["question"], ex["answer"], tokenizer, T=seq_len)
+            )
+        except ValueError as e:  # json.JSONDecodeError, encoding and row-length errors too
+            raise ValueError(f"{path}:{i}: {e}") from None
+    if not examples:
+        raise ValueError(f"{path} has no questions")
+    out: dict[str, Any] = {k: [e[k] for e in examples] for k in ("question", "answer")}
+    for k in ("tokens", "prompt_len", "length", "base"):
+        out[k] = np.stack([e[k] for e in examples]).astype(np.int32)
+    return out
 
 
 def _protocol_lines(protocol: dict, indent: str = "") -> list[str]:
@@ -270,6 +351,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--featurizer", choices=("minilm", "model"), default="minilm")
     ap.add_argument("--mauve_seeds", type=int, default=len(MAUVE_SEEDS), help="k-means seeds")
     ap.add_argument("--ref_workdir", default=None, help="text: perplexity model (default: self)")
+    ap.add_argument(
+        "--decoding",
+        default=None,
+        help="arithmetic: greedy|greedy_no_repeat|sample, a comma list, or all "
+        "(default: the run's eval.decodings)",
+    )
+    ap.add_argument("--temperature", type=float, default=None, help="of --decoding sample")
+    ap.add_argument("--num_samples", type=int, default=None, help="sampling seeds (sample)")
+    ap.add_argument(
+        "--questions", default=None, help='arithmetic: JSONL of {"question", "answer"} to evaluate'
+    )
     args = ap.parse_args(argv)
     report = evaluate_workdir(
         args.workdir,
@@ -278,6 +370,10 @@ def main(argv: list[str] | None = None) -> None:
         ref_workdir=args.ref_workdir,
         mauve_seeds=tuple(range(args.mauve_seeds)),
         split=args.split,
+        decodings=None if args.decoding is None else decoding.parse_decodings(args.decoding),
+        temperature=args.temperature,
+        num_samples=args.num_samples,
+        questions=args.questions,
     )
     print(summary_markdown(report))
 

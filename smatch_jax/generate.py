@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--greedy", action="store_true")
     ap.add_argument("--bkspc_logit_bias", type=float, default=0.0)
     ap.add_argument("--no_bkspc", action="store_true", help="never emit <bkspc>")
+    ap.add_argument(
+        "--no_repeat_deleted",
+        action="store_true",
+        help="never choose a token again at a state it was deleted from",
+    )
     ap.add_argument("--show_actions", action="store_true", help="also print the action stream")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--seed", type=int, default=0)
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         greedy=args.greedy,
         bkspc_logit_bias=args.bkspc_logit_bias,
         allow_bkspc=not args.no_bkspc,
+        no_repeat_deleted=args.no_repeat_deleted,
     )
     n = args.num_samples
     prompts = np.tile(np.asarray(ids, np.int32), (n, 1))

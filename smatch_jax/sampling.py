@@ -7,6 +7,12 @@ The cache holds the current state's tokens only; a row's cache length is its sta
   identical cache slot, to get the next logits: one forward step, the online twin of the
   layout in masks.py (a copy of the top token at the top's position).
 
+With `no_repeat_deleted`, a token deleted from a state is not chosen again at that state (a
+state is identified by its length while nothing below it changes: deleting `x` appended at
+length `L` bans `x` at length `L` until a token is appended at length `L - 1`); a row whose
+every action is banned ends with eos. Without it, greedy decoding after `x <bkspc>` is back in
+the same state with the same logits and picks `x` again.
+
 `<bkspc>` is masked while the state equals the prompt; `eos` ends a row; a row also stops after
 `max_actions` actions (bounding write/delete loops) or when its state holds `max_new_tokens`
 new tokens (a truncated episode). Rows are ragged: each has its own prompt length.
@@ -40,6 +46,7 @@ class SamplingConfig:
     greedy: bool = False  # argmax instead of sampling
     bkspc_logit_bias: float = 0.0  # added to the <bkspc> logit before sampling
     allow_bkspc: bool = True  # False: <bkspc> is never emitted (plain sampling)
+    no_repeat_deleted: bool = False  # a token deleted from a state is not chosen there again
     return_logits: bool = False  # also return the raw model logits of every step
 
     def __post_init__(self):
@@ -87,23 +94,40 @@ def _filter_logits(logits_BxA: jax.Array, cfg: SamplingConfig) -> jax.Array:
     return x
 
 
-def _choose(key, logits_BxA, state_len, prompt_len, cfg: SamplingConfig, bkspc_id: int):
-    bk_ok = cfg.allow_bkspc & (state_len > prompt_len)
+def _choose(key, logits_BxA, state_len, floor_len, cfg: SamplingConfig, ids, banned):
+    """The next action of every row; `banned` [B, V+1] bool (or None): actions not allowed.
+    A row with every action removed ends with eos."""
+    bkspc_id, eos_id = ids
+    bk_ok = cfg.allow_bkspc & (state_len > floor_len)
     x = logits_BxA.at[:, bkspc_id].add(cfg.bkspc_logit_bias)
     x = x.at[:, bkspc_id].set(jnp.where(bk_ok, x[:, bkspc_id], -jnp.inf))
+    if banned is not None:
+        x = jnp.where(banned, -jnp.inf, x)
     if cfg.greedy:
-        return jnp.argmax(x, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, _filter_logits(x, cfg), axis=-1).astype(jnp.int32)
+        a = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    else:
+        a = jax.random.categorical(key, _filter_logits(x, cfg), axis=-1).astype(jnp.int32)
+    if banned is None:
+        return a
+    return jnp.where(jnp.isneginf(x).all(axis=-1), jnp.int32(eos_id), a)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id"))
-def _sample(graphdef, params, prompts, prompt_len, key, *, cfg, eos_id, pad_id):
+def _sample(graphdef, params, prompts, prompt_len, key, floor_len, *, cfg, eos_id, pad_id):
     model = nnx.merge(graphdef, params)
-    return sample_traced(model, prompts, prompt_len, key, cfg=cfg, eos_id=eos_id, pad_id=pad_id)
+    return sample_traced(
+        model, prompts, prompt_len, key, cfg=cfg, eos_id=eos_id, pad_id=pad_id, floor_len=floor_len
+    )
 
 
-def sample_traced(model, prompts, prompt_len, key, *, cfg, eos_id, pad_id) -> SampleOutput:
-    """The sampler body, for callers already inside a jitted function (e.g. training)."""
+def sample_traced(
+    model, prompts, prompt_len, key, *, cfg, eos_id, pad_id, floor_len=None
+) -> SampleOutput:
+    """The sampler body, for callers already inside a jitted function (e.g. training).
+
+    `floor_len` [B] (default `prompt_len`): `<bkspc>` is allowed while the state is longer, so
+    the prompt's tokens past it are actions the model may delete (the recovery evaluation)."""
+    floor_len = prompt_len if floor_len is None else floor_len
     B, P = prompts.shape
     S = P + cfg.max_new_tokens  # cache slots; a state never holds more
     A = cfg.n_actions
@@ -133,6 +157,12 @@ def sample_traced(model, prompts, prompt_len, key, *, cfg, eos_id, pad_id) -> Sa
         done=jnp.zeros(B, bool),
         ended=jnp.zeros(B, bool),
         step_logits=jnp.zeros((B, A, next_logits.shape[-1]) if cfg.return_logits else (0,)),
+        # no_repeat_deleted: one event per backspace, "token ev_tok was deleted from the state
+        # of length ev_len", live (ev_ok) until a token is appended to the state of length
+        # ev_len - 1 (a new state of length ev_len). O(B * max_actions), any vocabulary size.
+        ev_tok=jnp.zeros((B, A) if cfg.no_repeat_deleted else (0,), jnp.int32),
+        ev_len=jnp.zeros((B, A) if cfg.no_repeat_deleted else (0,), jnp.int32),
+        ev_ok=jnp.zeros((B, A) if cfg.no_repeat_deleted else (0,), bool),
     )
 
     def cond(c):
@@ -141,9 +171,22 @@ def sample_traced(model, prompts, prompt_len, key, *, cfg, eos_id, pad_id) -> Sa
     def body(c):
         key, sub = jax.random.split(c["key"])
         live, L = ~c["done"], c["state_len"]
-        a = _choose(sub, c["logits"], L, prompt_len, cfg, bkspc_id)
+        banned, events = None, {}
+        if cfg.no_repeat_deleted:
+            hit = c["ev_ok"] & (c["ev_len"] == L[:, None])
+            banned = jnp.zeros(c["logits"].shape, jnp.int32)
+            banned = banned.at[rows[:, None], c["ev_tok"]].max(hit.astype(jnp.int32)) > 0
+        a = _choose(sub, c["logits"], L, floor_len, cfg, (bkspc_id, eos_id), banned)
         is_bk = live & (a == bkspc_id)
         is_tok = live & ~is_bk
+        if cfg.no_repeat_deleted:
+            fresh = is_tok[:, None] & (c["ev_len"] == (L + 1)[:, None])  # a new state at L + 1
+            at = jnp.where(is_bk, c["n_bk"], A)  # a deletion adds event n_bk
+            events = dict(
+                ev_tok=c["ev_tok"].at[rows, at].set(c["state"][rows, L - 1], mode="drop"),
+                ev_len=c["ev_len"].at[rows, at].set(L - 1, mode="drop"),
+                ev_ok=(c["ev_ok"] & ~fresh).at[rows, at].set(True, mode="drop"),
+            )
         # What to feed: the new token at slot L; after <bkspc>, the new top again at L - 2;
         # a finished row re-feeds its own top (an identical rewrite).
         feed_at = jnp.where(is_tok, L, jnp.where(is_bk, L - 2, L - 1))
@@ -174,6 +217,7 @@ def sample_traced(model, prompts, prompt_len, key, *, cfg, eos_id, pad_id) -> Sa
             done=done,
             ended=ended,
             step_logits=step_logits,
+            **{k: events.get(k, c[k]) for k in ("ev_tok", "ev_len", "ev_ok")},
         )
 
     c = jax.lax.while_loop(cond, body, carry)
@@ -198,11 +242,13 @@ def sample(
     pad_id: int,
     cfg: SamplingConfig,
     params: Any = None,
+    floor_len: jax.Array | None = None,
 ) -> SampleOutput:
     """Samples continuations of left-aligned `prompts` [B, P] with lengths `prompt_len` [B].
 
     `model` is a `Transformer`, or its `nnx.split` graphdef with `params` the matching state
     (the form used inside jitted training code). Compiled once per graphdef, shapes and `cfg`.
+    `floor_len` [B] (default `prompt_len`): the state length `<bkspc>` cannot go below.
     """
     if params is None:
         model, params = nnx.split(model)
@@ -212,4 +258,9 @@ def sample(
         raise ValueError(
             f"prompts must be [B, P] and prompt_len [B]; got {prompts.shape}, {prompt_len.shape}"
         )
-    return _sample(model, params, prompts, prompt_len, key, cfg=cfg, eos_id=eos_id, pad_id=pad_id)
+    floor_len = prompt_len if floor_len is None else jnp.asarray(floor_len, jnp.int32)
+    if floor_len.shape != prompt_len.shape or bool(jnp.any(floor_len > prompt_len)):
+        raise ValueError("floor_len must be [B] with floor_len <= prompt_len")
+    return _sample(
+        model, params, prompts, prompt_len, key, floor_len, cfg=cfg, eos_id=eos_id, pad_id=pad_id
+    )

@@ -43,7 +43,7 @@ from smatch_jax import (
     validate,
 )
 from smatch_jax.data import train_data as data_lib
-from smatch_jax.eval import accuracy
+from smatch_jax.eval import accuracy, decoding
 from smatch_jax.models import ModelConfig, Transformer, importers, lora
 
 log = logging.getLogger(__name__)
@@ -416,8 +416,29 @@ def train(
     return state, last
 
 
+def arithmetic_eval_options(run: Run, **overrides) -> dict:
+    """`accuracy.evaluate_arithmetic` keywords from `config.eval` (decodings, samples,
+    temperature; recovery uses the ground-truth noise distribution of the training rows)."""
+    e = run.config.get("eval") or ml_collections.ConfigDict()
+    opts = dict(
+        decodings=decoding.parse_decodings(e.get("decodings", "all")),
+        num_samples=e.get("num_samples", 4),
+        temperature=e.get("temperature", 1.0),
+        recovery=e.get("recovery", True),
+    )
+    opts.update(overrides)
+    tok = run.data.tokenizer
+    specials = [tok.eos_id, tok.pad_id] + ([tok.bos_id] if tok.bos_id is not None else [])
+    probs = noise.ground_truth_noise_probs(
+        *run.data.train_rows, vocab_size=tok.vocab_size, special_ids=specials
+    )
+    opts["noise_probs"] = probs if opts.pop("recovery") else None
+    return opts
+
+
 def evaluate(run: Run, state: steps.TrainState, writer, step: int) -> dict[str, float]:
-    """Greedy accuracy on arithmetic; samples and backspace statistics on text."""
+    """Arithmetic: accuracy under each decoding and recovery (`config.eval`); text: samples
+    and backspace statistics."""
     ev = run.data.eval_split
     model = nnx.merge(run.graphdef, state.params, run.frozen)
     tok = run.data.tokenizer
@@ -425,10 +446,13 @@ def evaluate(run: Run, state: steps.TrainState, writer, step: int) -> dict[str, 
         prompt_max=run.settings.prompt_max, max_new_tokens=run.settings.sampling.max_new_tokens
     )
     if run.config.data.task == "arithmetic":
-        res = accuracy.evaluate_arithmetic(model, ev, tok, **kw)
+        res = accuracy.evaluate_arithmetic(model, ev, tok, **kw, **arithmetic_eval_options(run))
     else:
         res = accuracy.sample_text(model, ev, tok, seed=run.config.seed + step, **kw)
     scalars = {f"eval/{k}": float(v) for k, v in res.scalars.items()}
     writer.write_scalars(step, scalars)
-    writer.write_texts(step, {"samples": res.samples})
+    texts = {"samples": res.samples}
+    if res.recovery_examples:
+        texts["recovery"] = "\n".join(res.recovery_examples)
+    writer.write_texts(step, texts)
     return scalars

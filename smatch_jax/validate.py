@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from smatch_jax.data.train_data import EVAL_SPLITS
+from smatch_jax.eval import decoding
 from smatch_jax.losses import LossConfig
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,8 @@ RANGES = (
     ("train.keep_ckpts", 1, None, True),
     ("train.max_skips", 0, None, True),
     ("mesh.fsdp", 1, None, True),
+    ("eval.num_samples", 1, None, True),
+    ("eval.temperature", 0.0, None, False),
 )
 # The loss section's choices and ranges are written once, in its typed config.
 CHOICES.update({f"loss.{k}": v for k, v in LossConfig.CHOICES.items()})
@@ -207,6 +210,10 @@ def _compatibility_problems(flat: dict[str, Any]) -> list[str]:
             f"data.prompt_max={prompt_max} leaves no room for actions in data.seq_len={T}; "
             "raise data.seq_len or lower data.prompt_max (0: the longest prompt in the data)"
         )
+    try:
+        decoding.parse_decodings(flat["eval.decodings"])
+    except ValueError as e:
+        problems.append(f"eval.decodings={flat['eval.decodings']!r}: {e}")
     splits = EVAL_SPLITS.get(flat["data.task"], ())
     if flat["data.eval_split"] and flat["data.eval_split"] not in splits:
         problems.append(

@@ -15,6 +15,7 @@ from benchmarks import harness as h
 HEADLINE = (
     "layout_overhead_ratio",
     "bkspc_sampler_ratio",
+    "no_repeat_sampler_ratio",
     "cache_speedup_256",
     "sm_step_ratio",
     "mfu",
@@ -54,7 +55,8 @@ def test_quick_suite_at_toy_size(monkeypatch, tmp_path):
     assert q1 <= res["layout"][0]["layout_overhead_ratio"] <= q3
     assert [r["devices"] for r in res["scaling"]["runs"]] == [1, 2]
     assert {r["sample_every"] for r in res["sm_cost"]["by_sample_every"]} >= {1, 10}
-    assert set(res["sampler"]["lengths"]["8"]["tokens_per_s"]) == {"bkspc", "plain", "recompute"}
+    samplers = {"bkspc", "plain", "no_repeat", "recompute"}
+    assert set(res["sampler"]["lengths"]["8"]["tokens_per_s"]) == samplers
     assert res["compile"]["train_peak_mb"] > 0 and res["machine"]["platform"] == "cpu"
     out = tmp_path / "r.json"
     out.write_text(json.dumps(res))

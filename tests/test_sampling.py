@@ -1,5 +1,6 @@
 """The backspace sampler (SPEC 5) against naive decoding and the training layout."""
 
+import dataclasses
 import functools
 
 import jax
@@ -64,6 +65,7 @@ def naive_greedy(forward, params, ids, m, cfg: sampling.SamplingConfig, bk):
     out = []
     for b in range(len(ids)):
         state, acts = list(ids[b, : m[b]]), []
+        banned = {}  # no_repeat_deleted: state length -> tokens deleted from that state
         while len(acts) < cfg.n_actions:
             row = np.full((1, W), PAD, np.int32)
             row[0, : len(state)] = state
@@ -71,11 +73,14 @@ def naive_greedy(forward, params, ids, m, cfg: sampling.SamplingConfig, bk):
             logits[bk] += cfg.bkspc_logit_bias
             if len(state) <= m[b] or not cfg.allow_bkspc:
                 logits[bk] = -np.inf
-            a = int(np.argmax(logits))
+            if cfg.no_repeat_deleted:
+                logits[list(banned.get(len(state), ()))] = -np.inf
+            a = int(np.argmax(logits)) if np.isfinite(logits).any() else EOS
             acts.append(a)
             if a == bk:
-                state.pop()
+                banned.setdefault(len(state) - 1, set()).add(state.pop())
             else:
+                banned[len(state) + 1] = set()  # a new state of this length
                 state.append(a)
             if a == EOS or len(state) >= m[b] + cfg.max_new_tokens:
                 break
@@ -101,6 +106,74 @@ def test_cached_greedy_equals_uncached(family, bias):
         assert int(out.n_bkspc[b]) == acts.count(bk)
     n_bk = sum(a.count(bk) for a, _ in want)
     assert n_bk > 0 or bias == 0, "the bias must force some backspaces"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("bias", [2.5, 6.0])
+def test_no_repeat_deleted_greedy_equals_the_reference_decoder(family, bias):
+    """With a <bkspc> bias, plain greedy loops on `x <bkspc> x <bkspc>`; with the ban it walks
+    down the ranking at each state, exactly as the Python decoder does."""
+    model, graphdef, params, forward = _setup(family)
+    bk = model.config.vocab_size
+    cfg = sampling.SamplingConfig(
+        max_new_tokens=8, max_actions=24, greedy=True, bkspc_logit_bias=bias, no_repeat_deleted=True
+    )
+    ids, m = prompts(5)
+    out = sampling.sample(
+        graphdef, ids, m, jax.random.key(0), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
+    )
+    want = naive_greedy(forward, params, ids, m, cfg, bk)
+    for b, (acts, state) in enumerate(want):
+        n = int(out.length[b]) - m[b]
+        assert out.actions[b, m[b] : m[b] + n].tolist() == acts
+        assert out.final[b, : int(out.final_length[b])].tolist() == state
+    assert sum(a.count(bk) for a, _ in want) >= 4  # the ban was exercised
+    plain = naive_greedy(
+        forward, params, ids, m, dataclasses.replace(cfg, no_repeat_deleted=False), bk
+    )
+    assert plain != want  # and it changes the decoding
+
+
+def _check_never_repeats(rows, m, n, bk):
+    """Replays each action row: no token is chosen at a state it was deleted from."""
+    for b in range(len(rows)):
+        state, banned = list(rows[b][: m[b]]), {}
+        for a in rows[b][m[b] : n[b]]:
+            assert a not in banned.get(len(state), set()), (b, rows[b][: n[b]])
+            if a == bk:
+                banned.setdefault(len(state) - 1, set()).add(state.pop())
+            else:
+                banned[len(state) + 1] = set()
+                state.append(a)
+
+
+def test_no_repeat_deleted_sampling_never_repeats_a_deleted_token():
+    model, graphdef, params, _ = _setup("llama")
+    bk = model.config.vocab_size
+    ids, m = prompts(6)
+    ids, m = np.tile(ids, (16, 1)), np.tile(m, 16)
+    kw = dict(max_new_tokens=6, max_actions=30, bkspc_logit_bias=3.0, top_k=8, temperature=1.2)
+    rows = {}
+    for ban in (False, True):
+        cfg = sampling.SamplingConfig(no_repeat_deleted=ban, **kw)
+        out = jax.device_get(
+            sampling.sample(
+                graphdef, ids, m, jax.random.key(8), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
+            )
+        )
+        rows[ban] = (out.actions.tolist(), out.length)
+        assert out.n_bkspc.sum() > 50
+    _check_never_repeats(*rows[True][:1], m, rows[True][1], bk)
+    with pytest.raises(AssertionError):  # the check can fail: plain sampling repeats
+        _check_never_repeats(*rows[False][:1], m, rows[False][1], bk)
+
+
+def test_every_action_banned_ends_the_row_with_eos():
+    logits = jnp.zeros((2, 5))
+    banned = jnp.array([[True] * 5, [True, False, True, True, True]])
+    cfg = sampling.SamplingConfig(greedy=True)
+    a = sampling._choose(None, logits, jnp.array([3, 3]), jnp.array([1, 1]), cfg, (4, 2), banned)
+    assert a.tolist() == [2, 1]
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

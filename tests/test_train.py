@@ -221,6 +221,32 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     assert saved["metrics"]["n"] == 8 and "accuracy_ci_low" in saved["metrics"]
     assert "| accuracy |" in (wd / "eval_12.md").read_text()
     assert saved["protocol"]["split"] == "test"
+    m = saved["metrics"]
+    for mode in ("greedy", "greedy_no_repeat", "sample"):
+        assert 0 <= m[f"accuracy_{mode}"] <= 1 and 0 <= m[f"recovery_{mode}"] <= 1
+    assert m["accuracy"] == m["accuracy_greedy_no_repeat"] and m["accuracy_sample_k"] == 4
+    assert m["accuracy_sample_ci_low"] <= m["accuracy_sample"] <= m["accuracy_sample_ci_high"]
+    assert m["recovery"] == m["recovery_greedy_no_repeat"]
+    assert 0 <= m["recovery_exact_delete_frac"] <= min(1, m["recovery_deletions"])
+    assert len(saved["recovery_examples"]) == 4 and "given" in saved["recovery_examples"][0]
+    # Your own questions: a JSONL file; a malformed line is an error naming it.
+    qs = wd / "qs.jsonl"
+    lines = ['{"question": "In base 7, what is 12 + 3?", "answer": "15"}', ""]
+    lines.append('{"question": "In base 10, what is 2 - 5?", "answer": "-3"}')
+    qs.write_text("\n".join(lines))
+    own = evaluate.evaluate_workdir(str(wd), questions=str(qs), decodings=("greedy",))
+    assert own["metrics"]["n"] == 2 and own["protocol"]["decodings"] == ["greedy"]
+    assert own["metrics"]["accuracy"] == own["metrics"]["accuracy_greedy"]
+    assert (wd / "eval_qs_12.json").exists()
+    for bad, why in (
+        ('{"question": "In base 7, what is 1 + 1?"}', "exactly"),
+        ('{"question": "What is 1 + 1?", "answer": "2"}', "'W' is not in the alphabet"),
+        ('{"question": "In base 7, what is 1?", "answer": "1"}', "not an add_or_sub_in_base"),
+        ("not json", "Expecting value"),
+    ):
+        qs.write_text(lines[0] + "\n" + bad + "\n")
+        with pytest.raises(ValueError, match=rf"qs.jsonl:2: .*{why}"):
+            evaluate.evaluate_workdir(str(wd), questions=str(qs))
     val = evaluate.evaluate_workdir(str(wd), split="validation")  # another split, own file
     assert val["protocol"]["split"] == "validation" and val["metrics"]["n"] == 500
     assert json.loads((wd / "eval_validation_12.json").read_text())["metrics"] == val["metrics"]

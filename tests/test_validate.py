@@ -54,6 +54,7 @@ def _edited(c, key, value):
         ("loss.masked_actions", "env", r"choose one of \['unrewarded', 'environment'\]"),
         ("loss.normalize", "episode", r"choose one of \['token', 'row'\]"),
         ("data.eval_split", "dev", r"data.eval_split='dev' is not a split of arithmetic"),
+        ("eval.decodings", "greedy,beam", r"eval.decodings='greedy,beam': unknown decoding 'beam'"),
         ("loss.temperature", 0.0, r"loss.temperature=0.0 is out of range; it must be in \(0.0"),
         ("loss.truncated_weight", 2.0, r"loss.truncated_weight=2.0 is out of range"),
         ("noise.rate", 1.5, r"noise.rate=1.5 is out of range; it must be in \[0.0, 1.0\]"),
