@@ -119,9 +119,58 @@ def make_train_fn(pretrained: Path, data_dir: str):
         state, last = train.train(r.config, str(wd))
         if int(state.step) < r.config.train.num_steps:  # preempted (SIGTERM): saved, not done
             raise SystemExit(f"{r.name} stopped at step {int(state.step)}; rerun to resume")
-        return {**common.last_eval(wd), **{k: float(v) for k, v in last.items()}}
+        res = {**common.last_eval(wd), **{k: float(v) for k, v in last.items()}}
+        rec = common.last_texts(wd).get("recovery")
+        return {**res, "recovery_examples": rec.splitlines()} if rec else res
 
     return train_fn
+
+
+DECODINGS = [  # (result key, heading): every method under each decoding mode
+    ("eval/accuracy", "greedy_no_repeat (headline)"),
+    ("eval/accuracy_greedy", "greedy"),
+    ("eval/accuracy_sample", "sampling at T = 1 (mean of 4 sampling seeds)"),
+]
+RECOVERY = [
+    ("eval/recovery", "greedy_no_repeat (headline)"),
+    ("eval/recovery_greedy", "greedy"),
+    ("eval/recovery_sample", "sampling at T = 1"),
+]
+
+
+def _cell(rs: list[dict] | None, key: str) -> str:
+    """Mean ± 95% t-interval over seeds; one seed: the headline's bootstrap interval."""
+    vals = [r[key] for r in rs or [] if key in r]
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        if key != "eval/accuracy":
+            return f"{vals[0]:.3f}"
+        m, (lo, hi) = _interval(rs)
+        return f"{m:.3f} [{m - lo:.2f}, {m + hi:.2f}]"
+    m, h = common.mean_ci(vals)
+    return f"{m:.3f} ± {h:.3f}"
+
+
+def _method_table(by: dict, levels: list[float], key: str) -> str:
+    mle = by.get(("mle", 0.0))
+    rows = []
+    for method, (label, _, _) in METHODS.items():
+        cells = [_cell(mle if method == "mle" else by.get((method, n)), key) for n in levels]
+        if any(c != "-" for c in cells):
+            rows.append([label, *cells])
+    return common.markdown_table(["method", *[f"noise {n:g}" for n in levels]], rows)
+
+
+def _table2(by: dict, noise: float) -> str:
+    """The first four test questions of each method (seed 0) with a corrupted answer prefix."""
+    lines = []
+    for method, (label, _, _) in METHODS.items():
+        rs = by.get(("mle", 0.0) if method == "mle" else (method, noise), [])
+        ex = next((r.get("recovery_examples") for r in rs if r["seed"] == 0), None)
+        if ex:
+            lines += [f"**{label.replace('`', '')}**", "", *[f"- `{e}`" for e in ex], ""]
+    return "\n".join(lines)
 
 
 def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
@@ -129,28 +178,25 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     for r in results:
         by.setdefault((r["method"], r["noise"]), []).append(r)
     levels = sorted({n for _, n in by})
-    mle = by.get(("mle", 0.0))
-
-    def cell(rs):
-        if not rs:
-            return "-"
-        if len(rs) == 1:  # one seed: the bootstrap interval over test questions
-            m, (lo, hi) = _interval(rs)
-            return f"{m:.3f} [{m - lo:.2f}, {m + hi:.2f}]"
-        m, h = common.mean_ci([r["eval/accuracy"] for r in rs])
-        return f"{m:.3f} ± {h:.3f}"
-
-    rows = []
-    for key, (label, _, _) in METHODS.items():
-        cells = [cell(mle if key == "mle" else by.get((key, n))) for n in levels]
-        if any(c != "-" for c in cells):
-            rows.append([label, *cells])
-    acc_table = common.markdown_table(["method", *[f"noise {n:g}" for n in levels]], rows)
+    acc_table = _method_table(by, levels, "eval/accuracy")
+    per_decoding = "".join(
+        f"\n**{head}**\n\n" + _method_table(by, levels, key) for key, head in DECODINGS[1:]
+    )
+    recovery = "".join(
+        f"\n**{head}**\n\n" + _method_table(by, levels, key) for key, head in RECOVERY
+    )
+    recovery += "\n**Deletions per question (headline decoding)**\n\n" + _method_table(
+        by, levels, "eval/recovery_deletions"
+    )
+    recovery += "\n**Deleted the wrong token and nothing else**\n\n" + _method_table(
+        by, levels, "eval/recovery_exact_delete_frac"
+    )
 
     diag_keys = [
         ("eval/accuracy", "accuracy"),
-        ("eval/accuracy_ci_low", "95% CI low (1 seed)"),
-        ("eval/accuracy_ci_high", "95% CI high"),
+        ("eval/accuracy_greedy", "greedy"),
+        ("eval/accuracy_sample", "sample"),
+        ("eval/recovery", "recovery"),
         ("eval/bkspc_per_sample", "`<bkspc>`/sample"),
         ("eval/bkspc_sample_frac", "samples using `<bkspc>`"),
         ("eval/bkspc_deleted_wrong_frac", "deleted token was wrong"),
@@ -165,20 +211,39 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
     diag = common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag_rows)
     n_seeds = len({r["seed"] for r in results})
+    table2 = _table2(by, ABLATION_NOISE)
     text = (
         "# Arithmetic: accuracy vs noise level (the paper's Figure 3, CPU scale)\n\n"
         + header
-        + "\nHeld-out exact match of the final answer (after backspaces), greedy decoding, "
+        + "\nHeld-out exact match of the final answer (after backspaces), "
         f"{int(results[0].get('eval/n', 0))} `easy` questions per seed; mean ± half-width of "
         f"the 95% t-interval over {n_seeds} seed(s) (each seed: its own fine-tuning set and "
         "test questions; with one seed, the bootstrap 95% interval over test questions). "
-        "MLE never sees noise: one value for every level. The pretrained "
+        "Headline decoding: greedy without choosing a token again at a state it was deleted "
+        "from (`greedy_no_repeat`; equal to greedy for a model that never deletes). MLE never "
+        "sees noise: one value for every level. The pretrained "
         f"model alone scores {pre.get('eval/accuracy', float('nan')):.3f} (seed 1000 test).\n\n"
         + acc_table
-        + f"\n![accuracy vs noise]({out.name}.png)\n\n## Every run\n\n"
+        + f"\n![accuracy vs noise]({out.name}.png)\n\n## Every decoding\n"
+        + per_decoding
+        + "\n## Recovery from a corrupted answer prefix (the paper's Table 2)\n\n"
+        "Each test question with its first `j` reference answer tokens (`j` uniform over the "
+        "answer) then one wrong token from the ground-truth noise distribution, given as "
+        "actions the model may delete; recovery is the fraction whose final answer after "
+        "backspaces is right. MLE cannot delete: its recovery is what continuing after an "
+        "error gives.\n"
+        + recovery
+        + f"\n![recovery vs noise]({out.name}_recovery.png)\n"
+        + (
+            f"\n### The first four test questions (noise {ABLATION_NOISE:g}, seed 0)\n\n" + table2
+            if table2
+            else ""
+        )
+        + "\n## Every run\n\n"
         + diag
     )
-    _plot(by, levels, out.with_suffix(".png"))
+    _plot(by, levels, out.with_suffix(".png"), DECODINGS)
+    _plot(by, levels, out.with_name(out.name + "_recovery.png"), RECOVERY)
     return text
 
 
@@ -223,24 +288,40 @@ def _interval(rs: list[dict]) -> tuple[float, tuple[float, float]]:
     return m, (h, h)
 
 
-def _plot(by, levels, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for key, (label, _, _) in METHODS.items():
-        pts = [(n, rs) for (m, n), rs in sorted(by.items()) if m == key]
-        if not pts:
-            continue
-        if key == "mle":
-            pts = [(n, pts[0][1]) for n in levels]
-        xs = [n for n, _ in pts]
-        ys, es = zip(*[_interval(rs) for _, rs in pts], strict=True)
-        es = np.asarray(es).T  # [2, len(xs)]: below, above
-        style = "--" if key == "mle" else "-o" if len(xs) > 1 else "s"
-        ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label.replace("`", ""))
-    ax.set_xlabel("noise level (probability of a noise token before each data token)")
-    ax.set_ylabel("held-out exact match")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+def _plot(by, levels, path: Path, panels: list[tuple[str, str]]) -> None:
+    """One panel per decoding mode: the metric vs noise level, per method."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True)
+    for ax, (key, head) in zip(np.atleast_1d(axes), panels, strict=True):
+        for method, (label, _, _) in METHODS.items():
+            pts = [(n, rs) for (m, n), rs in sorted(by.items()) if m == method]
+            pts = [(n, [r for r in rs if key in r]) for n, rs in pts]
+            pts = [(n, rs) for n, rs in pts if rs]
+            if not pts:
+                continue
+            if method == "mle":
+                pts = [(n, pts[0][1]) for n in levels]
+            xs = [n for n, _ in pts]
+            if key == "eval/accuracy":
+                ys, es = zip(*[_interval(rs) for _, rs in pts], strict=True)
+            else:
+                ys, es = zip(
+                    *[
+                        (m, (h, h))
+                        for m, h in (common.mean_ci([r[key] for r in rs]) for _, rs in pts)
+                    ],
+                    strict=True,
+                )
+            es = np.asarray(es).T  # [2, len(xs)]: below, above
+            style = "--" if method == "mle" else "-o" if len(xs) > 1 else "s"
+            ax.errorbar(xs, ys, yerr=es, fmt=style, capsize=3, label=label.replace("`", ""))
+        ax.set_title(head, fontsize=9)
+        ax.set_xlabel("noise level")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    np.atleast_1d(axes)[0].set_ylabel(
+        "held-out exact match" if panels is DECODINGS else "recovery (final answer right)"
+    )
+    np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

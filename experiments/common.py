@@ -79,6 +79,23 @@ def last_eval(workdir: Path) -> dict:
     return last
 
 
+def last_texts(workdir: Path) -> dict[str, str]:
+    """The texts (samples, recovery examples, ...) of a run's last evaluation dump."""
+    dumps = sorted(
+        (Path(workdir) / "samples").glob("step_*.txt"), key=lambda p: int(p.stem.split("_")[1])
+    )
+    if not dumps:
+        return {}
+    texts, name = {}, None
+    for line in dumps[-1].read_text().splitlines():
+        if line.startswith("=== ") and line.endswith(" ==="):
+            name = line[4:-4]
+            texts[name] = []
+        elif name is not None and line:
+            texts[name].append(line)
+    return {k: "\n".join(v) for k, v in texts.items()}
+
+
 def git_revision() -> str:
     try:
         rev = subprocess.run(

@@ -86,6 +86,39 @@ def test_summary_table_means_and_plot(tmp_path):
     json.dumps(results)  # what main writes
 
 
+def test_summary_reports_every_decoding_recovery_and_table2(tmp_path):
+    results = []
+    for method, noise in (("mle", 0.0), ("bc", 0.1), ("sm_gt", 0.1)):
+        for seed, acc in enumerate([0.3, 0.4]):
+            r = _fake(method, noise, seed, acc)
+            r.update({"eval/accuracy_greedy": acc - 0.1, "eval/accuracy_sample": acc / 2})
+            r.update({"eval/recovery": 0.2, "eval/recovery_greedy": 0.1})
+            r["eval/recovery_exact_delete_frac"] = 0.05 if method != "mle" else 0.0
+            r["recovery_examples"] = [f"{method} example {i}" for i in range(4)]
+            results.append(r)
+    out = tmp_path / "arith"
+    text = arithmetic.summarise(results, {"eval/accuracy": 0.1}, "header\n", out)
+    sections = text.split("\n## ")
+    decodings = next(x for x in sections if x.startswith("Every decoding"))
+    sm_greedy = [line for line in decodings.splitlines() if line.startswith("| SequenceMatch, gr")]
+    m, h = common.mean_ci([0.3 - 0.1, 0.4 - 0.1])
+    assert f"{m:.3f} ± {h:.3f}" in sm_greedy[0]  # the greedy table
+    rec = next(x for x in sections if x.startswith("Recovery"))
+    assert "0.200 ± 0.000" in rec and "sm_gt example 3" in rec and "mle example 0" in rec
+    for png in ("arith.png", "arith_recovery.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_last_texts_reads_the_final_dump(tmp_path):
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "step_9.txt").write_text("=== samples ===\nold\n\n")
+    (tmp_path / "samples" / "step_10.txt").write_text(
+        "=== samples ===\na\nb\n\n=== recovery ===\nr1\nr2\n\n"
+    )
+    assert common.last_texts(tmp_path) == {"samples": "a\nb", "recovery": "r1\nr2"}
+    assert common.last_texts(tmp_path / "none") == {}
+
+
 def test_last_eval_reads_the_latest_evaluation(tmp_path):
     lines = [{"step": 1, "loss": 2.0}, {"step": 2, "eval/accuracy": 0.1}, {"step": 3, "loss": 1}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
