@@ -321,7 +321,8 @@ def _plot(by, levels, path: Path, panels: list[tuple[str, str]]) -> None:
     np.atleast_1d(axes)[0].set_ylabel(
         "held-out exact match" if panels is DECODINGS else "recovery (final answer right)"
     )
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+    if np.atleast_1d(axes)[0].get_legend_handles_labels()[0]:
+        np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
