@@ -354,11 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     common.enable_compilation_cache(root / "jax_cache")
     data_dir = str(root / "data")
-    shard = tuple(int(x) for x in args.shard.split("/"))
-    if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
-        raise SystemExit(f"--shard={args.shard!r}: use i/n with 0 <= i < n")
-    if shard[0] > 0 and not (root / "pretrain" / "result.json").exists():
-        raise SystemExit("pretraining is not finished: run shard 0 first (it pretrains)")
+    shard = common.parse_shard(args.shard, root / "pretrain")
     pre_wd = pretrain(root, data_dir)
     train_fn = make_train_fn(pre_wd, data_dir)
     if args.objective:

@@ -69,6 +69,20 @@ def run_all(
     return results
 
 
+def parse_shard(spec: str, pretrain_wd: Path) -> tuple[int, int]:
+    """`--shard i/n`: this process runs every n-th planned run from the i-th. Only shard 0
+    pretrains: the others refuse to start before the pretraining has finished."""
+    try:
+        i, n = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard={spec!r}: use i/n with 0 <= i < n") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard={spec!r}: use i/n with 0 <= i < n")
+    if i > 0 and not (pretrain_wd / "result.json").exists():
+        raise SystemExit("pretraining is not finished: run shard 0 first (it pretrains)")
+    return i, n
+
+
 def last_eval(workdir: Path) -> dict:
     """The last evaluation a run wrote to its metrics.jsonl (also when it finished earlier)."""
     last = {}

@@ -4,6 +4,7 @@
     python -m experiments.text --seeds 1    # one seed
     python -m experiments.text --summarise_only
     python -m experiments.text --reevaluate      # evaluate the finished runs again, then go on
+    python -m experiments.text --objective       # the objective's ablation (revision 2)
 
 1. Pretrain (once): a 3-layer Llama-style model (`mini_llama`) with MLE on the Shakespeare
    corpus, a 1000-id BPE, 24-token prompts and 24-token continuations
@@ -37,7 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from configs import text as text_config
-from experiments import common
+from experiments import common, text_objective
 from smatch_jax import evaluate, train
 
 MODULE = "experiments.text"
@@ -281,6 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--reevaluate", action="store_true", help="evaluate the finished runs again first"
     )
+    ap.add_argument(
+        "--objective", action="store_true", help="the objective's ablation (text_objective.py)"
+    )
+    ap.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/text")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
@@ -290,12 +295,20 @@ def main(argv: list[str] | None = None) -> None:
     common.enable_compilation_cache(root / "jax_cache")
     data_dir = str(root / "data")
     featurizer = None if args.summarise_only else evaluate.make_featurizer("minilm")
+    shard = common.parse_shard(args.shard, root / "pretrain")
     pre_wd = pretrain(root, data_dir, featurizer)
+    if args.objective:
+        train_fn = make_train_fn(pre_wd, data_dir, featurizer)
+        text_objective.main(args, root, pre_wd, train_fn, t0, shard)
+        return
     runs = plan(args.seeds)
     if args.reevaluate and not args.summarise_only:
         reevaluate(root / "runs", runs, pre_wd, featurizer)
     train_fn = make_train_fn(pre_wd, data_dir, featurizer)
-    results = common.run_all(runs, root / "runs", train_fn, train=not args.summarise_only)
+    mine = runs[shard[0] :: shard[1]]
+    results = common.run_all(mine, root / "runs", train_fn, train=not args.summarise_only)
+    if shard[1] > 1:  # the other shards' finished runs
+        results = common.run_all(runs, root / "runs", train_fn, train=False)
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
     out = Path(args.out) / "text"
