@@ -141,6 +141,12 @@ def evaluate_on_test(results: list[dict], names: set[str], root: Path) -> None:
         (wd / "result.json").write_text(json.dumps(r, indent=2))
 
 
+TEST_COLUMNS = [  # (key, header) of the test evaluation
+    ("test/accuracy_greedy", "test, greedy"),
+    ("test/accuracy_greedy_no_repeat", "test, greedy_no_repeat"),
+    ("test/accuracy_sample", "test, sampling T = 1"),
+    ("test/recovery", "test recovery (greedy_no_repeat)"),
+]
 DIAG = [  # (key, header)
     ("sm/r_data", "r data"),
     ("sm/r_model", "r model"),
@@ -189,9 +195,11 @@ def summarise(results: list[dict], header: str, out: Path, seeds: int) -> str:
             rs = by.get(("mle", 0.0) if name == "mle" else (name, noise), [])
             if name == "bc" and noise == 0.0:
                 continue
-            test_rows.append([name, f"{noise:g}", _cell(rs, "test/accuracy"), _cell(rs)])
+            test_rows.append(
+                [name, f"{noise:g}", *[_cell(rs, k) for k, _ in TEST_COLUMNS], _cell(rs)]
+            )
     test_table = common.markdown_table(
-        ["method", "noise", "test accuracy", "validation accuracy"], test_rows
+        ["method", "noise", *[h for _, h in TEST_COLUMNS], "validation, greedy"], test_rows
     )
     diag_rows = []
     for r in sorted(results, key=lambda r: (r["noise"], names.index(r["method"]), r["seed"])):
@@ -216,7 +224,8 @@ def summarise(results: list[dict], header: str, out: Path, seeds: int) -> str:
         + f"\n![validation accuracy per setting]({out.name}.png)\n\n"
         "## The test questions, evaluated once\n\n"
         "After the choice: the chosen setting, revision 1 and the baselines on the 200 test "
-        "questions of each seed (the same checkpoints).\n\n"
+        "questions of each seed (the same checkpoints), under each decoding (greedy is the "
+        "decoding the choice was made with), and recovery from a corrupted answer prefix.\n\n"
         + test_table
         + "\n## Every run\n\nTraining diagnostics are those of the last logged step; "
         "`<bkspc>`/answer and deleted-was-wrong are from the validation decoding.\n\n" + diag
