@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype
 
     c.noise = ml_collections.ConfigDict()
-    c.noise.rate = 0.1  # probability of a noise burst before each data action (SPEC 4)
+    c.noise.rate = 0.1  # probability of a noise burst before each data action (method.md §4)
     c.noise.kind = "ground_truth"  # 'ground_truth' or 'random'
     c.noise.max_burst = 1  # bursts of 1..max_burst noise tokens, then as many <bkspc>
     c.noise.mask_noise_actions = True  # noise tokens get action weight 0 [ours]
@@ -78,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.gamma = 0.998  # discount
     c.loss.chi2_coef = 0.25  # c, weight of the r^2 term
     c.loss.value_on = "mix"  # 'mix' (on-policy rows) or 'data' (offline)
-    # Revision 2 of the objective (docs/method.md 2.7); each option is ablated in
+    # Revision 2 of the objective (docs/method.md §2.7); each option is ablated in
     # experiments/results/arithmetic_objective.md.
     c.loss.temperature = 1.0  # alpha: Q = alpha * logits, the objective divided by alpha
     c.loss.terminal = "zero"  # V after eos: 'zero' or 'bootstrap' (read at the eos position)

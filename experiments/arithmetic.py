@@ -11,7 +11,7 @@
    `<bkspc>`); SequenceMatch chi2-mix with ground-truth noise; with random noise; and the
    ablations SequenceMatch without `<bkspc>` and with `mask_noise_actions=False`.
 3. Greedy exact match of the final answer (after backspaces) on 200 held-out questions, with
-   the mean and 95% interval over seeds; backspace statistics and the SPEC 2.6 diagnostics.
+   the mean and 95% interval over seeds; backspace statistics and the method.md §2.6 diagnostics.
 
 Writes `experiments/results/arithmetic[_quick].{md,json,png}`. Every run is a workdir under
 `--workdir`; finished runs are reused and interrupted ones resume, so re-running the same
@@ -272,8 +272,8 @@ def summarise_tuning(results: list[dict], header: str) -> str:
         + header
         + "\nOne setting changed at a time from `configs/arithmetic.py:finetune,sm_chi2`; "
         "the MLE and BC rows are the baselines on the same data and test questions. Training "
-        "diagnostics (SPEC 2.6) are those of the last logged step. Selecting settings on these "
-        "test questions would bias the sweep: the sweep keeps the defaults.\n\n"
+        "diagnostics (method.md §2.6) are those of the last logged step. Selecting settings on "
+        "these test questions would bias the sweep: the sweep keeps the defaults.\n\n"
         + common.markdown_table(["run", *[h for _, h in TUNING_COLUMNS]], rows)
     )
 

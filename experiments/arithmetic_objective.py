@@ -1,4 +1,4 @@
-"""The objective's ablation (docs/method.md 2.7) on arithmetic: which revision-2 option matters.
+"""The objective's ablation (docs/method.md §2.7) on arithmetic: which revision-2 option matters.
 
     python -m experiments.arithmetic --objective            # 3 seeds, noise 0 and 0.1
     python -m experiments.arithmetic --objective --shard 1/2  # half of the runs (2 processes)

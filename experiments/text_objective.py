@@ -1,4 +1,4 @@
-"""The objective's ablation (docs/method.md 2.7) on text, beside MLE and BC.
+"""The objective's ablation (docs/method.md §2.7) on text, beside MLE and BC.
 
     python -m experiments.text --objective            # 2 seeds
     python -m experiments.text --objective --shard 1/2

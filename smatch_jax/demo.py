@@ -1,6 +1,6 @@
 """`make run` until the training system lands: an end-to-end demo of what exists.
 
-1. The SPEC worked example through `backspace_layout` (ids, positions, attention sets).
+1. The method.md worked example through `backspace_layout` (ids, positions, attention sets).
 2. A tiny Llama-family transformer trained on 2-digit addition written in characters, with
    ground-truth noise + `<bkspc>` augmentation and the loss factory (BC warm-up, then BC +
    SequenceMatch chi2-mix in offline mode, `value_on='data'`: the sampler and its replay
@@ -59,7 +59,7 @@ def show_worked_example() -> None:
     names = ["P0", "P1", "A", "B", "⌫", "C", "D", "⌫", "⌫", "E", "eos"]
     ids = [0, 1, 2, 3, BK, 4, 5, BK, BK, 6, EOS]
     lay = masks.backspace_layout(np.array([ids]), np.array([2]), np.array([11]), bkspc_id=BK)
-    print("SPEC 3 worked example: prompt P0 P1, actions A B ⌫ C D ⌫ ⌫ E eos")
+    print("method.md §3 worked example: prompt P0 P1, actions A B ⌫ C D ⌫ ⌫ E eos")
     print(f"{'k':>3} {'token':>6} {'input':>6} {'pos':>4}  attends to")
     lookup = dict(zip(ids, names, strict=False))
     for k in range(11):

@@ -1,4 +1,4 @@
-"""SequenceMatch and behavioural-cloning losses (docs/method.md section 2): pure functions of
+"""SequenceMatch and behavioural-cloning losses (method.md §2): pure functions of
 logits and tokens.
 
 The logits are soft Q-values at temperature `alpha` (section 2.7): at the position `j`

@@ -1,4 +1,4 @@
-"""One-pass backspace layout (SPEC 3) and `apply_backspaces`.
+"""One-pass backspace layout (method.md §3) and `apply_backspaces`.
 
 A row `tokens[0..T)` is a prompt `tokens[0..m)`, actions `tokens[m..n)` and padding. An action
 is a vocabulary token (appended to the state) or `<bkspc>` (deletes the state's last token;
@@ -51,7 +51,7 @@ class _Walk(NamedTuple):
 def _walk_row(
     tokens_T: jax.Array, prompt_len: jax.Array, length: jax.Array, bkspc_id: int
 ) -> _Walk:
-    """Runs the SPEC 3 stack over one row.
+    """Runs the method.md §3 stack over one row.
 
     Each step only writes single entries (ids, positions, the stack, leave times), so the loop
     body is a handful of scalar updates; the [T, T] mask follows from the leave times
@@ -124,7 +124,7 @@ def backspace_layout(
     bkspc_id: int,
     method: str = "scan",
 ) -> Layout:
-    """The one-pass layout of SPEC 3 for rows `tokens` [B, T].
+    """The one-pass layout of method.md §3 for rows `tokens` [B, T].
 
     Args:
       tokens: int32 [B, T], prompt then actions then padding (any pad id).
@@ -195,7 +195,7 @@ def apply_backspaces(
     bkspc_id: int,
     pad_id: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Final text of each row after its backspaces (SPEC 3), prompt included.
+    """Final text of each row after its backspaces (method.md §3), prompt included.
 
     Returns:
       `(final_tokens [B, T], final_length [B])`: each row left-aligned and padded with `pad_id`.

@@ -1,4 +1,4 @@
-"""Noise + `<bkspc>` augmentation of data rows (SPEC 4): teaching the model to backtrack.
+"""Noise + `<bkspc>` augmentation of data rows (method.md §4): teaching the model to backtrack.
 
 Data rows contain no backspaces, so a model trained on them never sees one used. Before each
 data action, with probability `noise_rate`, we insert a burst of `k` noise tokens followed by
@@ -16,7 +16,7 @@ With `mask_noise_actions` [ours, default] the noise tokens get action weight 0 (
 learns to recover from errors, not to make them); the `<bkspc>` actions keep weight 1.
 
 Rows that would exceed `T` are cut after the last source token that still fits (never in the
-middle of a burst) and flagged in `Noised.truncated`; they become truncated episodes (SPEC 1).
+middle of a burst) and flagged in `Noised.truncated`; they become truncated episodes (method.md §1).
 `add_noise` is pure jnp, seeded by a PRNG key, vmapped over rows and jit-able.
 """
 
@@ -142,7 +142,7 @@ def add_noise(
     exclude_target: bool = True,
     pad_id: int = 0,
 ) -> Noised:
-    """Inserts noise bursts and their backspaces into data rows (SPEC 4).
+    """Inserts noise bursts and their backspaces into data rows (method.md §4).
 
     Args:
       key: PRNG key; the result is a pure function of it and the inputs.

@@ -1,8 +1,8 @@
-"""Replay buffer of model rows (SPEC 6): fixed capacity, FIFO, a pytree of device arrays.
+"""Replay buffer of model rows (method.md §6): fixed capacity, FIFO, a pytree of device arrays.
 
 The sampler's action rows (prompt + actions, possibly with `<bkspc>`) are pushed here and
 drawn uniformly for the `model` half of each SequenceMatch batch. Stale rows are allowed:
-the value term telescopes along any trajectory (SPEC 2.4). Being a plain pytree, the buffer
+the value term telescopes along any trajectory (method.md §2.4). Being a plain pytree, the buffer
 is saved in checkpoints with the train state, so a resumed run draws the same rows.
 """
 

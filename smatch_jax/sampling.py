@@ -1,4 +1,4 @@
-"""Batched sampling with `<bkspc>` over a functional KV cache (SPEC 5): one jitted while_loop.
+"""Batched sampling with `<bkspc>` over a functional KV cache (method.md §5): one jitted while_loop.
 
 The cache holds the current state's tokens only; a row's cache length is its state length.
 

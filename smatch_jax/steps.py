@@ -1,4 +1,4 @@
-"""The compiled pieces of training (SPEC 6): the train step and the replay refill.
+"""The compiled pieces of training (method.md §6): the train step and the replay refill.
 
 * `train_step`: data rows get noise + `<bkspc>` augmentation (on device, keyed by the step),
   model rows are drawn from the replay buffer; both go through `backspace_layout` and ONE

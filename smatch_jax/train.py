@@ -1,4 +1,4 @@
-"""`train_and_evaluate(config, workdir)`: the SequenceMatch training loop (SPEC 6).
+"""`train_and_evaluate(config, workdir)`: the SequenceMatch training loop (method.md §6).
 
     init params (scratch or pretrained + <bkspc> row, optional LoRA)
     for step: [refill the replay buffer from data prompts] -> data batch (+ noise on device)

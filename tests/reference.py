@@ -1,6 +1,6 @@
 """Slow, obviously-correct pure-Python references for the kernels.
 
-Each follows SPEC wording line by line on Python lists; the tests compare the jitted kernels
+Each follows method.md wording line by line on Python lists; the tests compare the jitted kernels
 against them on random and hand-picked rows.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 
 
 def layout_row(tokens, m, n, bkspc):
-    """SPEC 3 on one row: returns (input_ids, positions, mask rows as sets)."""
+    """method.md §3 on one row: returns (input_ids, positions, mask rows as sets)."""
     T = len(tokens)
     ids, pos, rows = list(tokens), [0] * T, [{k} for k in range(T)]
     stack = []
@@ -102,7 +102,7 @@ def sm_loss(
     normalize="token",
     truncated_weight=1.0,
 ):
-    """SPEC 2.4 with the options of 2.7, written as loops over rows and actions (float64).
+    """method.md §2.4 with the options of 2.7, written as loops over rows and actions (float64).
 
     Under masked_actions='environment' an action of weight 0 is skipped entirely; the agent
     action before it looks further along the row for the state it leads to.
@@ -171,7 +171,7 @@ def sm_loss(
 
 
 def bc_loss(logits, tokens, m, n, is_model, *, eos, aw, rw, masked_actions="unrewarded"):
-    """SPEC 2.5: -sum aw * log pi(a|s) / N_data over data rows (float64); under
+    """method.md §2.5: -sum aw * log pi(a|s) / N_data over data rows (float64); under
     masked_actions='environment' the actions of weight 0 are not counted."""
     logits = np.asarray(logits, np.float64)
     total, count = 0.0, 0.0

@@ -1,4 +1,4 @@
-"""The one-pass layout is exact on real models (SPEC 3).
+"""The one-pass layout is exact on real models (method.md §3).
 
 For random rows with backspaces, the logits at every valid position of one forward pass under
 `backspace_layout` equal the logits of a plain causal forward pass over that position's

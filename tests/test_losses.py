@@ -1,4 +1,4 @@
-"""Losses (SPEC 2) against the loop-by-loop float64 reference: values and gradients."""
+"""Losses (method.md §2) against the loop-by-loop float64 reference: values and gradients."""
 
 import functools
 
@@ -45,7 +45,7 @@ def make_batch(seed, *, n_rows=6, n_model=3, offsets=True):
     return logits, tokens, m, n, is_model, aw, rw
 
 
-OPTIONS = {  # revision-2 options of SPEC 2.7, each alone, and together
+OPTIONS = {  # revision-2 options of method.md §2.7, each alone, and together
     "rev1": {},
     "temperature": {"temperature": 0.05},
     "bootstrap": {"terminal": "bootstrap"},
@@ -205,7 +205,7 @@ def _discounted_nll(logits, tokens, m, n, is_model, aw, gamma, normalize="token"
 @pytest.mark.parametrize("terminal", losses.TERMINAL)
 @pytest.mark.parametrize("normalize", losses.NORMALIZE)
 def test_bc_identity_holds_with_noise_as_environment(gamma, terminal, normalize):
-    """SPEC 2.7: value_on=data, c=0, alpha=1: L_SM = E_data[w * -log pi] over agent actions,
+    """method.md §2.7: value_on=data, c=0, alpha=1: L_SM = E_data[w * -log pi] over agent actions,
     exactly, for any logits and noise; at gamma = 1 it is L_BC (agent actions counted)."""
     logits, tokens, m, n, is_model, aw, _ = noisy_batch(5)
     kw = dict(eos_id=EOS, gamma=gamma, chi2_coef=0.0, value_on="data", terminal=terminal)
@@ -245,7 +245,7 @@ def test_bc_identity_holds_with_noise_as_environment(gamma, terminal, normalize)
 @pytest.mark.parametrize("div", ["chi2_mix", "chi2"])
 @pytest.mark.parametrize("terminal", losses.TERMINAL)
 def test_chi2_telescopes_to_bc_plus_a_boundary_term(div, terminal):
-    """SPEC 2.7 (issue 15): with gamma = 1 and c = 0 the linear part telescopes along each row,
+    """method.md §2.7: with gamma = 1 and c = 0 the linear part telescopes along each row,
     L_SM = L_BC + 0.5 (E_model - E_data)[V(s_0) - V(s_n)] (row sums over the group's action
     count; V(s_n) = 0 after eos under terminal='zero', read at the last position otherwise)."""
     logits, tokens, m, n, is_model, _, _ = make_batch(31, n_model=3)

@@ -1,4 +1,4 @@
-"""The backspace layout and apply_backspaces against the pure-Python reference (SPEC 3)."""
+"""The backspace layout and apply_backspaces against the pure-Python reference (method.md §3)."""
 
 import functools
 

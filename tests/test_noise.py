@@ -1,4 +1,4 @@
-"""Noise + <bkspc> augmentation (SPEC 4): structure, rates, weights, truncation."""
+"""Noise + <bkspc> augmentation (method.md §4): structure, rates, weights, truncation."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Optimum sanity of the losses (SPEC 2.4, 2.5) on a tabular problem with exact expectations.
+"""Optimum sanity of the losses (method.md §2.4, 2.5) on a tabular problem with exact expectations.
 
 The MDP. Base tokens {a, b, eos} (V = 3; logit index 3 is <bkspc>), prompt [a], at most H = 3
 actions. A state is the prefix of actions after the prompt. At depth 0 and 1 the actions are
@@ -301,7 +301,7 @@ def test_wrong_objectives_do_not_reach_the_data():
 
 
 # ---------------------------------------------------------------------------------------------
-# The temperature (SPEC 2.7): a one-step problem with 50 actions and one expert action.
+# The temperature (method.md §2.7): a one-step problem with 50 actions and one expert action.
 #
 # State s0 (the prompt) has NACT actions; the data always takes EXPERT. Every action leads to
 # a terminal state: its position has the constant logits END (logsumexp 0, so V = 0 there; not

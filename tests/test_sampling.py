@@ -1,4 +1,4 @@
-"""The backspace sampler (SPEC 5) against naive decoding and the training layout."""
+"""The backspace sampler (method.md §5) against naive decoding and the training layout."""
 
 import dataclasses
 import functools

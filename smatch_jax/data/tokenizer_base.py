@@ -2,7 +2,7 @@
 
 The base vocabulary has `vocab_size` ids (special tokens included); the `<bkspc>` action is the
 extra id `bkspc_id == vocab_size`, which no tokenizer ever produces from text. Decoding an
-action row applies its backspaces first (SPEC 3); `render_actions` shows them instead. Both
+action row applies its backspaces first (method.md §3); `render_actions` shows them instead. Both
 take rows already cut to their length (padding is the caller's business).
 """
 
@@ -37,7 +37,7 @@ class Tokenizer(abc.ABC):
     def decode(self, ids: Sequence[int], prompt_len: int = 0) -> str:
         """Text of `ids` after their backspaces are applied (slice rows to their length first).
 
-        Backspaces never delete the first `prompt_len` ids (SPEC 1: a no-op at the prompt).
+        Backspaces never delete the first `prompt_len` ids (method.md §1: a no-op at the prompt).
         """
         ids = [int(i) for i in ids]
         state = ids[:prompt_len]

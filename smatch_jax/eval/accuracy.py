@@ -1,4 +1,4 @@
-"""Arithmetic accuracy (docs/method.md section 7) and text generation statistics, on the
+"""Arithmetic accuracy (method.md §7) and text generation statistics, on the
 final text.
 
 The model decodes each held-out question with the KV-cache sampler under each decoding mode

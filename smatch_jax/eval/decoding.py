@@ -1,6 +1,6 @@
 """Decoding modes of the evaluation, and the corrupted prompts of the recovery evaluation.
 
-Three modes, each a `SamplingConfig` (docs/method.md section 7):
+Three modes, each a `SamplingConfig` (method.md §7):
 * `greedy`: argmax at every step. After `x <bkspc>` a model is back in the same state with the
   same logits, so it picks `x` again: plain greedy cannot use a backspace well.
 * `greedy_no_repeat`: argmax among the actions not deleted from the current state before

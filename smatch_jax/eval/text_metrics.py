@@ -96,7 +96,7 @@ def backspace_stats(
     Row b holds the prompt `actions[b, :prompt_len[b]]`, then its actions
     `actions[b, prompt_len[b]:length[b]]`; entries past `length[b]` are ignored. Replaying the
     actions, a token appends to the state and `<bkspc>` pops the state's last token, except
-    at the prompt (state length == prompt_len), where it is a no-op (SPEC 1).
+    at the prompt (state length == prompt_len), where it is a no-op (method.md §1).
 
     Returns
       n_bkspc            int array [B]: <bkspc> actions per row (no-ops included);
