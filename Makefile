@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 assets: $(STAMP)
-	$(PY) -m smatch_jax.assets fetch all
+	$(PY) -m smatch_jax.main.assets fetch all
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -24,7 +24,7 @@ from flax import nnx
 
 from benchmarks import harness as h
 from benchmarks.recompute import recompute_sample
-from smatch_jax import losses, masks, noise, replay, sampling, steps
+from smatch_jax import masks, noise, objective, replay, sampling, steps
 
 EOS = 0  # synthetic rows never contain id 0 as an action, so no row ends early
 PAD = 0
@@ -43,8 +43,8 @@ def make_step_fns(model, size: h.Size):
     """
     graphdef, params = nnx.split(model)
     opt = h.make_optimizer()
-    sm_loss = losses.make_loss_fn({}, eos_id=EOS)
-    bc_loss = losses.make_loss_fn({"sm_weight": 0.0}, eos_id=EOS)
+    sm_loss = objective.make_loss_fn({"bc_warmup_steps": 0}, eos_id=EOS)
+    bc_loss = objective.make_loss_fn({"sm_weight": 0.0}, eos_id=EOS)
     V = size.vocab
 
     def update(params, opt_state, loss_fn, ids, pos, mask, rows):
@@ -59,7 +59,7 @@ def make_step_fns(model, size: h.Size):
     def with_layout(loss_fn, method="scan"):
         def step(params, opt_state, tokens, m, n, is_model):
             lay = masks.backspace_layout(tokens, m, n, bkspc_id=V, method=method)
-            rows = losses.Batch(tokens, m, n, is_model, jnp.ones(tokens.shape, jnp.float32))
+            rows = objective.Batch(tokens, m, n, is_model, jnp.ones(tokens.shape, jnp.float32))
             return update(params, opt_state, loss_fn, *lay, rows)
 
         return jax.jit(step)
@@ -69,7 +69,7 @@ def make_step_fns(model, size: h.Size):
         B, T = tokens.shape
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         causal = jnp.tril(jnp.ones((1, T, T), bool))
-        rows = losses.Batch(tokens, m, n, is_model, jnp.ones(tokens.shape, jnp.float32))
+        rows = objective.Batch(tokens, m, n, is_model, jnp.ones(tokens.shape, jnp.float32))
         return update(params, opt_state, bc_loss, tokens, pos, causal, rows)
 
     fns = {
@@ -226,16 +226,13 @@ def real_step_setup(size: h.Size, model_rows: int | None = None):
         bkspc_id=V,
         eos_id=EOS,
         pad_id=PAD,
-        noise_rate=0.1,
-        noise_max_burst=1,
-        mask_noise_actions=True,
-        noise_exclude_target=True,
+        noise=noise.NoiseConfig(rate=0.1, kind="random"),
         model_rows=model_rows,
         prompt_max=P,
         sampling=samp,
     )
     probs = jnp.asarray(noise.random_noise_probs(V, [EOS]))
-    loss_fn = losses.make_loss_fn({}, eos_id=EOS)
+    loss_fn = objective.make_loss_fn({"bc_warmup_steps": 0}, eos_id=EOS)
     state = steps.TrainState(
         jnp.zeros((), jnp.int32),
         params,

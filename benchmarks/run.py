@@ -14,12 +14,13 @@ import json
 import os
 import platform
 import time
+from pathlib import Path
 
 import jax
 
 from benchmarks import figures, scaling
 from benchmarks import harness as h
-from experiments.common import git_revision
+from smatch_jax import metrics, sampling
 
 PROFILES = {
     "quick": dict(
@@ -35,7 +36,7 @@ PROFILES = {
     ),
 }
 SAMPLER_LENGTHS = (64, 256, 1024)
-DEFAULT_SAMPLE_EVERY = 10  # configs/common.py sampling.sample_every
+DEFAULT_SAMPLE_EVERY = sampling.PolicySamplingConfig.sample_every  # the config default
 
 
 def machine() -> dict:
@@ -48,7 +49,7 @@ def machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "load_avg_1m": os.getloadavg()[0],
         "jax": jax.__version__,
-        "git": git_revision(),
+        "git": metrics.git_revision(Path(__file__).resolve().parents[1]),
     }
 
 

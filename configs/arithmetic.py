@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.difficulty = "all"  # train entropy: easy | medium | hard | all (test: interpolate)
     c.data.seq_len = 96  # T: prompt + actions (noise and backspaces included)
 
-    c.model.preset = "small_llama"  # see configs/common.py: MODEL_PRESETS
+    c.model.preset = "small_llama"  # an architecture of smatch_jax/models/config.py PRESETS
     c.noise.kind = "ground_truth"
 
     for variant in (arg or "sm_chi2").split(","):

@@ -60,7 +60,7 @@ TUNING = {  # --tune: SequenceMatch (gt noise 0.1, seed 0) with one setting chan
 }
 
 
-def tuning_plan() -> list[common.Run]:
+def tuning_plan() -> list[common.Job]:
     runs = plan(quick=True, seeds=1)[:2]  # the MLE and BC baselines of seed 0
     for label, edits in TUNING.items():
         c = arith_config.get_config("finetune,sm_chi2")
@@ -69,11 +69,11 @@ def tuning_plan() -> list[common.Run]:
             section, field = key.split(".")
             c[section][field] = value
         name = "sm_gt_n0.1_s0" if not edits else f"tune_{label}"
-        runs.append(common.Run(name, f"sm_gt {label}", c, ABLATION_NOISE, 0))
+        runs.append(common.Job(name, f"sm_gt {label}", c, ABLATION_NOISE, 0))
     return runs
 
 
-def plan(quick: bool, seeds: int) -> list[common.Run]:
+def plan(quick: bool, seeds: int) -> list[common.Job]:
     if quick:
         grid = [("mle", 0.0), ("bc", 0.1), ("sm_gt", 0.1)]
         seed_list = [0]
@@ -93,7 +93,7 @@ def plan(quick: bool, seeds: int) -> list[common.Run]:
                 c.noise.rate = noise
             if "mask" in edits:
                 c.noise.mask_noise_actions = edits["mask"]
-            runs.append(common.Run(f"{key}_n{noise:g}_s{seed}", key, c, noise, seed))
+            runs.append(common.Job(f"{key}_n{noise:g}_s{seed}", key, c, noise, seed))
     return runs
 
 
@@ -113,7 +113,7 @@ def pretrain(root: Path, data_dir: str) -> Path:
 
 
 def make_train_fn(pretrained: Path, data_dir: str):
-    def train_fn(r: common.Run, wd: Path) -> dict:
+    def train_fn(r: common.Job, wd: Path) -> dict:
         r.config.model.init = f"ckpt:{pretrained}"
         r.config.data.data_dir = data_dir
         state, last = train.train(r.config, str(wd))

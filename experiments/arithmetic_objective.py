@@ -73,7 +73,7 @@ def same_as(name: str, noise: float) -> str | None:
     return "rev1" if name == "+environment" and noise == 0.0 else None
 
 
-def plan(seeds: int) -> list[common.Run]:
+def plan(seeds: int) -> list[common.Job]:
     runs = []
     for seed in range(seeds):
         c = arith_config.get_config("finetune,mle")
@@ -98,10 +98,10 @@ def _slug(name: str) -> str:
     return name.replace("+", "plus_").replace(" ", "_").replace("=", "")
 
 
-def _run(c, method: str, slug: str, noise: float, seed: int) -> common.Run:
+def _run(c, method: str, slug: str, noise: float, seed: int) -> common.Job:
     c.seed = seed
     c.data.eval_split = "validation"
-    return common.Run(f"{slug}_n{noise:g}_s{seed}", method, c, noise, seed)
+    return common.Job(f"{slug}_n{noise:g}_s{seed}", method, c, noise, seed)
 
 
 def by_cell(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
@@ -130,13 +130,13 @@ def choose(by: dict, seeds: int) -> str | None:
 
 def evaluate_on_test(results: list[dict], names: set[str], root: Path) -> None:
     """Adds `test/...` (the test questions, evaluated once per run) to the runs of `names`."""
-    from smatch_jax import evaluate
+    from smatch_jax.eval import report as report_lib
 
     for r in results:
         if r["method"] not in names or "test/accuracy" in r:
             continue
         wd = root / r["name"]
-        report = evaluate.evaluate_workdir(str(wd), split="test")
+        report = report_lib.evaluate_workdir(str(wd), split="test")
         r.update({f"test/{k}": v for k, v in report["metrics"].items()})
         (wd / "result.json").write_text(json.dumps(r, indent=2))
 

@@ -1,6 +1,6 @@
 """What every experiment shares: resumable runs, provenance, markdown tables and plots.
 
-An experiment is a list of `Run`s (a config and a workdir each). `run_all` trains the runs that
+An experiment is a list of `Job`s (a config and a workdir each). `run_all` trains the runs that
 have no `result.json` yet (a run interrupted half-way resumes from its checkpoint), so
 re-running an experiment's command continues a sweep instead of starting over. The results
 file of an experiment names the command, the git revision and the wall time that made it.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 
 import ml_collections
 
+from smatch_jax import metrics
 from smatch_jax.eval.accuracy import mean_ci  # noqa: F401 (experiments use common.mean_ci)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ RESULTS = ROOT / "experiments" / "results"
 
 
 @dataclasses.dataclass
-class Run:
+class Job:
     name: str  # unique within the experiment; the workdir's name
     method: str  # the row of the results table
     config: ml_collections.ConfigDict
@@ -44,7 +44,7 @@ def enable_compilation_cache(path: str | Path) -> None:
 
 
 def run_all(
-    runs: list[Run], root: Path, train_fn: Callable[[Run, Path], dict], *, train: bool = True
+    runs: list[Job], root: Path, train_fn: Callable[[Job, Path], dict], *, train: bool = True
 ) -> list[dict]:
     """Each run's result (its `result.json`), training the missing ones in order
     (`train=False`: only the finished runs' results, e.g. to summarise a sweep half-way)."""
@@ -111,19 +111,7 @@ def last_texts(workdir: Path) -> dict[str, str]:
 
 
 def git_revision() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (rev or "unknown") + ("+uncommitted changes" if dirty else "")
+    return metrics.git_revision(ROOT)
 
 
 def provenance(t0: float, module: str, run_seconds: float) -> str:

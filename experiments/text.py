@@ -14,7 +14,7 @@
    chi2-mix. BC and SequenceMatch see the same noise (unigram tokens, rate 0.05). Every run
    and seed uses the same document split and BPE (`data.split_seed = 0`); a seed changes the
    data order, the noise, the replay samples and the evaluation samples.
-3. Evaluate each model (`smatch_jax.evaluate`) on the same 256 validation prompts: one sampled
+3. Evaluate each model (`smatch_jax.eval.report`) on the same 256 validation prompts: one sampled
    continuation per prompt (temperature 1, `<bkspc>` allowed); MAUVE against the reference
    continuations of those prompts (all-MiniLM-L6-v2 features, mean ± std over 5 k-means
    seeds), perplexity of the generations under the pretrained model, n-gram entropy,
@@ -39,7 +39,8 @@ import matplotlib.pyplot as plt
 
 from configs import text as text_config
 from experiments import common, text_objective
-from smatch_jax import evaluate, train
+from smatch_jax import train
+from smatch_jax.eval import report, text_report
 
 MODULE = "experiments.text"
 METHODS = {  # key: (label, config variant)
@@ -67,19 +68,19 @@ COLUMNS = [  # (metric key, header, format)
 ]
 
 
-def plan(seeds: int) -> list[common.Run]:
+def plan(seeds: int) -> list[common.Job]:
     runs = []
     for seed in range(seeds):
         for key, (_, variant) in METHODS.items():
             c = text_config.get_config(f"finetune,{variant}")
             c.seed = seed
-            runs.append(common.Run(f"{key}_s{seed}", key, c, c.noise.rate, seed))
+            runs.append(common.Job(f"{key}_s{seed}", key, c, c.noise.rate, seed))
     return runs
 
 
 def evaluate_run(wd: Path, pre_wd: Path, featurizer) -> dict:
     """The final evaluation of a workdir: `text/<metric>` entries plus its protocol."""
-    rep = evaluate.evaluate_workdir(str(wd), featurizer=featurizer, ref_workdir=str(pre_wd))
+    rep = report.evaluate_workdir(str(wd), featurizer=featurizer, ref_workdir=str(pre_wd))
     return {**{f"text/{k}": v for k, v in rep["metrics"].items()}, "protocol": rep["protocol"]}
 
 
@@ -100,7 +101,7 @@ def pretrain(root: Path, data_dir: str, featurizer) -> Path:
 
 
 def make_train_fn(pretrained: Path, data_dir: str, featurizer):
-    def train_fn(r: common.Run, wd: Path) -> dict:
+    def train_fn(r: common.Job, wd: Path) -> dict:
         r.config.model.init = f"ckpt:{pretrained}"
         r.config.data.data_dir = data_dir
         state, last = train.train(r.config, str(wd))
@@ -112,7 +113,7 @@ def make_train_fn(pretrained: Path, data_dir: str, featurizer):
     return train_fn
 
 
-def reevaluate(root: Path, runs: list[common.Run], pre_wd: Path, featurizer) -> None:
+def reevaluate(root: Path, runs: list[common.Job], pre_wd: Path, featurizer) -> None:
     """Evaluates the pretrained model and every finished run again (after a change of the
     evaluation code), keeping their training metrics and wall times."""
     for wd in [pre_wd, *(root / r.name for r in runs)]:
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     common.enable_compilation_cache(root / "jax_cache")
     data_dir = str(root / "data")
-    featurizer = None if args.summarise_only else evaluate.make_featurizer("minilm")
+    featurizer = None if args.summarise_only else text_report.make_featurizer("minilm")
     shard = common.parse_shard(args.shard, root / "pretrain")
     pre_wd = pretrain(root, data_dir, featurizer)
     if args.objective:

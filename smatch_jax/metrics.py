@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
 import time
 import warnings
@@ -35,6 +36,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+
+from smatch_jax.sections import flatten
 
 __all__ = ["MetricWriter", "Progress", "host_rss_mb", "to_json_number"]
 
@@ -67,15 +70,16 @@ def host_rss_mb() -> float | None:
     return None
 
 
-def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
+def git_revision(repo: str | Path) -> str:
+    """The short commit of the git checkout at `repo`, marked when files differ from it (the
+    provenance line of results files); 'unknown' outside a checkout."""
+    try:
+        run = lambda *cmd: subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+        rev = run("git", "rev-parse", "--short", "HEAD").stdout.strip()
+        dirty = run("git", "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + ("+uncommitted changes" if dirty else "")
 
 
 class MetricWriter:
@@ -179,7 +183,7 @@ class MetricWriter:
         with open(self.workdir / "hparams.json", "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True, default=str)
         if self._tb is not None:
-            rows = [f"| {k} | {v} |" for k, v in sorted(_flatten(config).items())]
+            rows = [f"| {k} | {v} |" for k, v in sorted(flatten(config).items())]
             self._tb.add_text("hparams", "\n".join(["| name | value |", "|---|---|", *rows]), 0)
 
     def flush(self) -> None:

@@ -22,15 +22,48 @@ middle of a burst) and flagged in `Noised.truncated`; they become truncated epis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smatch_jax.sections import Section
+
 NOISE_KINDS = ("random", "ground_truth")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseConfig(Section):
+    """`config.noise`: noise + `<bkspc>` augmentation of data rows (method.md §4)."""
+
+    NAME: ClassVar[str] = "noise"
+    rate: float = 0.1  # probability of a noise burst before each data action
+    kind: str = "ground_truth"  # 'ground_truth' or 'random'
+    max_burst: int = 1  # bursts of 1..max_burst noise tokens, then as many <bkspc>
+    mask_noise_actions: bool = True  # noise tokens get action weight 0 [ours]
+    exclude_target: bool = True  # a noise token never equals the next data token [ours]
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"kind": NOISE_KINDS}
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
+        ("rate", 0.0, 1.0, True),
+        ("max_burst", 1, None, True),
+    )
+
+
+def noise_probs(kind: str, train_rows, tokenizer) -> np.ndarray:
+    """The noise distribution of `kind` over the base vocabulary: ground truth from the
+    training rows `(tokens, prompt_len, length)`, or uniform; special tokens excluded."""
+    if kind == "ground_truth":
+        return ground_truth_noise_probs(
+            *train_rows, vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids
+        )
+    if kind == "random":
+        return random_noise_probs(tokenizer.vocab_size, tokenizer.special_ids)
+    raise ValueError(f"noise.kind={kind!r} is unknown; choose one of {list(NOISE_KINDS)}")
 
 
 class Noised(NamedTuple):

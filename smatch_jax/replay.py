@@ -8,10 +8,23 @@ is saved in checkpoints with the train state, so a resumed run draws the same ro
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from smatch_jax.sections import Section
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig(Section):
+    """`config.replay`: the buffer of model rows."""
+
+    NAME: ClassVar[str] = "replay"
+    capacity: int = 512  # rows kept (FIFO)
+
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (("capacity", 1, None, True),)
 
 
 class Replay(NamedTuple):

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from smatch_jax.models import init_cache
+from smatch_jax.sections import Section
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,39 @@ class SamplingConfig:
     @property
     def n_actions(self) -> int:
         return self.max_actions if self.max_actions is not None else 2 * self.max_new_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySamplingConfig(Section):
+    """`config.sampling`: how the policy samples the model rows of SequenceMatch (method.md §6)."""
+
+    NAME: ClassVar[str] = "sampling"
+    sample_every: int = 10  # refill the replay buffer every N SequenceMatch steps
+    temperature: float = 1.0  # sampler temperature for model rows
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    bkspc_logit_bias: float = 0.0  # added to the <bkspc> logit when sampling
+    allow_bkspc: bool = True  # False: the sampler never backspaces
+
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
+        ("sample_every", 1, None, True),
+        ("temperature", 0.0, None, False),
+        ("top_k", 0, None, True),
+        ("top_p", 0.0, 1.0, False),
+    )
+
+    def decoding(self, budget: int) -> SamplingConfig:
+        """The sampler's controls, with `budget` actions and new tokens per row (the room the
+        row length leaves after the prompt)."""
+        return SamplingConfig(
+            max_new_tokens=budget,
+            max_actions=budget,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            bkspc_logit_bias=self.bkspc_logit_bias,
+            allow_bkspc=self.allow_bkspc,
+        )
 
 
 class SampleOutput(NamedTuple):

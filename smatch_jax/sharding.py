@@ -13,16 +13,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from smatch_jax.sections import Section
+
 AXES = ("data", "fsdp")
 MIN_SHARD_SIZE = 2**14  # parameters with fewer elements are replicated
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+    """`config.mesh`: the device mesh."""
+
+    NAME: ClassVar[str] = "mesh"
+    data: int = -1  # data-parallel axis size (-1: all devices not used by fsdp)
+    fsdp: int = 1  # parameter-sharding axis size
+
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (("fsdp", 1, None, True),)
+
+    @classmethod
+    def cross_problems(cls, values: dict[str, Any]) -> list[str]:
+        if values["data"] != -1 and values["data"] < 1:
+            return [f"mesh.data={values['data']} must be -1 (all devices) or >= 1"]
+        return []
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:

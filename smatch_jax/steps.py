@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from smatch_jax import losses, masks, noise, replay, sampling
+from smatch_jax import masks, noise, objective, replay, sampling
 
 
 class TrainState(NamedTuple):
@@ -39,10 +39,7 @@ class StepSettings:
     bkspc_id: int
     eos_id: int
     pad_id: int
-    noise_rate: float
-    noise_max_burst: int
-    mask_noise_actions: bool
-    noise_exclude_target: bool
+    noise: noise.NoiseConfig
     model_rows: int  # model rows per SequenceMatch batch (0: offline)
     prompt_max: int  # prompts are cut to this many tokens for sampling
     sampling: sampling.SamplingConfig
@@ -73,10 +70,10 @@ def make_train_step(
             batch["length"],
             noise_probs=noise_probs,
             bkspc_id=st.bkspc_id,
-            noise_rate=st.noise_rate,
-            max_burst=st.noise_max_burst,
-            mask_noise_actions=st.mask_noise_actions,
-            exclude_target=st.noise_exclude_target,
+            noise_rate=st.noise.rate,
+            max_burst=st.noise.max_burst,
+            mask_noise_actions=st.noise.mask_noise_actions,
+            exclude_target=st.noise.exclude_target,
             pad_id=st.pad_id,
         )
         tokens, prompt_len, length, aw = nz.tokens, m, nz.length, nz.action_weight
@@ -88,15 +85,15 @@ def make_train_step(
             length = jnp.concatenate([length, mn])
             aw = jnp.concatenate([aw, jnp.ones(mt.shape, jnp.float32)])
             is_model = jnp.concatenate([is_model, jnp.ones(mm.shape, bool)])
-        rows = losses.Batch(tokens, prompt_len, length, is_model, aw)
+        rows = objective.Batch(tokens, prompt_len, length, is_model, aw)
         lay = masks.backspace_layout(tokens, prompt_len, length, bkspc_id=st.bkspc_id)
 
-        def objective(params):
+        def loss_of(params):
             model = nnx.merge(graphdef, params, frozen)
             logits = model(lay.input_ids, lay.positions, lay.attn_mask)
             return loss_fn(logits, rows, state.step)
 
-        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # The update too: a finite gradient times an overflowing learning rate is not.

@@ -18,11 +18,11 @@ import pytest
 from smatch_jax.checkpointing import (
     Checkpointer,
     CheckpointError,
-    PreemptionHandler,
     abstract_like,
     decode_json_state,
     encode_json_state,
 )
+from smatch_jax.preemption import PreemptionHandler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -240,7 +240,8 @@ def test_preemption_handler_flag_and_restore():
 SIGTERM_LOOP = """
     import sys, time
     import jax.numpy as jnp
-    from smatch_jax.checkpointing import Checkpointer, PreemptionHandler
+    from smatch_jax.checkpointing import Checkpointer
+    from smatch_jax.preemption import PreemptionHandler
 
     ckpt = Checkpointer(sys.argv[1], keep=2, async_save=True)
     state = {"w": jnp.zeros(1000)}

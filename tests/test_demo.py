@@ -2,7 +2,7 @@
 
 import pytest
 
-from smatch_jax import demo
+from smatch_jax.main import demo
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from smatch_jax import evaluate
 from smatch_jax.data.tokenizers import CharTokenizer
 from smatch_jax.eval import perplexity as ppl
+from smatch_jax.eval import report, text_report
 from smatch_jax.models import Transformer
 from smatch_jax.models.config import tiny
 from tests.test_model import _np_forward, _params, _randomize
@@ -102,9 +102,9 @@ def test_text_report_has_mauve_perplexity_and_protocol():
     tok, split = _char_setup()
     assert _model("llama").config.vocab_size == tok.vocab_size
     model, ref = _model("llama", 0), _model("llama", 1)
-    feat = evaluate.CachedFeaturizer(_CountingFeaturizer(), name="chars")
+    feat = text_report.CachedFeaturizer(_CountingFeaturizer(), name="chars")
     kw = dict(prompt_max=4, max_new_tokens=6, seed=0, featurizer=feat, mauve_seeds=(0, 1))
-    a = evaluate.text_report(model, split, tok, ref_model=ref, ref_name="ref", **kw)
+    a = text_report.text_report(model, split, tok, ref_model=ref, ref_name="ref", **kw)
     m, p = a["metrics"], a["protocol"]
     assert 0.0 <= m["mauve"] <= 1.0 and m["mauve_std"] >= 0.0
     assert len(p["mauve"]["per_seed"]) == 2 and p["mauve"]["featurizer"] == "chars"
@@ -117,21 +117,21 @@ def test_text_report_has_mauve_perplexity_and_protocol():
     # Features are cached per text: the same evaluation again embeds nothing new.
     calls = feat.fn.calls
     assert 12 < calls <= 24
-    b = evaluate.text_report(model, split, tok, ref_model=ref, ref_name="ref", **kw)
+    b = text_report.text_report(model, split, tok, ref_model=ref, ref_name="ref", **kw)
     assert feat.fn.calls == calls and b["metrics"] == a["metrics"]
     # Without a featurizer: no MAUVE; without a reference model the evaluated one scores.
-    c = evaluate.text_report(model, split, tok, prompt_max=4, max_new_tokens=6, seed=0)
+    c = text_report.text_report(model, split, tok, prompt_max=4, max_new_tokens=6, seed=0)
     assert "mauve" not in c["metrics"] and c["protocol"]["perplexity"]["reference_model"] == (
         "the evaluated model itself"
     )
-    assert "featurizer" in evaluate.summary_markdown({"step": 0, "task": "text", **a})
+    assert "featurizer" in report.summary_markdown({"step": 0, "task": "text", **a})
 
 
 def test_model_featurizer_handles_empty_continuations():
     tok, _ = _char_setup()
-    feat = evaluate.make_featurizer("model", _model("llama"), tok)
+    feat = text_report.make_featurizer("model", _model("llama"), tok)
     out = feat(["", "abc", ""])
     assert out.shape == (3, 32) and np.isfinite(out).all()
     np.testing.assert_array_equal(out[0], out[2])
     with pytest.raises(ValueError, match="unknown featurizer"):
-        evaluate.make_featurizer("gpt2")
+        text_report.make_featurizer("gpt2")

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 import pytest
 
-from smatch_jax import train
+from smatch_jax import run as run_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 N_STEPS = 16
@@ -45,7 +45,8 @@ if limit:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 from absl import app
-from smatch_jax import checkpointing, main
+from smatch_jax import checkpointing
+from smatch_jax.main import train as main
 kill_step = int(os.environ.get("KILL_IN_SAVE", "0"))
 save = checkpointing.Checkpointer.save
 def save_then_die(self, step, **kw):
@@ -143,7 +144,7 @@ def _resumed_from(out):
 
 
 def _final_state(wd):
-    _, state = train.load_trained(str(wd))
+    _, state = run_lib.load_trained(str(wd))
     return [np.asarray(x) for x in jax.tree.leaves((state.params, state.replay))]
 
 

@@ -1,8 +1,9 @@
-"""`python -m smatch_jax.generate` on the real SmolLM2 port (slow: loads 135M weights)."""
+"""`python -m smatch_jax.main.generate` on the real SmolLM2 port (slow: loads 135M weights)."""
 
 import pytest
 
-from smatch_jax import assets, generate
+from smatch_jax import assets
+from smatch_jax.main import generate
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests of `smatch_jax.models.importers`: HF / GGUF weight import and the `<bkspc>` row.
+"""Tests of `smatch_jax.models.convert`: HF / GGUF weight import and the `<bkspc>` row.
 
 HF checkpoints are written from random arrays in the exact HF naming and layout (Conv1D [in, out]
 for gpt2, torch Linear [out, in] for llama), loaded with `load_hf`, and the logits compared with
@@ -17,12 +17,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from smatch_jax.models import smollm2_135m
-from smatch_jax.models.importers import (
+from smatch_jax.models.convert import (
     add_bkspc_row,
-    build_model,
     load_gguf_llama,
     load_hf,
     load_hf_params,
+    model_from_params,
     model_params,
     permute_rope_rows,
     unpermute_rope_rows,
@@ -244,7 +244,7 @@ def test_build_model_reports_mismatches(tmp_path):
     params["final_norm.scale"] = params["final_norm.scale"][:-1]
     del params["blocks.1.mlp.up_proj.bias"]
     with pytest.raises(ValueError, match=r"missing \['blocks.1.mlp.up_proj.bias'\].*final_norm"):
-        build_model(config, params)
+        model_from_params(config, params)
 
 
 # --------------------------------------------------------------------------- tests: <bkspc> row
@@ -398,7 +398,7 @@ def smol():
 
     from smatch_jax import assets
     from smatch_jax.data.tokenizers import get_tokenizer
-    from smatch_jax.models.importers import smollm2
+    from smatch_jax.models.convert import smollm2
 
     assets.fetch("smollm2")
     model = smollm2()

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smatch_jax import checkpointing, losses, train
+from smatch_jax import checkpointing, guard, objective, train
+from smatch_jax import run as run_lib
 from tests.test_train import tiny_config
 
 
@@ -33,7 +34,7 @@ def _committed(wd):
 
 def _nan_at(*steps):
     """A make_loss_fn whose loss (and gradient) is NaN at the given 0-based steps."""
-    make = losses.make_loss_fn
+    make = objective.make_loss_fn
 
     def make_with_nan(cfg, *, eos_id):
         fn = make(cfg, eos_id=eos_id)
@@ -51,10 +52,10 @@ def _nan_at(*steps):
 
 @pytest.mark.slow
 def test_nonfinite_update_is_skipped_then_stops_the_run(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(losses, "make_loss_fn", _nan_at(5, 7))  # the 6th and 8th updates
+    monkeypatch.setattr(objective, "make_loss_fn", _nan_at(5, 7))  # the 6th and 8th updates
     cfg = tiny_config(data_dir, ckpt_every=1, keep_ckpts=3, nonfinite="skip", max_skips=1)
     wd = tmp_path / "w"
-    with pytest.raises(train.NonFiniteError) as e:
+    with pytest.raises(guard.NonFiniteError) as e:
         train.train(cfg, str(wd))
     msg = str(e.value)
     assert "non-finite loss or gradient at step 8 after 1 skipped updates" in msg
@@ -62,9 +63,9 @@ def test_nonfinite_update_is_skipped_then_stops_the_run(data_dir, tmp_path, monk
     assert "last checkpoint is step 7" in msg and "train.nonfinite='skip'" in msg
     assert _committed(wd) == [5, 6, 7]  # step 8 was never saved
 
-    run = train.setup(cfg)
+    run = run_lib.setup(cfg)
     with checkpointing.Checkpointer(wd / "checkpoints") as ckpt:
-        s5, s6, s7 = (ckpt.restore(s, abstract_state=train._abstract(run))[1] for s in (5, 6, 7))
+        s5, s6, s7 = (ckpt.restore(s, abstract_state=run.abstract_state())[1] for s in (5, 6, 7))
     leaves = [
         [np.asarray(x) for x in jax.tree.leaves((s.params, s.opt_state))] for s in (s5, s6, s7)
     ]

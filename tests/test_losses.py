@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smatch_jax import losses, noise
+from smatch_jax import losses, noise, objective
 from tests import reference
 
 V = 6  # base vocabulary 0..5
@@ -401,9 +401,9 @@ def test_diagnostics_present_and_finite():
 
 def test_loss_factory_warmup_and_validation():
     logits, tokens, m, n, is_model, aw, _ = make_batch(9)
-    batch = losses.Batch(tokens, m, n, is_model, aw)
+    batch = objective.Batch(tokens, m, n, is_model, aw)
     cfg = {"bc_weight": 0.5, "sm_weight": 2.0, "bc_warmup_steps": 10, "gamma": GAMMA}
-    fn = jax.jit(losses.make_loss_fn(cfg, eos_id=EOS))
+    fn = jax.jit(objective.make_loss_fn(cfg, eos_id=EOS))
     bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS, action_weight=aw)
     sm, _ = losses.sequence_match_loss(
         logits, tokens, m, n, is_model, eos_id=EOS, gamma=GAMMA, action_weight=aw
@@ -413,10 +413,12 @@ def test_loss_factory_warmup_and_validation():
     assert float(met["sm/weight"]) == 0.0
     full, _ = fn(logits, batch, 10)
     assert float(full) == pytest.approx(0.5 * float(bc) + 2.0 * float(sm), rel=1e-5)
-    with pytest.raises(ValueError, match=r"unknown loss config keys.*'gama'"):
-        losses.make_loss_fn({"gama": 0.9}, eos_id=EOS)
+    with pytest.raises(
+        ValueError, match=r"unknown config key .loss.gama.; did you mean .loss.gamma."
+    ):
+        objective.make_loss_fn({"gama": 0.9}, eos_id=EOS)
     with pytest.raises(ValueError, match="choose one of"):
-        losses.make_loss_fn({"divergence": "chi"}, eos_id=EOS)
+        objective.make_loss_fn({"divergence": "chi"}, eos_id=EOS)
 
 
 @pytest.mark.parametrize("div", losses.DIVERGENCES)
@@ -454,8 +456,8 @@ def test_unlikelihood_matches_loop_reference():
             total += sum(np.log(max(1 - p[c], 1e-6)) for c in cands)
             count += 1
     assert float(got) == pytest.approx(-total / count, rel=1e-5)
-    fn = losses.make_loss_fn({"sm_weight": 0.0, "unlikelihood_weight": 0.5}, eos_id=EOS)
-    batch = losses.Batch(tokens, m, n, is_model, np.ones(tokens.shape, np.float32))
+    fn = objective.make_loss_fn({"sm_weight": 0.0, "unlikelihood_weight": 0.5}, eos_id=EOS)
+    batch = objective.Batch(tokens, m, n, is_model, np.ones(tokens.shape, np.float32))
     tot, met = fn(logits, batch, 0)
     assert "ul/loss" in met
     bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS)

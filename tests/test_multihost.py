@@ -1,7 +1,7 @@
 """Multi-host: one train step on 2 processes x 4 CPU devices (127.0.0.1) equals 1 device.
 
 Two subprocesses join a `jax.distributed` cluster (CPU collectives: gloo, jax's default) and
-run the real path: `train.setup` -> per-process batch -> `sharding.global_batch` -> refill ->
+run the real path: `run.setup` -> per-process batch -> `sharding.global_batch` -> refill ->
 train step, on a `(data=1, fsdp=8)` mesh with FSDP forced on every parameter, so both the batch
 and the parameters are split across the two processes. Process 0 writes the gathered result;
 this process replays the same global batch on its own devices and compares.
@@ -19,7 +19,8 @@ import jax
 import numpy as np
 import pytest
 
-from smatch_jax import sharding, train
+from smatch_jax import config, sharding
+from smatch_jax import run as run_lib
 from smatch_jax.data import train_data as data_lib
 from tests.test_train import tiny_config
 
@@ -43,12 +44,13 @@ jax.distributed.initialize(
 )
 sys.path.insert(0, {root!r})
 from jax.experimental import multihost_utils
+from smatch_jax import run as run_lib
 from smatch_jax import sharding, train
 from tests.test_multihost import step_config
 sharding.MIN_SHARD_SIZE = 0  # FSDP-shard the tiny model's parameters too
 cfg = step_config({data!r})
 cfg.mesh.data, cfg.mesh.fsdp = 1, {ndev}
-run = train.setup(cfg)
+run = run_lib.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
 state, _ = run.refill(run.state, batch)
 state, met = run.train_step(state, batch, with_model=True)
@@ -137,7 +139,7 @@ def _rows(batch) -> list[tuple]:
 def test_one_step_equal_on_1_device_and_2_processes_x_4_devices(tmp_path):
     data_dir = tmp_path / "data"
     cfg = step_config(data_dir)
-    run = train.setup(cfg)  # builds the dataset before the workers only read it
+    run = run_lib.setup(cfg)  # builds the dataset before the workers only read it
     own = run.data.next()
 
     mh, logs = _run_workers(data_dir, tmp_path)
@@ -178,7 +180,11 @@ def test_global_batch_row_order_is_the_same_for_any_process_count(tmp_path):
     process-contiguous mesh), must be the 1-process batch row for row: the noise, the sampler
     and the replay draw are keyed by row position, so a permutation changes the loss."""
     cfg = step_config(tmp_path / "data")
-    one = data_lib.build_train_data(cfg, 0, 1).next()
-    parts = [data_lib.build_train_data(cfg, p, N_PROC).next() for p in range(N_PROC)]
+    d, kw = config.typed(cfg).data, dict(seed=cfg.seed, batch_size=cfg.train.batch_size)
+    one = data_lib.build_train_data(d, **kw).next()
+    parts = [
+        data_lib.build_train_data(d, **kw, process_index=p, process_count=N_PROC).next()
+        for p in range(N_PROC)
+    ]
     two = {k: np.concatenate([b[k] for b in parts]) for k in one}
     assert _rows(one) == _rows(two)

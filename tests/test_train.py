@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import arithmetic, common, text
-from smatch_jax import evaluate, generate, train
-from smatch_jax.models import ModelConfig, Transformer
+from configs import arithmetic, text
+from smatch_jax import run as run_lib
+from smatch_jax import train, validate
+from smatch_jax.eval import report
+from smatch_jax.main import generate
+from smatch_jax.models import Transformer
+from smatch_jax.models.config import PRESETS, from_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,12 +115,12 @@ _STEP_SCRIPT = """
 import sys, numpy as np, jax
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny_config
-from smatch_jax import train, sharding
+from smatch_jax import run as run_lib, sharding
 cfg = tiny_config({data!r})
 cfg.loss.bc_warmup_steps = 0
 cfg.optim.warmup_steps = 0  # lr > 0 at step 0, so the parameters move
 cfg.mesh.data, cfg.mesh.fsdp = {mesh}
-run = train.setup(cfg)
+run = run_lib.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
 state, _ = run.refill(run.state, batch)
 state, met = run.train_step(state, batch, with_model=True)
@@ -130,7 +134,7 @@ print("devices", jax.device_count(), "moved", moved, "of", len(leaves))
 
 @pytest.mark.slow
 def test_one_step_equal_on_1_and_8_devices(data_dir, tmp_path):
-    train.setup(tiny_config(data_dir))  # builds the dataset once, in this process
+    run_lib.setup(tiny_config(data_dir))  # builds the dataset once, in this process
     results = {}
     for n_dev, mesh in ((1, (1, 1)), (8, (4, 2))):
         out = tmp_path / f"step{n_dev}.npz"
@@ -170,14 +174,14 @@ def _build_abstractly(c):
     """The config's model, shapes only (no weights are loaded or initialised)."""
     if c.model.init != "scratch":
         return
-    preset = common.MODEL_PRESETS[c.model.preset]
-    cfg = ModelConfig(vocab_size=64, max_positions=c.data.seq_len, **preset)
+    validate.check_config(c)
+    cfg = from_preset(c.model.preset, vocab_size=64, max_positions=c.data.seq_len)
     nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
-@pytest.mark.parametrize("preset", sorted(common.MODEL_PRESETS))
+@pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_model_preset_builds_abstractly(preset):
-    cfg = ModelConfig(vocab_size=50257, max_positions=1024, **common.MODEL_PRESETS[preset])
+    cfg = from_preset(preset, vocab_size=50257, max_positions=1024)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert n > 0
@@ -214,8 +218,8 @@ def test_text_smoke_run(tmp_path):
 @pytest.mark.slow
 def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     wd = trained[0]
-    a = evaluate.evaluate_workdir(str(wd))
-    b = evaluate.evaluate_workdir(str(wd))
+    a = report.evaluate_workdir(str(wd))
+    b = report.evaluate_workdir(str(wd))
     assert a["step"] == 12 and a["metrics"] == b["metrics"]  # deterministic
     saved = json.loads((wd / "eval_12.json").read_text())
     assert saved["metrics"]["n"] == 8 and "accuracy_ci_low" in saved["metrics"]
@@ -234,7 +238,7 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     lines = ['{"question": "In base 7, what is 12 + 3?", "answer": "15"}', ""]
     lines.append('{"question": "In base 10, what is 2 - 5?", "answer": "-3"}')
     qs.write_text("\n".join(lines))
-    own = evaluate.evaluate_workdir(str(wd), questions=str(qs), decodings=("greedy",))
+    own = report.evaluate_workdir(str(wd), questions=str(qs), decodings=("greedy",))
     assert own["metrics"]["n"] == 2 and own["protocol"]["decodings"] == ["greedy"]
     assert own["metrics"]["accuracy"] == own["metrics"]["accuracy_greedy"]
     assert (wd / "eval_qs_12.json").exists()
@@ -246,8 +250,8 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     ):
         qs.write_text(lines[0] + "\n" + bad + "\n")
         with pytest.raises(ValueError, match=rf"qs.jsonl:2: .*{why}"):
-            evaluate.evaluate_workdir(str(wd), questions=str(qs))
-    val = evaluate.evaluate_workdir(str(wd), split="validation")  # another split, own file
+            report.evaluate_workdir(str(wd), questions=str(qs))
+    val = report.evaluate_workdir(str(wd), split="validation")  # another split, own file
     assert val["protocol"]["split"] == "validation" and val["metrics"]["n"] == 500
     assert json.loads((wd / "eval_validation_12.json").read_text())["metrics"] == val["metrics"]
     generate.main(

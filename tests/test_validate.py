@@ -14,8 +14,9 @@ import ml_collections
 import pytest
 
 from configs import arithmetic, text
-from smatch_jax import assets, main, train, validate
+from smatch_jax import assets, train, validate
 from smatch_jax.data.tokenizers import CharTokenizer
+from smatch_jax.main import train as main
 from tests.test_train import tiny_config
 
 
@@ -54,6 +55,7 @@ def _edited(c, key, value):
         ("loss.masked_actions", "env", r"choose one of \['unrewarded', 'environment'\]"),
         ("loss.normalize", "episode", r"choose one of \['token', 'row'\]"),
         ("data.eval_split", "dev", r"data.eval_split='dev' is not a split of arithmetic"),
+        ("data.difficulty", "", r"data.difficulty='' is unknown; choose one of \['easy'"),
         ("eval.decodings", "greedy,beam", r"eval.decodings='greedy,beam': unknown decoding 'beam'"),
         ("loss.temperature", 0.0, r"loss.temperature=0.0 is out of range; it must be in \(0.0"),
         ("loss.truncated_weight", 2.0, r"loss.truncated_weight=2.0 is out of range"),
@@ -114,7 +116,7 @@ def test_missing_asset_names_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("SMATCH_JAX_ASSETS", str(tmp_path / "empty_cache"))
     c = text.get_config("smoke")
     c.data.data_dir = str(tmp_path / "data")
-    with pytest.raises(assets.AssetMissingError, match=r"python -m smatch_jax.assets fetch"):
+    with pytest.raises(assets.AssetMissingError, match=r"python -m smatch_jax.main.assets fetch"):
         train.train(c, str(tmp_path / "w"))
 
 

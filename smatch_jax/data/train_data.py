@@ -7,18 +7,86 @@ the training rows (for the ground-truth noise distribution) and the evaluation s
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
-import ml_collections
 import numpy as np
 
 from smatch_jax import masks
-from smatch_jax.data import builders, pipeline
+from smatch_jax.data import arithmetic, builders, pipeline
 from smatch_jax.data.tokenizer_base import Tokenizer
+from smatch_jax.sections import Section
 
-TASKS = ("arithmetic", "text")
+TASKS = tuple(builders.TASKS)  # the tasks that have a dataset builder
 # The splits `data.eval_split` may name per task; the first is the default ('').
 EVAL_SPLITS = {"arithmetic": ("test", "validation", "test_large"), "text": ("validation", "test")}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+    """`config.data`: the task, its dataset and the row format."""
+
+    NAME: ClassVar[str] = "data"
+    task: str = ""  # dataset name (set by the experiment config): arithmetic | text
+    data_dir: str = ""  # where prepared datasets live ('' = $SMATCH_JAX_DATA or default)
+    train_size: int = 0  # training examples
+    test_size: int = 0  # evaluation examples
+    validation_size: int = 500  # arithmetic: questions of the validation split
+    eval_split: str = ""  # split evaluated in training ('': test for arithmetic, validation
+    # for text); arithmetic experiments choose settings on 'validation'
+    difficulty: str = ""  # task-specific difficulty (arithmetic: of the train split)
+    test_difficulty: str = ""  # arithmetic: of the test split ('': 'interpolate')
+    seq_len: int = 0  # T, row length including noise and backspaces
+    prompt_max: int = 0  # sampler prompt width (0: the longest prompt in the data)
+    corpus: str = ""  # text: 'shakespeare' or a directory of .txt files
+    tokenizer: str = ""  # text: 'bpe_train:<vocab>', 'gpt2', 'smollm2' or 'bpe:<json>'
+    prompt_tokens: int = 0  # text: prompt length in tokens
+    completion_tokens: int = 0  # text: continuation length in tokens
+    max_files: int = 0  # text: read at most this many corpus files (0: all)
+    split_seed: int = -1  # text: seed of the document split and BPE (-1: the run's seed)
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS}
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
+        ("seq_len", 2, None, True),
+        ("prompt_max", 0, None, True),
+    )
+
+    @classmethod
+    def cross_problems(cls, values: dict[str, Any]) -> list[str]:
+        problems = []
+        T, prompt_max, task = values["seq_len"], values["prompt_max"], values["task"]
+        if prompt_max and prompt_max >= T:
+            problems.append(
+                f"data.prompt_max={prompt_max} leaves no room for actions in data.seq_len={T}; "
+                "raise data.seq_len or lower data.prompt_max (0: the longest prompt in the data)"
+            )
+        splits = EVAL_SPLITS[task]
+        if values["eval_split"] and values["eval_split"] not in splits:
+            problems.append(
+                f"data.eval_split={values['eval_split']!r} is not a split of {task}; choose "
+                f"one of {list(splits)} ('' for {splits[0]!r})"
+            )
+        if task == "arithmetic":
+            for key in ("difficulty", "test_difficulty"):
+                allowed = arithmetic.DIFFICULTIES + (("",) if key == "test_difficulty" else ())
+                if values[key] not in allowed:
+                    problems.append(
+                        f"data.{key}={values[key]!r} is unknown; choose one of {list(allowed)}"
+                    )
+            for key in ("train_size", "test_size", "validation_size"):
+                if values[key] < 1:
+                    problems.append(
+                        f"data.{key}={values[key]} would make an empty split; set it >= 1"
+                    )
+        if task == "text":
+            need = values["prompt_tokens"] + values["completion_tokens"] + 1
+            if values["prompt_tokens"] < 1:
+                problems.append("data.prompt_tokens must be >= 1 for the text task")
+            if need > T:
+                problems.append(
+                    f"data.seq_len={T} is shorter than a text row: prompt_tokens + "
+                    f"completion_tokens + 1 (eos) = {need}; raise data.seq_len to at least {need}"
+                )
+        return problems
 
 
 @dataclasses.dataclass
@@ -41,26 +109,20 @@ class TrainData:
 
 
 def build_train_data(
-    config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1
+    d: DataConfig, *, seed: int, batch_size: int, process_index: int = 0, process_count: int = 1
 ) -> TrainData:
-    d = config.data
-    if d.task not in TASKS:
-        raise ValueError(f"data.task={d.task!r} is unknown; choose one of {TASKS}")
-    eval_name = d.get("eval_split") or EVAL_SPLITS[d.task][0]
-    if eval_name not in EVAL_SPLITS[d.task]:
-        raise ValueError(
-            f"data.eval_split={eval_name!r} is not a split of {d.task}; choose one of "
-            f"{list(EVAL_SPLITS[d.task])}"
-        )
-    common = dict(data_dir=d.data_dir or None, T=d.seq_len, seed=config.seed)
+    """The data of a run: `d` is its `config.data`, `seed` its seed, `batch_size` the global
+    number of data rows per step (split over the processes)."""
+    eval_name = d.eval_split or EVAL_SPLITS[d.task][0]
+    common = dict(data_dir=d.data_dir or None, T=d.seq_len, seed=seed)
     if d.task == "arithmetic":
         b = builders.build(
             "arithmetic",
             train_size=d.train_size,
             test_size=d.test_size,
             difficulty=d.difficulty,
-            test_difficulty=d.get("test_difficulty") or "interpolate",
-            validation_size=d.get("validation_size", 500),
+            test_difficulty=d.test_difficulty or "interpolate",
+            validation_size=d.validation_size,
             **common,
         )
     else:
@@ -71,7 +133,7 @@ def build_train_data(
             prompt_tokens=d.prompt_tokens,
             completion_tokens=d.completion_tokens,
             max_files=d.max_files,
-            **{**common, "seed": _split_seed(config)},
+            **{**common, "seed": seed if d.split_seed < 0 else d.split_seed},
         )
     tok = builders.load_tokenizer(b)
     train = builders.load_split(b, "train")
@@ -92,24 +154,16 @@ def build_train_data(
             f"data.prompt_max={prompt_max} must cover the longest prompt ({longest}) and leave "
             f"room for actions in data.seq_len={d.seq_len}; raise seq_len or set prompt_max=0"
         )
-    global_batch = config.train.batch_size
-    if global_batch % process_count:
+    if batch_size % process_count:
         raise ValueError(
-            f"train.batch_size={global_batch} must divide over {process_count} processes"
+            f"train.batch_size={batch_size} must divide over {process_count} processes"
         )
     it = pipeline.make_iterator(
         pipeline.ArraySource(train),
-        batch_size=global_batch // process_count,
-        seed=config.seed,
+        batch_size=batch_size // process_count,
+        seed=seed,
         process_index=process_index,
         process_count=process_count,
     )
     rows = (train["tokens"], train["prompt_len"], train["length"])
     return TrainData(tok, rows, ev, eval_name, prompt_max, it)
-
-
-def _split_seed(config: ml_collections.ConfigDict) -> int:
-    """Text: the seed of the document split and the trained BPE (`data.split_seed`, or the
-    run's seed when it is -1 or absent), so runs of several seeds can share one dataset."""
-    split_seed = config.data.get("split_seed", -1)
-    return config.seed if split_seed is None or split_seed < 0 else split_seed

@@ -16,14 +16,40 @@ paper's Table 2: the question, the first `j` answer tokens of the reference and 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from smatch_jax import sampling
+from smatch_jax.sections import Section
 
 DECODINGS = ("greedy", "greedy_no_repeat", "sample")
 HEADLINE = "greedy_no_repeat"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(Section):
+    """`config.eval`: how arithmetic runs are evaluated (method.md §7)."""
+
+    NAME: ClassVar[str] = "eval"
+    decodings: str = "all"  # 'all' or a comma list of greedy,greedy_no_repeat,sample
+    num_samples: int = 4  # sampling seeds of the 'sample' decoding (mean and interval)
+    temperature: float = 1.0  # temperature of the 'sample' decoding
+    recovery: bool = True  # also recovery from a corrupted answer prefix
+
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
+        ("num_samples", 1, None, True),
+        ("temperature", 0.0, None, False),
+    )
+
+    @classmethod
+    def cross_problems(cls, values: dict[str, Any]) -> list[str]:
+        try:
+            parse_decodings(values["decodings"])
+        except ValueError as e:
+            return [f"eval.decodings={values['decodings']!r}: {e}"]
+        return []
 
 
 def decoding_config(mode: str, max_new_tokens: int, temperature: float = 1.0):

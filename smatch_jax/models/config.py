@@ -13,7 +13,6 @@ the token embedding table has V + 1 rows as well, so `<bkspc>` can also be fed a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import jax.numpy as jnp
 
@@ -119,44 +118,53 @@ def tiny(family: str) -> ModelConfig:
     )
 
 
-def gpt2_124m() -> ModelConfig:
-    """GPT-2 small (124M): 12 layers, d=768, 12 heads, 1024 positions, vocab 50257."""
-    return ModelConfig(
-        family="gpt2",
-        vocab_size=50257,
-        d_model=768,
-        n_layers=12,
-        n_heads=12,
-        n_kv_heads=12,
-        d_ff=3072,
-        max_positions=1024,
-        norm_eps=1e-5,
-        tie_embeddings=True,
-        use_bias=True,
-    )
-
-
-def smollm2_135m() -> ModelConfig:
-    """SmolLM2-135M: llama with 30 layers, d=576, 9 q / 3 kv heads of 64, SwiGLU 1536."""
-    return ModelConfig(
+# Architectures by name: ModelConfig fields without the vocabulary and the position table,
+# which come from the tokenizer and the data (`from_preset`). Configs name one in
+# `model.preset` (big_vision's variant pattern: the library owns the shapes).
+PRESETS: dict[str, dict] = {
+    "tiny_llama": dict(family="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
+    "mini_llama": dict(family="llama", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=192),
+    "small_llama": dict(family="llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    "small_gpt2": dict(family="gpt2", d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512),
+    "gpt2_124m": dict(
+        family="gpt2", d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=3072
+    ),
+    "smollm2_135m": dict(
         family="llama",
-        vocab_size=49152,
         d_model=576,
         n_layers=30,
         n_heads=9,
         n_kv_heads=3,
         d_ff=1536,
-        max_positions=8192,
         rope_theta=100_000.0,
-        norm_eps=1e-5,
-        tie_embeddings=True,
         use_bias=False,
-    )
-
-
-PRESETS: dict[str, Callable[[], ModelConfig]] = {
-    "tiny_gpt2": lambda: tiny("gpt2"),
-    "tiny_llama": lambda: tiny("llama"),
-    "gpt2_124m": gpt2_124m,
-    "smollm2_135m": smollm2_135m,
+    ),
+    "llama_7b": dict(
+        family="llama",
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        d_ff=11008,
+        tie_embeddings=False,
+        rope_theta=10_000.0,
+    ),
 }
+
+
+def from_preset(name: str, *, vocab_size: int, max_positions: int, **overrides) -> ModelConfig:
+    """The ModelConfig of preset `name` for a vocabulary and a position table."""
+    if name not in PRESETS:
+        raise ValueError(f"model.preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+    fields = {**PRESETS[name], **overrides}
+    return ModelConfig(vocab_size=vocab_size, max_positions=max_positions, **fields)
+
+
+def gpt2_124m() -> ModelConfig:
+    """GPT-2 small (124M): 12 layers, d=768, 12 heads, 1024 positions, vocab 50257."""
+    return from_preset("gpt2_124m", vocab_size=50257, max_positions=1024)
+
+
+def smollm2_135m() -> ModelConfig:
+    """SmolLM2-135M: llama with 30 layers, d=576, 9 q / 3 kv heads of 64, SwiGLU 1536."""
+    return from_preset("smollm2_135m", vocab_size=49152, max_positions=8192)

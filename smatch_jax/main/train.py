@@ -1,4 +1,5 @@
-"""Command line: `python -m smatch_jax.main --config=configs/arithmetic.py:smoke --workdir=W`.
+"""Train: `python -m smatch_jax.main --config=configs/arithmetic.py:smoke --workdir=W`
+(also `python -m smatch_jax.main.train`).
 
 Overrides: `--config.loss.chi2_coef=0.5` (an unknown key is reported with the closest known
 one). A run resumes automatically from `--workdir`; a workdir holding a different config is
@@ -22,7 +23,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file[:variant]")
+# Locked: after the command-line overrides nothing may add a field by a typo.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file[:variant]", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, samples")
 _COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host)")
 _NPROC = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
@@ -45,14 +49,14 @@ def main(argv: list[str]) -> None:
     if config.distributed:
         jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     # After distributed init: train touches devices.
-    from smatch_jax import assets, checkpointing, train, validate
+    from smatch_jax import assets, checkpointing, guard, train, validate
 
     try:
         result = train.train(config, _WORKDIR.value, force_resume=_FORCE.value)[1]
     except (
         validate.ConfigError,
         validate.WorkdirError,
-        train.NonFiniteError,
+        guard.NonFiniteError,
         checkpointing.CheckpointError,
         checkpointing.CheckpointWriteError,
         assets.AssetMissingError,
@@ -98,6 +102,10 @@ def check_overrides(argv: list[str]) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
-if __name__ == "__main__":
+def run_cli() -> None:
     check_overrides(sys.argv[1:])
     app.run(main)
+
+
+if __name__ == "__main__":
+    run_cli()

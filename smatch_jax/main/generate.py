@@ -1,10 +1,12 @@
 """Sample text with `<bkspc>` from a pretrained model.
 
-    python -m smatch_jax.generate --pretrained=smollm2 --prompt "The capital of France is" --greedy
-    python -m smatch_jax.generate --pretrained=hf:/path/to/gpt2 --tokenizer=gpt2 \\
+    python -m smatch_jax.main.generate --pretrained=smollm2 --greedy \\
+        --prompt "The capital of France is"
+    python -m smatch_jax.main.generate --pretrained=hf:/path/to/gpt2 --tokenizer=gpt2 \\
         --prompt "Once upon a time" --temperature 0.8 --top_p 0.95 --show_actions
 
-    python -m smatch_jax.generate --workdir=/tmp/sm --prompt "In base 7, what is 12 + 3? " --greedy
+    python -m smatch_jax.main.generate --workdir=/tmp/sm --greedy \\
+        --prompt "In base 7, what is 12 + 3? "
 
 Prints the final text of each sample (backspaces applied) and, with `--show_actions`, the raw
 action stream with each `<bkspc>` shown as ⌫. `--workdir` loads the latest checkpoint of a
@@ -23,16 +25,16 @@ import numpy as np
 from smatch_jax import sampling
 from smatch_jax.data.tokenizer_base import Tokenizer
 from smatch_jax.data.tokenizers import BpeTokenizer, get_tokenizer
-from smatch_jax.models import importers
+from smatch_jax.models import convert
 
 
 def load_pretrained(spec: str, tokenizer: str | None = None, dtype: str = "float32"):
     """`smollm2` or `hf:<dir>` -> (model, tokenizer)."""
     if spec == "smollm2":
-        return importers.smollm2(dtype=dtype), get_tokenizer(tokenizer or "smollm2")
+        return convert.smollm2(dtype=dtype), get_tokenizer(tokenizer or "smollm2")
     if spec.startswith("hf:"):
         directory = spec[3:]
-        model = importers.load_hf(directory, dtype=dtype)
+        model = convert.load_hf(directory, dtype=dtype)
         if tokenizer:
             tok: Tokenizer = get_tokenizer(tokenizer)
         elif os.path.exists(os.path.join(directory, "tokenizer.json")):
@@ -74,12 +76,10 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.time()
     if args.workdir:
-        from flax import nnx
+        from smatch_jax.eval import report
 
-        from smatch_jax import train
-
-        run, state = train.load_trained(args.workdir, args.step)
-        model, tok = nnx.merge(run.graphdef, state.params, run.frozen), run.data.tokenizer
+        run, _, model = report.load_model(args.workdir, args.step)
+        tok = run.data.tokenizer
     else:
         model, tok = load_pretrained(args.pretrained, args.tokenizer, args.dtype)
     ids = tok.encode(args.prompt)

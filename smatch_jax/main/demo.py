@@ -1,14 +1,14 @@
-"""`make run` until the training system lands: an end-to-end demo of what exists.
+"""A 1-minute tour of the pieces, without the training system around them.
 
 1. The method.md worked example through `backspace_layout` (ids, positions, attention sets).
 2. A tiny Llama-family transformer trained on 2-digit addition written in characters, with
    ground-truth noise + `<bkspc>` augmentation and the loss factory (BC warm-up, then BC +
-   SequenceMatch chi2-mix in offline mode, `value_on='data'`: the sampler and its replay
-   buffer arrive with the next issues).
+   SequenceMatch chi2-mix in offline mode, `value_on='data'`: no sampling, no replay buffer;
+   `python -m smatch_jax.main` runs the whole algorithm).
 3. Greedy decoding with the KV-cache backspace sampler, exact-match accuracy on held-out
    questions and backspace use.
 
-    python -m smatch_jax.demo [--steps 2000] [--seed 0]
+    python -m smatch_jax.main.demo [--steps 2000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from smatch_jax import losses, masks, models, noise, sampling
+from smatch_jax import masks, models, noise, objective, sampling
 
 CHARS = "0123456789+="
 EOS, PAD = len(CHARS), len(CHARS) + 1
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         weight_decay=0.0,
     )
     opt_state = opt.init(state)
-    loss_fn = losses.make_loss_fn(
+    loss_fn = objective.make_loss_fn(
         {"bc_weight": 1.0, "sm_weight": 1.0, "bc_warmup_steps": args.warmup, "value_on": "data"},
         eos_id=EOS,
     )
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             noise_rate=args.noise_rate,
             pad_id=PAD,
         )
-        batch = losses.Batch(nz.tokens, m, nz.length, jnp.zeros(m.shape, bool), nz.action_weight)
+        batch = objective.Batch(nz.tokens, m, nz.length, jnp.zeros(m.shape, bool), nz.action_weight)
         lay = masks.backspace_layout(batch.tokens, m, batch.length, bkspc_id=BK)
 
         def f(state):

@@ -1,0 +1,145 @@
+"""The config schema: every field a config may have, its default and its meaning.
+
+A config is an `ml_collections.ConfigDict` with the top-level fields `seed` and `distributed`
+and one section per part of the system. Each section is a typed config (a frozen dataclass,
+`sections.Section`) owned by the module that uses it; its fields, defaults and comments are the
+documentation, its `CHOICES` / `RANGES` the only statement of what is allowed:
+
+| section | typed config | owner |
+|---|---|---|
+| `data` | `DataConfig` | `data/train_data.py` |
+| `model` | `ModelSpec` | `models/factory.py` (architectures: `models/config.py` PRESETS) |
+| `noise` | `NoiseConfig` | `noise.py` |
+| `loss` | `LossConfig` | `objective.py` |
+| `sampling` | `PolicySamplingConfig` | `sampling.py` |
+| `eval` | `EvalConfig` | `eval/decoding.py` |
+| `replay` | `ReplayConfig` | `replay.py` |
+| `optim` | `OptimizerConfig` | `optimizer.py` |
+| `train` | `TrainConfig` | here (the loop's cadences, in train.py) |
+| `mesh` | `MeshConfig` | `sharding.py` |
+
+`base_config()` is the schema with its defaults; the files in `configs/` only compose it
+(presets, variants). `typed(config)` gives the typed sections of a ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import ml_collections
+
+from smatch_jax.data.train_data import DataConfig
+from smatch_jax.eval.decoding import EvalConfig
+from smatch_jax.models.factory import ModelSpec
+from smatch_jax.noise import NoiseConfig
+from smatch_jax.objective import LossConfig
+from smatch_jax.optimizer import OptimizerConfig
+from smatch_jax.replay import ReplayConfig
+from smatch_jax.sampling import PolicySamplingConfig
+from smatch_jax.sections import Section
+from smatch_jax.sharding import MeshConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    """`config.train`: the length, batch and cadences of the loop (train.py)."""
+
+    NAME: ClassVar[str] = "train"
+    num_steps: int = 2000  # optimiser steps
+    batch_size: int = 64  # data rows per step (global, all processes)
+    model_rows: int = 64  # model rows per SequenceMatch step (global)
+    log_every: int = 50  # metrics cadence
+    eval_every: int = 500  # evaluation + sample dump cadence (and at the end)
+    ckpt_every: int = 500  # checkpoint cadence (and at the end / on SIGTERM)
+    keep_ckpts: int = 3  # checkpoints kept
+    nonfinite: str = "stop"  # non-finite loss/gradient: 'stop' the run or 'skip' the update
+    max_skips: int = 10  # 'skip': stop anyway after this many skipped updates
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"nonfinite": ("stop", "skip")}
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
+        ("num_steps", 1, None, True),
+        ("batch_size", 1, None, True),
+        ("model_rows", 0, None, True),
+        ("log_every", 1, None, True),
+        ("eval_every", 1, None, True),
+        ("ckpt_every", 1, None, True),
+        ("keep_ckpts", 1, None, True),
+        ("max_skips", 0, None, True),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class TopLevel(Section):
+    """The fields outside any section."""
+
+    seed: int = 0  # seeds init, data order, noise and sampling
+    distributed: bool = False  # call jax.distributed.initialize() (multi-host)
+
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (("seed", 0, None, True),)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.NAME: cls
+    for cls in (
+        DataConfig,
+        ModelSpec,
+        NoiseConfig,
+        LossConfig,
+        PolicySamplingConfig,
+        EvalConfig,
+        ReplayConfig,
+        OptimizerConfig,
+        TrainConfig,
+        MeshConfig,
+    )
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field with its default (the comments are in the section classes)."""
+    c = ml_collections.ConfigDict()
+    c.seed = TopLevel.seed
+    for name, cls in SECTIONS.items():
+        c[name] = ml_collections.ConfigDict(cls.defaults())
+    c.distributed = TopLevel.distributed
+    return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Typed:
+    """The typed view of a whole config."""
+
+    seed: int
+    distributed: bool
+    data: DataConfig
+    model: ModelSpec
+    noise: NoiseConfig
+    loss: LossConfig
+    sampling: PolicySamplingConfig
+    eval: EvalConfig
+    replay: ReplayConfig
+    optim: OptimizerConfig
+    train: TrainConfig
+    mesh: MeshConfig
+
+
+def typed(config: Mapping[str, Any]) -> Typed:
+    """The typed sections of a ConfigDict or dict (missing fields take their defaults; a
+    problem raises ValueError naming the field; `validate.check_config` lists them all)."""
+    get = lambda name: config.get(name, {})
+    top = TopLevel.from_mapping({k: config[k] for k in ("seed", "distributed") if k in config})
+    parts = {name: cls.from_mapping(get(name)) for name, cls in SECTIONS.items()}
+    return Typed(seed=top.seed, distributed=top.distributed, **parts)
+
+
+def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config read from an older workdir, made explicit: a `loss` section saved before the
+    objective's revision 2 ran revision 1, so its missing revision-2 fields get those values
+    (not the current defaults)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
+    loss = out.get("loss")
+    if isinstance(loss, dict) and "temperature" not in loss:
+        out["loss"] = {**LossConfig.REVISION_1, **loss}
+    return out

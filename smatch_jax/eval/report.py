@@ -1,0 +1,234 @@
+"""Evaluating a run: during training (`evaluate_in_training`) and afterwards from a workdir's
+checkpoint (`evaluate_workdir`, which `python -m smatch_jax.main.evaluate` runs).
+
+`evaluate_workdir` writes `W/eval_<step>.json` (every figure plus the protocol) and
+`W/eval_<step>.md` (a short summary). Deterministic: the same checkpoint and options give the
+same file.
+
+* Arithmetic: exact match of the final answer (after backspaces) under each decoding
+  (greedy, greedy_no_repeat, sample; the headline `accuracy` is greedy_no_repeat) with a
+  bootstrap 95% interval, per number base, backspace statistics, and recovery from a corrupted
+  answer prefix (the paper's Table 2); `questions`: your own JSONL of question/answer pairs.
+* Text: `text_report.text_report` (samples, n-gram statistics, perplexity, MAUVE).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from smatch_jax import noise
+from smatch_jax.eval import accuracy, decoding
+from smatch_jax.eval.text_report import (
+    MAUVE_SEEDS,
+    SELF,
+    CachedFeaturizer,
+    make_featurizer,
+    text_report,
+)
+
+
+def load_model(workdir: str, step: int | None = None, split: str | None = None):
+    """(run, step, model) of a training workdir at `step` (default: latest); `split`: the
+    evaluation split `run.data.eval_split` holds (default: the run's own)."""
+    from smatch_jax import run as run_lib
+
+    run, state = run_lib.load_trained(workdir, step, eval_split=split)
+    return run, int(state.step), nnx.merge(run.graphdef, state.params, run.frozen)
+
+
+_load_ref_model = functools.lru_cache(maxsize=2)(load_model)  # one load per process
+
+
+def arithmetic_eval_options(run, **overrides) -> dict:
+    """`accuracy.evaluate_arithmetic` keywords from the run's `config.eval` (decodings,
+    samples, temperature; recovery uses the ground-truth noise of the training rows)."""
+    e = run.typed.eval
+    opts = dict(
+        decodings=decoding.parse_decodings(e.decodings),
+        num_samples=e.num_samples,
+        temperature=e.temperature,
+        recovery=e.recovery,
+    )
+    opts.update(overrides)
+    probs = noise.noise_probs("ground_truth", run.data.train_rows, run.data.tokenizer)
+    opts["noise_probs"] = probs if opts.pop("recovery") else None
+    return opts
+
+
+def evaluate_in_training(run, state, writer, step: int) -> dict[str, float]:
+    """The training loop's evaluation: arithmetic accuracy under each decoding and recovery
+    (`config.eval`); text samples and backspace statistics. Writes scalars and texts."""
+    ev = run.data.eval_split
+    model = nnx.merge(run.graphdef, state.params, run.frozen)
+    tok = run.data.tokenizer
+    kw = dict(
+        prompt_max=run.settings.prompt_max, max_new_tokens=run.settings.sampling.max_new_tokens
+    )
+    if run.typed.data.task == "arithmetic":
+        res = accuracy.evaluate_arithmetic(model, ev, tok, **kw, **arithmetic_eval_options(run))
+    else:
+        res = accuracy.sample_text(model, ev, tok, seed=run.typed.seed + step, **kw)
+    scalars = {f"eval/{k}": float(v) for k, v in res.scalars.items()}
+    writer.write_scalars(step, scalars)
+    texts = {"samples": res.samples}
+    if res.recovery_examples:
+        texts["recovery"] = "\n".join(res.recovery_examples)
+    writer.write_texts(step, texts)
+    return scalars
+
+
+def evaluate_workdir(
+    workdir: str,
+    step: int | None = None,
+    *,
+    featurizer: str | CachedFeaturizer | None = None,
+    ref_workdir: str | None = None,
+    mauve_seeds: Sequence[int] = MAUVE_SEEDS,
+    split: str | None = None,
+    decodings: Sequence[str] | None = None,
+    temperature: float | None = None,
+    num_samples: int | None = None,
+    questions: str | None = None,
+) -> dict:
+    """Evaluates `workdir` at `step` (default: latest) and writes eval_<step>.{json,md}
+    (`eval_<split>_<step>` when `split` names a split other than the run's own, and
+    `eval_<file stem>_<step>` for `questions`).
+
+    `split`: the split to evaluate (default: the one the run evaluated during training).
+    Arithmetic: `decodings`, `temperature`, `num_samples` (default: the run's `config.eval`);
+    `questions`: a JSONL file of {"question": ..., "answer": ...} evaluated instead of a split.
+    Text only: `featurizer` ('minilm', 'model' or a `CachedFeaturizer`; None: no MAUVE),
+    `ref_workdir` (the perplexity model; None: the evaluated model)."""
+    t0 = time.time()
+    run, step, model = load_model(str(workdir), step, split)
+    tok, ev, split_name = run.data.tokenizer, run.data.eval_split, run.data.eval_name
+    kw = dict(
+        prompt_max=run.settings.prompt_max, max_new_tokens=run.settings.sampling.max_new_tokens
+    )
+    task = run.typed.data.task
+    if questions is not None and task != "arithmetic":
+        raise ValueError("--questions is for arithmetic runs (question/answer pairs)")
+    if task == "arithmetic":
+        if questions is not None:
+            ev = read_questions(questions, tok, run.typed.data.seq_len)
+            split_name = Path(questions).stem
+            kw["prompt_max"] = max(kw["prompt_max"], int(ev["prompt_len"].max()))
+        given = dict(decodings=decodings, temperature=temperature, num_samples=num_samples)
+        opts = arithmetic_eval_options(run, **{k: v for k, v in given.items() if v is not None})
+        res = accuracy.evaluate_arithmetic(model, ev, tok, **kw, **opts)
+        protocol = {
+            "split": split_name,
+            "n": len(ev["prompt_len"]),
+            "decodings": list(opts["decodings"]),
+            "headline": "accuracy = greedy_no_repeat when evaluated, else the first decoding",
+            "sample": f"temperature {opts['temperature']}, {opts['num_samples']} seeds (mean, "
+            "95% t-interval over seeds)",
+            "recovery": "answer prefix of j reference tokens (j uniform) + one ground-truth "
+            "noise token, deletable; the final answer after backspaces equals the reference"
+            if opts["noise_probs"] is not None
+            else "off",
+            "max_new_tokens": kw["max_new_tokens"],
+            "final_text": "after backspaces",
+        }
+        body = {
+            "metrics": res.scalars,
+            "protocol": protocol,
+            "samples": res.samples.splitlines(),
+            "recovery_examples": res.recovery_examples,
+        }
+    else:
+        ref_model, ref_name = None, SELF
+        if ref_workdir:
+            ref_run, ref_step, ref_model = _load_ref_model(str(ref_workdir))
+            if not ref_run.data.tokenizer.same_as(tok):
+                raise ValueError(f"{ref_workdir} uses another tokenizer than {workdir}")
+            ref_name = f"{ref_workdir} (step {ref_step})"
+        if isinstance(featurizer, str):
+            featurizer = make_featurizer(featurizer, ref_model or model, tok)
+        body = text_report(
+            model,
+            ev,
+            tok,
+            seed=run.typed.seed,
+            ref_model=ref_model,
+            ref_name=ref_name,
+            featurizer=featurizer,
+            mauve_seeds=mauve_seeds,
+            split_name=run.data.eval_name,
+            **kw,
+        )
+    report = {"step": step, "task": task, **body, "wall_s": round(time.time() - t0, 1)}
+    out = Path(workdir)
+    own = split is None and questions is None
+    name = f"eval_{step}" if own else f"eval_{split_name}_{step}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(summary_markdown(report))
+    return report
+
+
+def read_questions(path: str, tokenizer, seq_len: int) -> dict[str, Any]:
+    """A JSONL file of {"question": str, "answer": str} as an arithmetic split (the task's row
+    format: question + " ", then the answer and eos). Errors name the line."""
+    from smatch_jax.data import arithmetic
+
+    examples = []
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            if not isinstance(ex, dict) or set(ex) != {"question", "answer"}:
+                raise ValueError('want an object with exactly "question" and "answer"')
+            if not all(isinstance(ex[k], str) for k in ex):
+                raise ValueError("question and answer must be strings")
+            examples.append(
+                arithmetic.encode_example(ex["question"], ex["answer"], tokenizer, T=seq_len)
+            )
+        except ValueError as e:  # json.JSONDecodeError, encoding and row-length errors too
+            raise ValueError(f"{path}:{i}: {e}") from None
+    if not examples:
+        raise ValueError(f"{path} has no questions")
+    out: dict[str, Any] = {k: [e[k] for e in examples] for k in ("question", "answer")}
+    for k in ("tokens", "prompt_len", "length", "base"):
+        out[k] = np.stack([e[k] for e in examples]).astype(np.int32)
+    return out
+
+
+def _protocol_lines(protocol: dict, indent: str = "") -> list[str]:
+    lines = []
+    for k, v in protocol.items():
+        if isinstance(v, dict):
+            lines += [f"{indent}- {k}:", *_protocol_lines(v, indent + "  ")]
+        else:
+            lines.append(f"{indent}- {k}: {v}")
+    return lines
+
+
+def summary_markdown(report: dict) -> str:
+    lines = [
+        f"# Evaluation at step {report['step']} ({report['task']})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.4g} |" for k, v in report["metrics"].items()]
+    lines += [
+        "",
+        "Protocol:",
+        "",
+        *_protocol_lines(report["protocol"]),
+        "",
+        "Samples:",
+        "",
+        *(f"- `{s}`" for s in report["samples"]),
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""The model of a run: `config.model` as a typed config, and `build_model`.
+
+A run's model is a preset architecture trained from scratch (`models/config.py: PRESETS`), a
+converted pretrained checkpoint (`convert/`: SmolLM2 GGUF, Hugging Face GPT-2 / Llama), or a
+model trained here (`ckpt:<workdir>`, e.g. MLE pretraining before fine-tuning), always with the
+`<bkspc>` output row, optionally with LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from flax import nnx
+
+from smatch_jax.models import convert, lora
+from smatch_jax.models.config import PRESETS, from_preset
+from smatch_jax.models.transformer import Transformer
+from smatch_jax.sections import Section
+
+INITS = "'scratch', 'smollm2', 'hf:<dir>' or 'ckpt:<workdir>'"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(Section):
+    """`config.model`: which model a run trains."""
+
+    NAME: ClassVar[str] = "model"
+    preset: str = "tiny_llama"  # architecture of model.init='scratch' (models/config.py PRESETS)
+    init: str = "scratch"  # 'scratch', 'smollm2', 'hf:<dir>' or 'ckpt:<workdir>' (+ <bkspc> row)
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank, base weights frozen
+    lora_alpha: float = 0.0  # LoRA scale numerator (0: = rank)
+    dtype: str = "float32"  # compute dtype
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"dtype": ("float32", "bfloat16", "float16")}
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (("lora_rank", 0, None, True),)
+
+    @classmethod
+    def cross_problems(cls, values: dict[str, Any]) -> list[str]:
+        init, preset = values["init"], values["preset"]
+        if init == "scratch" and preset not in PRESETS:
+            return [f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}"]
+        if init not in ("scratch", "smollm2") and not init.startswith(("hf:", "ckpt:")):
+            return [f"model.init={init!r}; use {INITS}"]
+        return []
+
+
+def build_model(
+    spec: ModelSpec, *, vocab_size: int, seq_len: int, seed: int, tokenizer=None
+) -> Transformer:
+    """The model of `spec` for a vocabulary of `vocab_size` and rows of `seq_len` tokens.
+
+    `tokenizer` (optional) must equal the tokenizer of a `ckpt:<workdir>` model.
+    """
+    init = spec.init
+    if init == "scratch":
+        mc = from_preset(
+            spec.preset, vocab_size=vocab_size, max_positions=max(seq_len, 8), dtype=spec.dtype
+        )
+        model = Transformer(mc, rngs=nnx.Rngs(seed))
+    elif init == "smollm2":
+        model = convert.smollm2(dtype=spec.dtype)
+    elif init.startswith("hf:"):
+        model = convert.load_hf(init[3:], dtype=spec.dtype)
+    elif init.startswith("ckpt:"):  # fine-tune a model trained here (e.g. MLE pretraining)
+        from smatch_jax import run as run_lib  # run.py builds models with this module
+
+        run, state = run_lib.load_trained(init[5:])
+        model = nnx.merge(run.graphdef, state.params, run.frozen)
+        theirs = run.data.tokenizer
+        if (
+            tokenizer is not None
+            and theirs.vocab_size == vocab_size
+            and not theirs.same_as(tokenizer)
+        ):
+            raise ValueError(
+                f"model.init={init!r} was trained with a different tokenizer (same size, other "
+                "tokens); fine-tune on data built with the same tokenizer"
+            )
+    else:
+        raise ValueError(f"model.init={init!r}; use {INITS}")
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(
+            f"the model has vocab_size={model.config.vocab_size} but the tokenizer "
+            f"{vocab_size}; use the model's own tokenizer"
+        )
+    if spec.lora_rank:
+        lora.apply_lora(
+            model, rank=spec.lora_rank, alpha=spec.lora_alpha or None, rngs=nnx.Rngs(seed + 1)
+        )
+    return model

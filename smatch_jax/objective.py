@@ -1,0 +1,144 @@
+"""The training objective: `config.loss` as a typed config, and the loss function of a step.
+
+`make_loss_fn(LossConfig, eos_id)` combines the kernels of losses.py into
+`bc_weight * L_BC + sm_weight * L_SM + unlikelihood_weight * L_UL` (method.md §2.5), with
+`bc_warmup_steps` of pure BC first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from smatch_jax import losses
+from smatch_jax.sections import Section
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig(Section):
+    """`config.loss`: the objective (method.md §2). Its defaults are the config defaults.
+
+    The revision-2 fields (§2.7) were chosen on validation questions by
+    `python -m experiments.arithmetic --objective`
+    (experiments/results/arithmetic_objective.md).
+    """
+
+    NAME: ClassVar[str] = "loss"
+    bc_weight: float = 1.0  # weight of L_BC
+    sm_weight: float = 1.0  # weight of L_SM (0: no SequenceMatch, no sampling)
+    bc_warmup_steps: int = 200  # pure BC steps before SequenceMatch starts [ours]
+    divergence: str = "chi2_mix"  # chi2_mix | chi2 | kl | js | hellinger
+    gamma: float = 0.998  # discount
+    chi2_coef: float = 0.25  # c, weight of the r^2 term
+    value_on: str = "mix"  # 'mix' (on-policy rows) or 'data' (offline)
+    temperature: float = 1.0  # alpha: Q = alpha * logits, the objective divided by alpha
+    terminal: str = "zero"  # V after eos: 'zero' or 'bootstrap' (read at the eos position)
+    masked_actions: str = "unrewarded"  # weight-0 (noise) actions: 'unrewarded' | 'environment'
+    normalize: str = "token"  # expectations per 'token' (action count) or per 'row' (episode)
+    truncated_weight: float = 1.0  # row weight of model rows cut off before eos [ours]
+    clamp_margin: float = 1e-3  # js/hellinger: clamp r to its domain bound + margin [ours]
+    unlikelihood_weight: float = 0.0  # token-level unlikelihood weight (the MLE + UL baseline)
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "divergence": losses.DIVERGENCES,
+        "value_on": losses.VALUE_ON,
+        "terminal": losses.TERMINAL,
+        "masked_actions": losses.MASKED_ACTIONS,
+        "normalize": losses.NORMALIZE,
+    }
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
+        ("bc_weight", 0.0, None, True),
+        ("sm_weight", 0.0, None, True),
+        ("bc_warmup_steps", 0, None, True),
+        ("gamma", 0.0, 1.0, False),
+        ("chi2_coef", 0.0, None, True),
+        ("temperature", 0.0, None, False),
+        ("truncated_weight", 0.0, 1.0, True),
+        ("clamp_margin", 0.0, None, True),
+        ("unlikelihood_weight", 0.0, None, True),
+    )
+
+    @classmethod
+    def cross_problems(cls, values: dict[str, Any]) -> list[str]:
+        if values["bc_weight"] + values["sm_weight"] + values["unlikelihood_weight"] <= 0:
+            return ["loss.bc_weight, sm_weight and unlikelihood_weight are all 0: no loss"]
+        return []
+
+    # A config saved before revision 2 has none of its fields: it ran revision 1.
+    REVISION_1: ClassVar[dict[str, Any]] = {
+        "temperature": 1.0,
+        "terminal": "zero",
+        "masked_actions": "unrewarded",
+        "normalize": "token",
+        "truncated_weight": 1.0,
+    }
+
+
+class Batch(NamedTuple):
+    """A training batch of rows (data and model rows together)."""
+
+    tokens: jax.Array  # int32 [B, T]
+    prompt_len: jax.Array  # int32 [B]
+    length: jax.Array  # int32 [B]
+    is_model: jax.Array  # bool [B]
+    action_weight: jax.Array  # float32 [B, T]
+
+
+LossFn = Callable[[jax.Array, Batch, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_loss_fn(cfg: LossConfig | Mapping[str, Any], *, eos_id: int) -> LossFn:
+    """`loss_fn(logits, batch, step) -> (loss, metrics)`.
+
+    The total is `bc_weight * L_BC + sm_weight * L_SM + unlikelihood_weight * L_UL`.
+
+    During the first `bc_warmup_steps` steps the SequenceMatch weight is 0 (pure BC). `step`
+    may be traced, so the same compiled step serves both phases.
+    """
+    cfg = cfg if isinstance(cfg, LossConfig) else LossConfig.from_mapping(cfg)
+
+    def loss_fn(logits, batch: Batch, step):
+        args = (logits, batch.tokens, batch.prompt_len, batch.length, batch.is_model)
+        metrics: dict[str, jax.Array] = {}
+        total = jnp.float32(0.0)
+        if cfg.bc_weight > 0:
+            bc, m = losses.bc_loss(
+                *args,
+                eos_id=eos_id,
+                action_weight=batch.action_weight,
+                masked_actions=cfg.masked_actions,
+            )
+            total += cfg.bc_weight * bc
+            metrics.update(m)
+        if cfg.unlikelihood_weight > 0:
+            ul, m = losses.unlikelihood_loss(*args, eos_id=eos_id)
+            total += cfg.unlikelihood_weight * ul
+            metrics.update(m)
+        if cfg.sm_weight > 0:
+            sm, m = losses.sequence_match_loss(
+                *args,
+                eos_id=eos_id,
+                divergence=cfg.divergence,
+                gamma=cfg.gamma,
+                chi2_coef=cfg.chi2_coef,
+                value_on=cfg.value_on,
+                temperature=cfg.temperature,
+                terminal=cfg.terminal,
+                masked_actions=cfg.masked_actions,
+                normalize=cfg.normalize,
+                truncated_weight=cfg.truncated_weight,
+                action_weight=batch.action_weight,
+                clamp_margin=cfg.clamp_margin,
+            )
+            sm_w = jnp.where(step < cfg.bc_warmup_steps, 0.0, cfg.sm_weight)
+            total += sm_w * sm
+            metrics.update(m)
+            metrics["sm/weight"] = sm_w
+        metrics["loss"] = total
+        return total, metrics
+
+    return loss_fn

@@ -1,0 +1,133 @@
+"""A run's compiled pieces, built once from its config: `setup`, and `load_trained` to restore
+a finished run (for evaluation, sampling, or fine-tuning from it).
+
+`Run` holds the typed config, the data, the mesh, the initial `TrainState` with its shardings,
+and the jitted train step and replay refill (steps.py). Nothing here loops; train.py does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from smatch_jax import checkpointing, noise, objective, replay, sharding, steps, validate
+from smatch_jax import config as config_lib
+from smatch_jax.data import train_data as data_lib
+from smatch_jax.models import factory, lora
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, built once."""
+
+    config: ml_collections.ConfigDict
+    typed: config_lib.Typed
+    data: data_lib.TrainData
+    mesh: Any
+    state: steps.TrainState
+    state_shardings: Any
+    train_step: Any  # jitted, static with_model
+    refill: Any  # jitted
+    graphdef: Any
+    frozen: Any
+    settings: steps.StepSettings
+
+    def abstract_state(self) -> Any:
+        """Shapes, dtypes and shardings of the state (what a checkpoint restores into)."""
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.state,
+            self.state_shardings,
+        )
+
+    def sm_on(self) -> bool:
+        """SequenceMatch with sampled model rows (else BC, MLE or offline SequenceMatch)."""
+        return self.settings.model_rows > 0
+
+
+def setup(config: ml_collections.ConfigDict) -> Run:
+    c = config_lib.typed(config)
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    data = data_lib.build_train_data(
+        c.data,
+        seed=c.seed,
+        batch_size=c.train.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    tok = data.tokenizer
+    validate.check_tokenizer(tok)
+    T, P = c.data.seq_len, data.prompt_max
+    model = factory.build_model(
+        c.model, vocab_size=tok.vocab_size, seq_len=T, seed=c.seed, tokenizer=tok
+    )
+    graphdef, params, frozen = nnx.split(model, lora.trainable_filter(c.model.lora_rank > 0), ...)
+    mask = lora.update_mask(params, tok.bkspc_id) if c.model.lora_rank else None
+    optimizer = c.optim.build(c.train.num_steps, mask)
+    probs = noise.noise_probs(c.noise.kind, data.train_rows, tok)
+    sm_on = c.loss.sm_weight > 0 and c.loss.value_on == "mix"
+    st = steps.StepSettings(
+        bkspc_id=tok.bkspc_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        noise=c.noise,
+        model_rows=c.train.model_rows if sm_on else 0,
+        prompt_max=P,
+        sampling=c.sampling.decoding(T - P),
+    )
+    loss_fn = objective.make_loss_fn(c.loss, eos_id=tok.eos_id)
+    key = jax.random.key_data(jax.random.key(c.seed))
+    state = steps.TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        optimizer.init(params),
+        replay.init(c.replay.capacity, T, tok.pad_id),
+        key,
+    )
+    param_sh = sharding.param_shardings(state.params, mesh)
+    rep = sharding.replicated(mesh)
+    # Optimiser moments follow their parameter's sharding.
+    opt_sh = optax.tree_map_params(
+        optimizer, lambda _, s: s, state.opt_state, param_sh, transform_non_params=lambda _: rep
+    )
+    state_sh = steps.TrainState(
+        rep, param_sh, opt_sh, jax.tree.map(lambda _: rep, state.replay), rep
+    )
+    state = jax.device_put(state, state_sh)
+    train_step = jax.jit(
+        steps.make_train_step(graphdef, frozen, optimizer, loss_fn, jnp.asarray(probs), st),
+        static_argnames="with_model",
+        out_shardings=(state_sh, rep),
+    )
+    refill = jax.jit(steps.make_refill(graphdef, frozen, st), out_shardings=(state_sh, rep))
+    return Run(config, c, data, mesh, state, state_sh, train_step, refill, graphdef, frozen, st)
+
+
+def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
+    """The config a workdir's run was trained with (`config.upgrade`d to the current schema)."""
+    cfg_file = Path(workdir) / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{cfg_file} not found: is {workdir} a training workdir?")
+    return ml_collections.ConfigDict(config_lib.upgrade(json.loads(cfg_file.read_text())))
+
+
+def load_trained(
+    workdir: str, step: int | None = None, *, eval_split: str | None = None
+) -> tuple[Run, steps.TrainState]:
+    """The run of `workdir` (its saved config) restored at `step` (default: latest), with
+    `run.data.eval_split` the run's own evaluation split or `eval_split`."""
+    config = read_config(workdir)
+    if eval_split is not None:
+        config.data.eval_split = eval_split
+    run = setup(config)
+    with checkpointing.Checkpointer(Path(workdir) / "checkpoints") as ckpt:
+        step, state, _, _ = ckpt.restore(step, abstract_state=run.abstract_state())
+    return run, state
