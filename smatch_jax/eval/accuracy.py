@@ -18,7 +18,7 @@ import numpy as np
 
 from smatch_jax import sampling
 from smatch_jax.data.tokenizer_base import Tokenizer
-from smatch_jax.eval import decoding, text_metrics
+from smatch_jax.eval import decoding, mechanism, text_metrics
 
 
 @dataclasses.dataclass
@@ -109,7 +109,10 @@ def evaluate_arithmetic(
     interval over questions, backspace statistics, per-base breakdown) is `greedy_no_repeat`
     when it is among `decodings`, else the first mode. With `noise_probs` (the ground-truth
     noise distribution) also the recovery evaluation (`recovery_<mode>`, `recovery`,
-    `recovery_deletions`, `recovery_exact_delete_frac`; see `recovery`).
+    `recovery_deletions`, `recovery_exact_delete_frac`; see `recovery`). `mech_*`: precision
+    and recall of the headline decoding's deletions and, with `sample` among `decodings`, how
+    well pi(<bkspc>) and V separate still-correct from already-wrong states of the model's own
+    samples (`mechanism.py`).
     """
     tokens, prompt_len = np.asarray(split["tokens"]), np.asarray(split["prompt_len"])
     length, answers = np.asarray(split["length"]), split["answer"]
@@ -155,6 +158,14 @@ def evaluate_arithmetic(
         f"{tokenizer.decode(dec.final[b][prompt_len[b] :]).strip()!r} (ref {answers[b]!r})"
         for b in range(min(n_show, N))
     ]
+    dels = mechanism.deletion_stats(rows, prompt_len, ref, tokenizer.bkspc_id)
+    scalars.update({f"mech_{k}": v for k, v in dels.items()})
+    if "sample" in res:  # the model's own samples: does it know where it went wrong?
+        own = res["sample"][1].actions
+        sep = mechanism.separation(
+            model, own, prompt_len, ref, tokenizer.bkspc_id, tokenizer.pad_id
+        )
+        scalars.update({f"mech_{k}": v for k, v in sep.items()})
     result = AccuracyResult(scalars, correct, "\n".join(lines))
     if noise_probs is not None:
         rec, result.recovery_examples = recovery(
