@@ -447,3 +447,37 @@ def test_smollm2_perplexity_and_initial_bkspc_probability(smol):
     pi_bkspc = np.exp(_log_softmax(logits)[:, V])
     assert (pi_bkspc <= 1 / (V + 1)).all()  # the "mean" init bound
     assert (pi_bkspc > 1e-15).all()  # measured 6e-13 .. 1e-7, median 2.5e-10
+
+
+def test_npz_checkpoint_round_trip_hash_and_tokenizer_checks(tmp_path):
+    """Our small-checkpoint format: the same logits after a round trip, a content hash that
+    ignores the zip container, and clear errors for another file or another tokenizer."""
+    from flax import nnx
+
+    from smatch_jax.data.tokenizers import CharTokenizer
+    from smatch_jax.models import Transformer, tiny
+    from smatch_jax.models.convert import load_npz, save_npz
+    from smatch_jax.models.factory import ModelSpec, build_model
+
+    tok = CharTokenizer("abcdefghijklmno")  # 15 chars + eos, pad = 17 ids: tiny's vocabulary
+    model = Transformer(tiny("llama"), rngs=nnx.Rngs(3))
+    vocab = [tok.decode([i]) for i in range(tok.vocab_size)]
+    path = tmp_path / "base.npz"
+    sha = save_npz(model, path, vocab)
+    again = tmp_path / "again.npz"
+    assert save_npz(model, again, vocab) == sha  # written twice: one content hash
+    loaded, got_vocab = load_npz(path, sha256=sha)
+    assert got_vocab == vocab and loaded.config == model.config
+    ids = jnp.arange(6)[None] % 17
+    causal = jnp.tril(jnp.ones((1, 6, 6), bool))
+    np.testing.assert_array_equal(
+        model(ids, jnp.arange(6)[None], causal), loaded(ids, jnp.arange(6)[None], causal)
+    )
+    with pytest.raises(ValueError, match=r"content hash .* expected 0+: the file is not the one"):
+        load_npz(path, sha256="0" * 64)
+    spec = ModelSpec(init=f"npz:{path}", init_sha256=sha)
+    built = build_model(spec, vocab_size=17, seq_len=8, seed=0, tokenizer=tok)
+    assert built.config == model.config
+    other = CharTokenizer("onmlkjihgfedcba")
+    with pytest.raises(ValueError, match="different tokenizer"):
+        build_model(spec, vocab_size=17, seq_len=8, seed=0, tokenizer=other)

@@ -2,7 +2,8 @@
 
 A run's model is a preset architecture trained from scratch (`models/config.py: PRESETS`), a
 converted pretrained checkpoint (`convert/`: SmolLM2 GGUF, Hugging Face GPT-2 / Llama), or a
-model trained here (`ckpt:<workdir>`, e.g. MLE pretraining before fine-tuning), always with the
+model trained here (`ckpt:<workdir>`, e.g. MLE pretraining before fine-tuning, or its weights
+committed as a small file, `npz:<file>` with `init_sha256`), always with the
 `<bkspc>` output row, optionally with LoRA adapters.
 """
 
@@ -18,7 +19,7 @@ from smatch_jax.models.config import PRESETS, from_preset
 from smatch_jax.models.transformer import Transformer
 from smatch_jax.sections import Section
 
-INITS = "'scratch', 'smollm2', 'hf:<dir>' or 'ckpt:<workdir>'"
+INITS = "'scratch', 'smollm2', 'hf:<dir>', 'ckpt:<workdir>' or 'npz:<file>'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +28,8 @@ class ModelSpec(Section):
 
     NAME: ClassVar[str] = "model"
     preset: str = "tiny_llama"  # architecture of model.init='scratch' (models/config.py PRESETS)
-    init: str = "scratch"  # 'scratch', 'smollm2', 'hf:<dir>' or 'ckpt:<workdir>' (+ <bkspc> row)
+    init: str = "scratch"  # 'scratch', 'smollm2', 'hf:<dir>', 'ckpt:<workdir>', 'npz:<file>'
+    init_sha256: str = ""  # npz: the content hash the file must have ('' : not checked)
     lora_rank: int = 0  # > 0: LoRA adapters of this rank, base weights frozen
     lora_alpha: float = 0.0  # LoRA scale numerator (0: = rank)
     dtype: str = "float32"  # compute dtype
@@ -40,7 +42,7 @@ class ModelSpec(Section):
         init, preset = values["init"], values["preset"]
         if init == "scratch" and preset not in PRESETS:
             return [f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}"]
-        if init not in ("scratch", "smollm2") and not init.startswith(("hf:", "ckpt:")):
+        if init not in ("scratch", "smollm2") and not init.startswith(("hf:", "ckpt:", "npz:")):
             return [f"model.init={init!r}; use {INITS}"]
         return []
 
@@ -73,6 +75,14 @@ def build_model(
             and theirs.vocab_size == vocab_size
             and not theirs.same_as(tokenizer)
         ):
+            raise ValueError(
+                f"model.init={init!r} was trained with a different tokenizer (same size, other "
+                "tokens); fine-tune on data built with the same tokenizer"
+            )
+    elif init.startswith("npz:"):  # a small committed base model (convert/npz.py)
+        model, vocab = convert.load_npz(init[4:], sha256=spec.init_sha256, dtype=spec.dtype)
+        ours = [tokenizer.decode([i]) for i in range(vocab_size)] if tokenizer else vocab
+        if len(vocab) == vocab_size and vocab != ours:
             raise ValueError(
                 f"model.init={init!r} was trained with a different tokenizer (same size, other "
                 "tokens); fine-tune on data built with the same tokenizer"

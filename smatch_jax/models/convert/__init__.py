@@ -1,6 +1,6 @@
 """Converters of pretrained weights into `Transformer`, one module per format, all sharing the
-`<bkspc>` row (`common.add_bkspc_row`): `gguf` (llama.cpp llama files, SmolLM2) and `hf`
-(Hugging Face GPT-2 and Llama directories)."""
+`<bkspc>` row (`common.add_bkspc_row`): `gguf` (llama.cpp llama files, SmolLM2), `hf`
+(Hugging Face GPT-2 and Llama directories) and `npz` (our own small checkpoints, hashed)."""
 
 from smatch_jax.models.convert.common import (
     BKSPC_INITS,
@@ -15,6 +15,7 @@ from smatch_jax.models.convert.gguf import (
     unpermute_rope_rows,
 )
 from smatch_jax.models.convert.hf import load_hf, load_hf_params, read_safetensors_dir
+from smatch_jax.models.convert.npz import load_npz, save_npz
 
 __all__ = [
     "BKSPC_INITS",
@@ -22,10 +23,12 @@ __all__ = [
     "load_gguf_llama",
     "load_hf",
     "load_hf_params",
+    "load_npz",
     "model_from_params",
     "model_params",
     "permute_rope_rows",
     "read_safetensors_dir",
+    "save_npz",
     "smollm2",
     "unpermute_rope_rows",
 ]
