@@ -97,12 +97,13 @@ def plan(quick: bool, seeds: int) -> list[common.Job]:
     return runs
 
 
-def pretrain(root: Path, data_dir: str) -> Path:
-    wd = root / "pretrain"
-    c = arith_config.get_config("pretrain")
+def pretrain(root: Path, data_dir: str, variant: str = "pretrain") -> Path:
+    """MLE pretraining (`configs/arithmetic.py:<variant>`) in `root/<variant>`, once."""
+    wd = root / variant
+    c = arith_config.get_config(variant)
     c.data.data_dir = data_dir
     if not (wd / "result.json").exists():
-        print("pretraining (MLE) ...", flush=True)
+        print(f"pretraining (MLE, {variant}) ...", flush=True)
         t0 = time.time()
         state, _ = train.train(c, str(wd))
         if int(state.step) < c.train.num_steps:
@@ -112,9 +113,42 @@ def pretrain(root: Path, data_dir: str) -> Path:
     return wd
 
 
-def make_train_fn(pretrained: Path, data_dir: str):
+# The stronger base, committed (experiments/assets/): `configs/arithmetic.py:pretrain_long`,
+# exported by `python -m experiments.arithmetic --export_base` (the same weights bit for bit
+# on this machine type: the hash below is checked when a run loads the file).
+LONG_BASE = common.ROOT / "experiments" / "assets" / "arithmetic_base_long.npz"
+LONG_BASE_SHA256 = ""
+
+
+def export_base(root: Path, data_dir: str) -> str:
+    """Pretrains the stronger base and writes it (weights, config, vocabulary) to LONG_BASE,
+    with its evaluation and provenance beside it; returns the content hash to pin."""
+    from smatch_jax.eval import report
+    from smatch_jax.models import convert
+
+    wd = pretrain(root, data_dir, "pretrain_long")
+    run, step, model = report.load_model(str(wd))
+    tok = run.data.tokenizer
+    LONG_BASE.parent.mkdir(parents=True, exist_ok=True)
+    sha = convert.save_npz(model, LONG_BASE, [tok.decode([i]) for i in range(tok.vocab_size)])
+    info = {
+        "sha256": sha,
+        "command": "python -m experiments.arithmetic --export_base",
+        "config": "configs/arithmetic.py:pretrain_long",
+        "step": step,
+        "git": common.git_revision(),
+        **json.loads((wd / "result.json").read_text()),
+    }
+    LONG_BASE.with_suffix(".json").write_text(json.dumps(info, indent=2))
+    return sha
+
+
+def make_train_fn(init: str, data_dir: str, init_sha256: str = ""):
+    """Fine-tunes a job from `init` (a `model.init` value: the pretraining workdir as
+    `ckpt:<dir>`, or the committed base as `npz:<file>` with its hash)."""
+
     def train_fn(r: common.Job, wd: Path) -> dict:
-        r.config.model.init = f"ckpt:{pretrained}"
+        r.config.model.init, r.config.model.init_sha256 = init, init_sha256
         r.config.data.data_dir = data_dir
         state, last = train.train(r.config, str(wd))
         if int(state.step) < r.config.train.num_steps:  # preempted (SIGTERM): saved, not done
@@ -342,6 +376,11 @@ def main(argv: list[str] | None = None) -> None:
         default="0/1",
         help="i/n: run every n-th planned run from the i-th (for n processes; shard 0 pretrains)",
     )
+    ap.add_argument(
+        "--export_base",
+        action="store_true",
+        help="pretrain the stronger base (pretrain_long) and write it to experiments/assets/",
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
         "--summarise_only", action="store_true", help="no training: report the finished runs"
@@ -355,8 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     common.enable_compilation_cache(root / "jax_cache")
     data_dir = str(root / "data")
     shard = common.parse_shard(args.shard, root / "pretrain")
+    if args.export_base:
+        print(f"wrote {LONG_BASE}: sha256 {export_base(root, data_dir)}")
+        return
     pre_wd = pretrain(root, data_dir)
-    train_fn = make_train_fn(pre_wd, data_dir)
+    train_fn = make_train_fn(f"ckpt:{pre_wd}", data_dir)
     if args.objective:
         arithmetic_objective.main(args, root, pre_wd, train_fn, t0, shard)
         return
