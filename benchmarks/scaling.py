@@ -64,9 +64,24 @@ def run_one(n_dev: int, size_name: str, reps: int, fake: bool, dtype: str) -> di
     cmd = [sys.executable, "-m", "benchmarks.scaling", "--worker", f"--devices={n_dev}"]
     cmd += [f"--size={size_name}", f"--reps={reps}", f"--dtype={dtype}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"scaling worker ({n_dev} devices) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _result_line(proc.stdout)
+    if result is None:
+        raise RuntimeError(
+            f"scaling worker ({n_dev} devices) failed with exit code {proc.returncode} before "
+            f"printing its result:\n{proc.stderr[-3000:]}"
+        )
+    if proc.returncode != 0:  # finished and reported, then died on the way out: keep it, say so
+        result["worker_exit_code"] = proc.returncode
+    return result
+
+
+def _result_line(stdout: str) -> dict | None:
+    """The worker's JSON result (its last line), or None if it never printed it."""
+    lines = stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        return None
 
 
 def scaling(
@@ -102,7 +117,10 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.devices, args.size, args.reps, args.dtype)))
+        print(json.dumps(worker(args.devices, args.size, args.reps, args.dtype)), flush=True)
+        # Skip interpreter teardown: jaxlib can abort while shutting down its threads on small
+        # machines (jax-ml/jax#769), which turned finished measurements into failures.
+        os._exit(0)
     else:
         print(json.dumps(scaling(args.size, args.reps, dtype=args.dtype), indent=2))
 

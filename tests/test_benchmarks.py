@@ -6,10 +6,11 @@ cached sampler under greedy decoding; the scaling run's losses agree across devi
 """
 
 import json
+import subprocess
 
 import pytest
 
-from benchmarks import figures, run
+from benchmarks import figures, run, scaling
 from benchmarks import harness as h
 
 HEADLINE = (
@@ -63,3 +64,19 @@ def test_quick_suite_at_toy_size(monkeypatch, tmp_path):
     assert set(HEADLINE) <= set(json.loads(out.read_text()))
     table = run.tables(res)
     assert all(f"\n## {i}" in table for i in ("1+4.", "2.", "3.", "5.", "6."))
+
+
+def test_scaling_worker_that_dies_after_reporting_keeps_its_result(monkeypatch):
+    """A worker that printed its result and then died on the way out (jaxlib can abort at
+    interpreter teardown on small machines) is a result with `worker_exit_code`; one that died
+    before reporting is an error with its stderr."""
+    outputs = iter(
+        [
+            subprocess.CompletedProcess([], -6, stdout='{"devices": 2}\n', stderr="abort"),
+            subprocess.CompletedProcess([], 1, stdout="", stderr="ImportError: boom"),
+        ]
+    )
+    monkeypatch.setattr(scaling.subprocess, "run", lambda *a, **k: next(outputs))
+    assert scaling.run_one(2, "toy", 1, True, "float32") == {"devices": 2, "worker_exit_code": -6}
+    with pytest.raises(RuntimeError, match="exit code 1 before printing its result:\nImportError"):
+        scaling.run_one(2, "toy", 1, True, "float32")
