@@ -143,12 +143,14 @@ def export_base(root: Path, data_dir: str) -> str:
     return sha
 
 
-def make_train_fn(init: str, data_dir: str, init_sha256: str = ""):
+def make_train_fn(init: str, data_dir: str, init_sha256: str = "", evaluation: dict | None = None):
     """Fine-tunes a job from `init` (a `model.init` value: the pretraining workdir as
-    `ckpt:<dir>`, or the committed base as `npz:<file>` with its hash)."""
+    `ckpt:<dir>`, or the committed base as `npz:<file>` with its hash); `evaluation`: fields of
+    `config.eval` (the command line's decodings)."""
 
     def train_fn(r: common.Job, wd: Path) -> dict:
         r.config.model.init, r.config.model.init_sha256 = init, init_sha256
+        r.config.eval.update(evaluation or {})
         r.config.data.data_dir = data_dir
         state, last = train.train(r.config, str(wd))
         if int(state.step) < r.config.train.num_steps:  # preempted (SIGTERM): saved, not done
@@ -197,14 +199,24 @@ def _method_table(by: dict, levels: list[float], key: str) -> str:
 
 
 def _table2(by: dict, noise: float) -> str:
-    """The first four test questions of each method (seed 0) with a corrupted answer prefix."""
-    lines = []
+    """The first four test questions (seed 0) with a corrupted answer prefix, every method side
+    by side: its actions after the given prefix (⌫ = `<bkspc>`) and its final answer."""
+    cols = []
     for method, (label, _, _) in METHODS.items():
         rs = by.get(("mle", 0.0) if method == "mle" else (method, noise), [])
         ex = next((r.get("recovery_examples") for r in rs if r["seed"] == 0), None)
         if ex:
-            lines += [f"**{label.replace('`', '')}**", "", *[f"- `{e}`" for e in ex], ""]
-    return "\n".join(lines)
+            cols.append((label, [line.split("\t") for line in ex]))
+    if not cols:
+        return ""
+    rows = []
+    for i, (q, given, _, _, ref, _) in enumerate(cols[0][1]):
+        cells = [f"`{q.strip()}` `{given}` (ref `{ref}`)"]
+        for _, ex in cols:
+            _, _, acts, final, _, mark = ex[i]
+            cells.append(f"`{acts}` → `{final}` {'✓' if mark == 'right' else '✗'}")
+        rows.append(cells)
+    return common.markdown_table(["question + given prefix", *[c[0] for c in cols]], rows)
 
 
 def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
@@ -383,6 +395,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
+        "--decoding",
+        default="all",
+        help="evaluation decodings: all, or a comma list of greedy,greedy_no_repeat,sample",
+    )
+    ap.add_argument("--temperature", type=float, default=1.0, help="of the sample decoding")
+    ap.add_argument("--num_samples", type=int, default=4, help="sampling seeds (sample)")
+    ap.add_argument(
         "--summarise_only", action="store_true", help="no training: report the finished runs"
     )
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic")
@@ -398,7 +417,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {LONG_BASE}: sha256 {export_base(root, data_dir)}")
         return
     pre_wd = pretrain(root, data_dir)
-    train_fn = make_train_fn(f"ckpt:{pre_wd}", data_dir)
+    evaluation = dict(
+        decodings=args.decoding, temperature=args.temperature, num_samples=args.num_samples
+    )
+    train_fn = make_train_fn(f"ckpt:{pre_wd}", data_dir, evaluation=evaluation)
     if args.objective:
         arithmetic_objective.main(args, root, pre_wd, train_fn, t0, shard)
         return

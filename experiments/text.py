@@ -57,6 +57,7 @@ PAPER_MAUVE = {
     "sm_chi2": "0.91 ± 0.02",
 }
 COLUMNS = [  # (metric key, header, format)
+    ("mauve_no_repeat", "MAUVE, sampling with no_repeat_deleted", "{:.3f}"),
     ("ppl_generated", "perplexity of generations", "{:.1f}"),
     ("diversity", "diversity", "{:.3f}"),
     ("repetition_rate", "repetition", "{:.3f}"),

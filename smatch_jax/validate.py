@@ -28,7 +28,8 @@ from smatch_jax.sections import did_you_mean, flatten
 
 log = logging.getLogger(__name__)
 
-# Fields a resumed run may change: run length, cadences, where the data lives, the mesh. A
+# Fields a resumed run may change: run length, cadences, where the data lives, how it is
+# evaluated, the mesh. A
 # resumed run stays bit-identical to an uninterrupted one except for `train.num_steps` (the
 # cosine schedule is recomputed for the new length) and the mesh (equal to float tolerance).
 RESUMABLE_CHANGES = (
@@ -38,6 +39,10 @@ RESUMABLE_CHANGES = (
     "train.ckpt_every",
     "train.keep_ckpts",
     "data.data_dir",
+    "eval.decodings",
+    "eval.num_samples",
+    "eval.temperature",
+    "eval.recovery",
     "mesh.data",
     "mesh.fsdp",
     "distributed",

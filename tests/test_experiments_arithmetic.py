@@ -94,7 +94,11 @@ def test_summary_reports_every_decoding_recovery_and_table2(tmp_path):
             r.update({"eval/accuracy_greedy": acc - 0.1, "eval/accuracy_sample": acc / 2})
             r.update({"eval/recovery": 0.2, "eval/recovery_greedy": 0.1})
             r["eval/recovery_exact_delete_frac"] = 0.05 if method != "mle" else 0.0
-            r["recovery_examples"] = [f"{method} example {i}" for i in range(4)]
+            r["recovery_examples"] = [
+                f"In base 7, what is {i} + 1? \t{i}x\t⌫{i + 1}\t{i + 1}\t{i + 1}\t"
+                + ("right" if method != "mle" else "wrong")
+                for i in range(4)
+            ]
             results.append(r)
     out = tmp_path / "arith"
     text = arithmetic.summarise(results, {"eval/accuracy": 0.1}, "header\n", out)
@@ -104,7 +108,11 @@ def test_summary_reports_every_decoding_recovery_and_table2(tmp_path):
     m, h = common.mean_ci([0.3 - 0.1, 0.4 - 0.1])
     assert f"{m:.3f} ± {h:.3f}" in sm_greedy[0]  # the greedy table
     rec = next(x for x in sections if x.startswith("Recovery"))
-    assert "0.200 ± 0.000" in rec and "sm_gt example 3" in rec and "mle example 0" in rec
+    assert "0.200 ± 0.000" in rec
+    row = next(
+        line for line in rec.splitlines() if line.startswith("| `In base 7, what is 3 + 1?`")
+    )
+    assert row.count("`⌫4` → `4` ✓") == 2 and row.count("✗") == 1  # BC, SM right; MLE wrong
     for png in ("arith.png", "arith_recovery.png"):
         assert (tmp_path / png).stat().st_size > 1000
 

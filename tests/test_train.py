@@ -232,7 +232,8 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     assert m["accuracy_sample_ci_low"] <= m["accuracy_sample"] <= m["accuracy_sample_ci_high"]
     assert m["recovery"] == m["recovery_greedy_no_repeat"]
     assert 0 <= m["recovery_exact_delete_frac"] <= min(1, m["recovery_deletions"])
-    assert len(saved["recovery_examples"]) == 4 and "given" in saved["recovery_examples"][0]
+    assert len(saved["recovery_examples"]) == 4
+    assert all(len(e.split("\t")) == 6 for e in saved["recovery_examples"])
     # Your own questions: a JSONL file; a malformed line is an error naming it.
     qs = wd / "qs.jsonl"
     lines = ['{"question": "In base 7, what is 12 + 3?", "answer": "15"}', ""]

@@ -186,7 +186,9 @@ def recovery(model, split, tokenizer, noise_probs, *, modes, head, width, temper
       recovery_exact_delete_frac  the model deleted the wrong token and nothing else (its one
                                   backspace was its first action).
     A model that cannot delete keeps the wrong token: its recovery is what continuing after an
-    error gives (the baseline)."""
+    error gives (the baseline). An example is one tab-separated line: question, the given
+    answer prefix with its wrong token, the model's actions, its final answer, the reference,
+    right / wrong."""
     tokens, m = np.asarray(split["tokens"]), np.asarray(split["prompt_len"])
     prompts = decoding.corrupt(
         tokens, m, np.asarray(split["length"]), noise_probs, eos_id=tokenizer.eos_id
@@ -215,10 +217,7 @@ def recovery(model, split, tokenizer, noise_probs, *, modes, head, width, temper
         acts = tokenizer.render_actions(dec.actions[b][len(prompts[b]) :])
         final = tokenizer.decode(dec.final[b][m[b] :]).strip()
         mark = "right" if correct[b] else "wrong"
-        examples.append(
-            f"{q!r} + given {given!r} -> actions {acts!r} -> {final!r} "
-            f"(ref {split['answer'][b]!r}, {mark})"
-        )
+        examples.append("\t".join([q, given, acts, final, split["answer"][b], mark]))
     return out, examples
 
 
