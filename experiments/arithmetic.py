@@ -425,19 +425,16 @@ def main(argv: list[str] | None = None) -> None:
         arithmetic_objective.main(args, root, pre_wd, train_fn, t0, shard)
         return
     runs = tuning_plan() if args.tune else plan(args.quick, args.seeds)
-    mine = runs[shard[0] :: shard[1]]
-    results = common.run_all(mine, root / "runs", train_fn, train=not args.summarise_only)
-    if shard[1] > 1:  # the other shards' finished runs
-        results = common.run_all(runs, root / "runs", train_fn, train=False)
+    results = common.run_sharded(
+        runs, root / "runs", train_fn, shard, train=not args.summarise_only
+    )
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
     name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
     out = Path(args.out) / name
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
-    run_s = sum(r["wall_s"] for r in results) + pre.get("wall_s", 0.0)
-    header = common.provenance(t0, MODULE, run_s)
-    header += f"Runs: {len(results)} of the {len(runs)} planned finished.\n"
+    header = common.results_header(t0, MODULE, results, pre, len(runs))
     tuned = args.tune
     text = summarise_tuning(results, header) if tuned else summarise(results, pre, header, out)
     out.with_suffix(".md").write_text(text)

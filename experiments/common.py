@@ -83,6 +83,24 @@ def parse_shard(spec: str, pretrain_wd: Path) -> tuple[int, int]:
     return i, n
 
 
+def run_sharded(
+    runs: list[Job], root: Path, train_fn, shard: tuple[int, int], *, train: bool = True
+) -> list[dict]:
+    """`run_all` of this process's shard (`--shard i/n`: every n-th run from the i-th), then
+    the finished results of every shard (the report covers what all processes finished)."""
+    results = run_all(runs[shard[0] :: shard[1]], root, train_fn, train=train)
+    if shard[1] > 1:
+        results = run_all(runs, root, train_fn, train=False)
+    return results
+
+
+def results_header(t0: float, module: str, results: list[dict], pre: dict, planned: int) -> str:
+    """Provenance of a results file (training time summed over the runs and the pretraining)."""
+    run_s = sum(r["wall_s"] for r in results) + pre.get("wall_s", 0.0)
+    header = provenance(t0, module, run_s)
+    return header + f"Runs: {len(results)} of the {planned} planned finished.\n"
+
+
 def last_eval(workdir: Path) -> dict:
     """The last evaluation a run wrote to its metrics.jsonl (also when it finished earlier)."""
     last = {}

@@ -307,18 +307,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.reevaluate and not args.summarise_only:
         reevaluate(root / "runs", runs, pre_wd, featurizer)
     train_fn = make_train_fn(pre_wd, data_dir, featurizer)
-    mine = runs[shard[0] :: shard[1]]
-    results = common.run_all(mine, root / "runs", train_fn, train=not args.summarise_only)
-    if shard[1] > 1:  # the other shards' finished runs
-        results = common.run_all(runs, root / "runs", train_fn, train=False)
+    results = common.run_sharded(
+        runs, root / "runs", train_fn, shard, train=not args.summarise_only
+    )
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
     out = Path(args.out) / "text"
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
-    run_s = sum(r["wall_s"] for r in results) + pre.get("wall_s", 0.0)
-    header = common.provenance(t0, MODULE, run_s)
-    header += f"Runs: {len(results)} of the {len(runs)} planned finished.\n"
+    header = common.results_header(t0, MODULE, results, pre, len(runs))
     text = summarise(results, pre, header, out)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"pretrain": pre, "runs": results}, indent=2))

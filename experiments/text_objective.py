@@ -146,19 +146,13 @@ def _plot(by: dict, names: list[str], pre: dict, path: Path) -> None:
 def main(args, root: Path, pre_wd: Path, train_fn, t0: float, shard: tuple[int, int]) -> None:
     runs = plan(args.seeds)
     obj_root = root / "objective"
-    results = common.run_all(
-        runs[shard[0] :: shard[1]], obj_root, train_fn, train=not args.summarise_only
-    )
-    if shard[1] > 1:  # the other shards' finished runs
-        results = common.run_all(runs, obj_root, train_fn, train=False)
+    results = common.run_sharded(runs, obj_root, train_fn, shard, train=not args.summarise_only)
     if not results:
         raise SystemExit(f"no finished runs under {obj_root}")
     out = Path(args.out) / "text_objective"
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
-    run_s = sum(r["wall_s"] for r in results) + pre.get("wall_s", 0.0)
-    header = common.provenance(t0, "experiments.text", run_s)
-    header += f"Runs: {len(results)} of the {len(runs)} planned finished.\n"
+    header = common.results_header(t0, "experiments.text", results, pre, len(runs))
     text = summarise(results, pre, header, out, args.seeds)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"pretrain": pre, "runs": results}, indent=2))

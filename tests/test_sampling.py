@@ -88,6 +88,15 @@ def naive_greedy(forward, params, ids, m, cfg: sampling.SamplingConfig, bk):
     return out
 
 
+def _assert_same_rows(out, want, m, bk):
+    """The sampler's rows equal the reference decoder's (actions, final state, backspaces)."""
+    for b, (acts, state) in enumerate(want):
+        n = int(out.length[b]) - m[b]
+        assert out.actions[b, m[b] : m[b] + n].tolist() == acts
+        assert out.final[b, : int(out.final_length[b])].tolist() == state
+        assert int(out.n_bkspc[b]) == acts.count(bk)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("bias", [0.0, 2.5])
 def test_cached_greedy_equals_uncached(family, bias):
@@ -99,11 +108,7 @@ def test_cached_greedy_equals_uncached(family, bias):
         graphdef, ids, m, jax.random.key(0), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
     )
     want = naive_greedy(forward, params, ids, m, cfg, bk)
-    for b, (acts, state) in enumerate(want):
-        n = int(out.length[b]) - m[b]
-        assert out.actions[b, m[b] : m[b] + n].tolist() == acts
-        assert out.final[b, : int(out.final_length[b])].tolist() == state
-        assert int(out.n_bkspc[b]) == acts.count(bk)
+    _assert_same_rows(out, want, m, bk)
     n_bk = sum(a.count(bk) for a, _ in want)
     assert n_bk > 0 or bias == 0, "the bias must force some backspaces"
 
@@ -123,10 +128,7 @@ def test_no_repeat_deleted_greedy_equals_the_reference_decoder(family, bias):
         graphdef, ids, m, jax.random.key(0), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
     )
     want = naive_greedy(forward, params, ids, m, cfg, bk)
-    for b, (acts, state) in enumerate(want):
-        n = int(out.length[b]) - m[b]
-        assert out.actions[b, m[b] : m[b] + n].tolist() == acts
-        assert out.final[b, : int(out.final_length[b])].tolist() == state
+    _assert_same_rows(out, want, m, bk)
     assert sum(a.count(bk) for a, _ in want) >= 4  # the ban was exercised
     plain = naive_greedy(
         forward, params, ids, m, dataclasses.replace(cfg, no_repeat_deleted=False), bk
