@@ -60,6 +60,7 @@ def settings() -> dict[str, dict]:
     out.update({f"+{k}": v for k, v in CHANGES.items()})
     out["all4"] = dict(ALL4)
     out["all4+drop_truncated"] = {**ALL4, **CHANGES["drop_truncated"]}
+    out["all4 normalize=token"] = {**ALL4, "normalize": "token"}  # is 'row' needed at T = 0.01?
     for t in (1.0, 0.1, 0.03, 0.01):
         for c in (0.25, 1.0):
             if (t, c) != (ALL4["temperature"], REV1["chi2_coef"]):  # that one is all4
