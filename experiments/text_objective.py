@@ -33,6 +33,7 @@ from experiments import common
 SETTINGS = {"rev1": {}, **{f"+{k}": v for k, v in arith.CHANGES.items()}}
 SETTINGS["all4"] = dict(arith.ALL4)
 SETTINGS["all5"] = {**arith.ALL4, **arith.CHANGES["drop_truncated"]}
+SETTINGS["all5 normalize=token"] = {**SETTINGS["all5"], "normalize": "token"}
 COLUMNS = [  # (key without the text/ prefix, header, format)
     ("mauve", "MAUVE", "{:.3f}"),
     ("ppl_generated", "perplexity of generations", "{:.0f}"),

@@ -404,9 +404,20 @@ def test_loss_factory_warmup_and_validation():
     batch = objective.Batch(tokens, m, n, is_model, aw)
     cfg = {"bc_weight": 0.5, "sm_weight": 2.0, "bc_warmup_steps": 10, "gamma": GAMMA}
     fn = jax.jit(objective.make_loss_fn(cfg, eos_id=EOS))
-    bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS, action_weight=aw)
+    d = objective.LossConfig()  # the defaults of every other field (revision 2)
+    bc, _ = losses.bc_loss(
+        logits,
+        tokens,
+        m,
+        n,
+        is_model,
+        eos_id=EOS,
+        action_weight=aw,
+        masked_actions=d.masked_actions,
+    )
+    rev2 = {k: getattr(d, k) for k in objective.LossConfig.REVISION_1}
     sm, _ = losses.sequence_match_loss(
-        logits, tokens, m, n, is_model, eos_id=EOS, gamma=GAMMA, action_weight=aw
+        logits, tokens, m, n, is_model, eos_id=EOS, gamma=GAMMA, action_weight=aw, **rev2
     )
     warm, met = fn(logits, batch, 3)
     assert float(warm) == pytest.approx(0.5 * float(bc), rel=1e-5)

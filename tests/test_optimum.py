@@ -368,3 +368,14 @@ def test_temperature_one_biases_the_fixed_point_closed_form():
     got = one_step_expert_prob(0.25, temperature=1.0)
     assert got == pytest.approx(closed_form_expert_prob(NACT, 0.25, 1.0), abs=2e-3)
     assert got < 0.95
+
+
+def test_new_default_objective_puts_the_policy_on_the_expert():
+    """The config defaults (objective.LossConfig) reach pi(expert) >= 0.95 on this problem."""
+    from smatch_jax.config import base_config
+
+    d = base_config().loss
+    kw = {k: d[k] for k in ("temperature", "terminal", "masked_actions", "normalize")}
+    kw.update(gamma=d.gamma, truncated_weight=d.truncated_weight, value_on=d.value_on)
+    assert kw["temperature"] < 1.0  # else this is the test above
+    assert one_step_expert_prob(d.chi2_coef, **kw) >= 0.95
