@@ -124,12 +124,13 @@ def by_cell(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
     return by
 
 
-def configured_defaults() -> str | None:
-    """The setting whose revision-2 fields are the config defaults (smatch_jax/objective.py)."""
+def configured_defaults(candidates: dict[str, dict] | None = None) -> str | None:
+    """The setting (of `candidates`, default `settings()`) whose revision-2 fields are the
+    config defaults (objective.LossConfig)."""
     from smatch_jax.config import base_config
 
     loss = base_config().loss
-    for name, edits in settings().items():
+    for name, edits in (candidates or settings()).items():
         if all(loss[k] == v for k, v in {**REV1, **edits}.items()):
             return name
     return None
@@ -246,8 +247,32 @@ def summarise(results: list[dict], header: str, out: Path, seeds: int) -> str:
         "questions of each seed (the same checkpoints), under each decoding (greedy is the "
         "decoding the choice was made with), and recovery from a corrupted answer prefix.\n\n"
         + test_table
+        + "\n"
+        + verdict(by, defaults)
         + "\n## Every run\n\nTraining diagnostics are those of the last logged step; "
         "`<bkspc>`/answer and deleted-was-wrong are from the validation decoding.\n\n" + diag
+    )
+
+
+def verdict(by: dict, defaults: str | None, key: str = "test/accuracy_greedy") -> str:
+    """One sentence from the test numbers: SequenceMatch at the config defaults against MLE at
+    noise 0 and BC at noise 0.1 (the target: not below their 95% intervals)."""
+    if defaults is None:
+        return ""
+    parts = []
+    for base, noise in (("mle", 0.0), ("bc", 0.1)):
+        sm, ref = by.get((defaults, noise), []), by.get((base, noise if base == "bc" else 0.0), [])
+        if not all(key in r for r in sm + ref) or not sm or not ref:
+            return ""
+        (m, h), (mr, hr) = (common.mean_ci([r[key] for r in rs]) for rs in (sm, ref))
+        where = "below" if m < mr - hr else "above" if m > mr + hr else "within"
+        parts.append(
+            f"at noise {noise:g} {m:.3f} ± {h:.3f} against {base.upper()} {mr:.3f} ± {hr:.3f} "
+            f"({where} its 95% interval)"
+        )
+    return (
+        f"**Verdict.** SequenceMatch at the config defaults (`{defaults}`), greedy on the test "
+        f"questions: {parts[0]}; {parts[1]}.\n"
     )
 
 

@@ -85,8 +85,12 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path, seeds: int
     for r in results:
         by.setdefault(r["method"], []).append(r)
     names = ["mle", "bc", *SETTINGS]
+    defaults = arith.configured_defaults(SETTINGS)
     rows = [
-        [name, *[_cell(by[name], f"text/{k}", f) for k, _, f in COLUMNS]]
+        [
+            name + (" (the config defaults)" if name == defaults else ""),
+            *[_cell(by[name], f"text/{k}", f) for k, _, f in COLUMNS],
+        ]
         for name in names
         if name in by
     ]

@@ -67,3 +67,19 @@ def test_text_plan_and_report(tmp_path):
     m, h = common.mean_ci([r["text/mauve"] for r in results if r["method"] == "all5"])
     assert f"{m:.3f} ± {h:.3f}" in next(x for x in text.splitlines() if x.startswith("| all5"))
     assert (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_configured_defaults_are_a_setting_of_both_ablations_and_the_verdict():
+    assert obj.configured_defaults() == "all4 normalize=token+drop_truncated"
+    assert obj.configured_defaults(text_objective.SETTINGS) == "all5 normalize=token"
+    d = obj.configured_defaults()
+    by = {
+        ("mle", 0.0): [{"test/accuracy_greedy": a} for a in (0.25, 0.3, 0.35)],
+        ("bc", 0.1): [{"test/accuracy_greedy": a} for a in (0.20, 0.21, 0.22)],
+        (d, 0.0): [{"test/accuracy_greedy": a} for a in (0.28, 0.29, 0.30)],
+        (d, 0.1): [{"test/accuracy_greedy": a} for a in (0.30, 0.31, 0.32)],
+    }
+    text = obj.verdict(by, d)
+    assert "at noise 0 0.290 ± 0.025 against MLE 0.300 ± 0.124 (within its 95% interval)" in text
+    assert "against BC 0.210 ± 0.025 (above its 95% interval)" in text
+    assert obj.verdict({}, d) == ""  # no test numbers yet: no verdict
