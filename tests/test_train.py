@@ -220,7 +220,7 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     wd = trained[0]
     a = report.evaluate_workdir(str(wd))
     b = report.evaluate_workdir(str(wd))
-    assert a["step"] == 12 and a["metrics"] == b["metrics"]  # deterministic
+    assert a["step"] == 12 and a["metrics"] == b["metrics"]  # deterministic (no NaN: None)
     saved = json.loads((wd / "eval_12.json").read_text())
     assert saved["metrics"]["n"] == 8 and "accuracy_ci_low" in saved["metrics"]
     assert "| accuracy |" in (wd / "eval_12.md").read_text()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from smatch_jax import noise
+from smatch_jax import metrics, noise
 from smatch_jax.eval import accuracy, decoding
 from smatch_jax.eval.text_report import (
     MAUVE_SEEDS,
@@ -165,11 +165,14 @@ def evaluate_workdir(
             split_name=run.data.eval_name,
             **kw,
         )
+    # A figure with nothing to measure (deletion precision of a model that never deletes) is
+    # None here and null in the JSON, never NaN (not JSON, and NaN != NaN).
+    body["metrics"] = {k: metrics.to_json_number(v) for k, v in body["metrics"].items()}
     report = {"step": step, "task": task, **body, "wall_s": round(time.time() - t0, 1)}
     out = Path(workdir)
     own = split is None and questions is None
     name = f"eval_{step}" if own else f"eval_{split_name}_{step}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2, allow_nan=False))
     (out / f"{name}.md").write_text(summary_markdown(report))
     return report
 
@@ -220,7 +223,7 @@ def summary_markdown(report: dict) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    lines += [f"| {k} | {v:.4g} |" for k, v in report["metrics"].items()]
+    lines += [f"| {k} | {'-' if v is None else f'{v:.4g}'} |" for k, v in report["metrics"].items()]
     lines += [
         "",
         "Protocol:",
