@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -174,9 +175,26 @@ RECOVERY = [
 ]
 
 
+MECHANISM = [  # (result key, heading): does the model know its own errors? (eval/mechanism.py)
+    ("eval/mech_deletion_precision", "Deletion precision: deleted tokens that were wrong"),
+    ("eval/mech_deletion_recall", "Deletion recall: wrong tokens emitted that were later deleted"),
+    (
+        "eval/mech_auc_pi_bkspc",
+        "AUC of pi(`<bkspc>`): already-wrong vs still-correct states of its own samples",
+    ),
+    ("eval/mech_auc_neg_v", "AUC of -V: already-wrong vs still-correct states"),
+]
+
+
+def _measured(rs: list[dict] | None, key: str) -> list[float]:
+    """The runs' values of `key`; a figure with nothing to measure (None, NaN) is left out."""
+    vals = [r.get(key) for r in rs or []]
+    return [v for v in vals if v is not None and math.isfinite(v)]
+
+
 def _cell(rs: list[dict] | None, key: str) -> str:
     """Mean ± 95% t-interval over seeds; one seed: the headline's bootstrap interval."""
-    vals = [r[key] for r in rs or [] if key in r]
+    vals = _measured(rs, key)
     if not vals:
         return "-"
     if len(vals) == 1:
@@ -253,8 +271,11 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     ]
     diag_rows = []
     for r in sorted(results, key=lambda r: (r["noise"], r["method"], r["seed"])):
-        vals = [f"{r[k]:.3g}" if k in r else "-" for k, _ in diag_keys]
+        vals = [f"{r[k]:.3g}" if _measured([r], k) else "-" for k, _ in diag_keys]
         diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
+    mechanism = "".join(
+        f"\n**{head}**\n\n" + _method_table(by, levels, key) for key, head in MECHANISM
+    )
     diag = common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag_rows)
     n_seeds = len({r["seed"] for r in results})
     table2 = _table2(by, ABLATION_NOISE)
@@ -285,6 +306,15 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
             if table2
             else ""
         )
+        + "\n## Does the model know its own errors?\n\n"
+        "Under the headline decoding, a token is wrong when the answer ending in it is not a "
+        "prefix of the reference. Precision and recall of the deletions, then, on the model's own "
+        "samples (T = 1), every visited state split into still-correct and already-wrong: the "
+        "AUC with which pi(`<bkspc>`) (higher when wrong) and -V (V lower when wrong) separate "
+        "them; 0.5 is no separation. The paper's mechanism predicts SequenceMatch separates "
+        "them better than BC. `-`: nothing to measure (a model that never deletes has no "
+        "deletion precision).\n"
+        + mechanism
         + "\n## Every run\n\n"
         + diag
     )

@@ -132,12 +132,40 @@ def git_revision() -> str:
     return metrics.git_revision(ROOT)
 
 
+# Flags that say where and how a run executes, not what it computes: left out of the command
+# a results file gives for reproducing it.
+_LOCAL_FLAGS = {"--shard": 1, "--workdir": 1, "--out": 1, "--summarise_only": 0}
+
+
+def reproduce_command(module: str, argv: list[str]) -> str:
+    """`python -m module argv` without the flags of `_LOCAL_FLAGS` (`--shard 1/2`, `--out=x`)."""
+    kept, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        flag = a.split("=", 1)[0]
+        if flag in _LOCAL_FLAGS:
+            skip = _LOCAL_FLAGS[flag] if "=" not in a else 0
+            continue
+        kept.append(a)
+    return " ".join(["python -m", module, *kept])
+
+
 def provenance(t0: float, module: str, run_seconds: float) -> str:
     """`run_seconds`: the summed training time of every run, also of runs finished earlier."""
-    cmd = " ".join(["python -m", module, *sys.argv[1:]])
+    argv = sys.argv[1:]
+    cmd = " ".join(["python -m", module, *argv])
+    repro = reproduce_command(module, argv)
+    this = f"This file was written by `{cmd}`" + (
+        ", from runs trained earlier (their training time is the sum below)  \n"
+        if "--summarise_only" in argv
+        else "  \n"
+    )
     return (
-        f"Command: `{cmd}` (from the repository root)  \n"
-        f"Git revision: `{git_revision()}`  \n"
+        f"Command: `{repro}` (from the repository root)  \n"
+        + (this if cmd != repro else "")
+        + f"Git revision: `{git_revision()}`  \n"
         f"Wall time: {(time.time() - t0) / 60:.1f} min for this invocation, "
         f"{run_seconds / 60:.1f} min of training summed over all runs, on {os.cpu_count()} "
         f"CPU cores ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"

@@ -131,3 +131,18 @@ def test_last_eval_reads_the_latest_evaluation(tmp_path):
     lines = [{"step": 1, "loss": 2.0}, {"step": 2, "eval/accuracy": 0.1}, {"step": 3, "loss": 1}]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     assert common.last_eval(tmp_path) == lines[1]
+
+
+def test_results_header_gives_the_command_that_reproduces_the_file(monkeypatch):
+    argv = ["--objective", "--workdir", "/w", "--shard=1/2", "--seeds", "3", "--summarise_only"]
+    assert (
+        common.reproduce_command("experiments.arithmetic", argv)
+        == "python -m experiments.arithmetic --objective --seeds 3"
+    )
+    monkeypatch.setattr("sys.argv", ["x", *argv])
+    head = common.provenance(0.0, "experiments.arithmetic", 60.0)
+    assert "Command: `python -m experiments.arithmetic --objective --seeds 3`" in head
+    assert "written by `python -m experiments.arithmetic " + " ".join(argv) + "`" in head
+    assert "from runs trained earlier" in head and "1.0 min of training" in head
+    monkeypatch.setattr("sys.argv", ["x", "--quick"])
+    assert "written by" not in common.provenance(0.0, "experiments.arithmetic", 60.0)
