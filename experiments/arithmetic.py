@@ -313,10 +313,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         "AUC with which pi(`<bkspc>`) (higher when wrong) and -V (V lower when wrong) separate "
         "them; 0.5 is no separation. The paper's mechanism predicts SequenceMatch separates "
         "them better than BC. `-`: nothing to measure (a model that never deletes has no "
-        "deletion precision).\n"
-        + mechanism
-        + "\n## Every run\n\n"
-        + diag
+        "deletion precision).\n" + mechanism + "\n## Every run\n\n" + diag
     )
     _plot(by, levels, out.with_suffix(".png"), DECODINGS)
     _plot(by, levels, out.with_name(out.name + "_recovery.png"), RECOVERY)
