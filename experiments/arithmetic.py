@@ -118,7 +118,7 @@ def pretrain(root: Path, data_dir: str, variant: str = "pretrain") -> Path:
 # exported by `python -m experiments.arithmetic --export_base` (the same weights bit for bit
 # on this machine type: the hash below is checked when a run loads the file).
 LONG_BASE = common.ROOT / "experiments" / "assets" / "arithmetic_base_long.npz"
-LONG_BASE_SHA256 = ""
+LONG_BASE_SHA256 = "9cd5fcc901623671d3e503fbadb33f9608646c2a34e46c45fd720262fcb730ba"
 
 
 def export_base(root: Path, data_dir: str) -> str:
@@ -420,6 +420,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="pretrain the stronger base (pretrain_long) and write it to experiments/assets/",
     )
+    ap.add_argument(
+        "--base",
+        choices=("short", "long"),
+        default="short",
+        help="fine-tune from the 6,000-step pretraining run here (short, 0.295 held-out) or "
+        "from the committed 15,000-step base experiments/assets/arithmetic_base_long.npz "
+        "(long, 0.700; no pretraining); long writes <name>_long.md",
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
         "--decoding",
@@ -439,28 +447,41 @@ def main(argv: list[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     common.enable_compilation_cache(root / "jax_cache")
     data_dir = str(root / "data")
-    shard = common.parse_shard(args.shard, root / "pretrain")
+    shard = common.parse_shard(args.shard, root / "pretrain" if args.base == "short" else None)
     if args.export_base:
         print(f"wrote {LONG_BASE}: sha256 {export_base(root, data_dir)}")
         return
-    pre_wd = pretrain(root, data_dir)
     evaluation = dict(
         decodings=args.decoding, temperature=args.temperature, num_samples=args.num_samples
     )
-    train_fn = make_train_fn(f"ckpt:{pre_wd}", data_dir, evaluation=evaluation)
+    if args.base == "long":
+        if args.objective or args.tune:
+            raise SystemExit("--base long runs the comparison (--quick or the full sweep) only")
+        if not LONG_BASE.exists():
+            raise SystemExit(
+                f"{LONG_BASE} is missing: restore it from git, or regenerate it with "
+                "python -m experiments.arithmetic --export_base"
+            )
+        init, sha = f"npz:{LONG_BASE}", LONG_BASE_SHA256
+        pre = json.loads(LONG_BASE.with_suffix(".json").read_text())
+    else:
+        pre_wd = pretrain(root, data_dir)
+        init, sha = f"ckpt:{pre_wd}", ""
+        pre = json.loads((pre_wd / "result.json").read_text())
+    train_fn = make_train_fn(init, data_dir, init_sha256=sha, evaluation=evaluation)
     if args.objective:
         arithmetic_objective.main(args, root, pre_wd, train_fn, t0, shard)
         return
     runs = tuning_plan() if args.tune else plan(args.quick, args.seeds)
+    suffix = "_long" if args.base == "long" else ""
     results = common.run_sharded(
-        runs, root / "runs", train_fn, shard, train=not args.summarise_only
+        runs, root / f"runs{suffix}", train_fn, shard, train=not args.summarise_only
     )
     if not results:
-        raise SystemExit(f"no finished runs under {root / 'runs'}")
+        raise SystemExit(f"no finished runs under {root / f'runs{suffix}'}")
     name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
-    out = Path(args.out) / name
+    out = Path(args.out) / (name + suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pre = json.loads((pre_wd / "result.json").read_text())
     header = common.results_header(t0, MODULE, results, pre, len(runs))
     tuned = args.tune
     text = summarise_tuning(results, header) if tuned else summarise(results, pre, header, out)

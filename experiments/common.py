@@ -69,16 +69,17 @@ def run_all(
     return results
 
 
-def parse_shard(spec: str, pretrain_wd: Path) -> tuple[int, int]:
+def parse_shard(spec: str, pretrain_wd: Path | None) -> tuple[int, int]:
     """`--shard i/n`: this process runs every n-th planned run from the i-th. Only shard 0
-    pretrains: the others refuse to start before the pretraining has finished."""
+    pretrains: the others refuse to start before the pretraining has finished (`pretrain_wd`;
+    None: nothing to pretrain)."""
     try:
         i, n = (int(x) for x in spec.split("/"))
     except ValueError:
         raise SystemExit(f"--shard={spec!r}: use i/n with 0 <= i < n") from None
     if not 0 <= i < n:
         raise SystemExit(f"--shard={spec!r}: use i/n with 0 <= i < n")
-    if i > 0 and not (pretrain_wd / "result.json").exists():
+    if i > 0 and pretrain_wd is not None and not (pretrain_wd / "result.json").exists():
         raise SystemExit("pretraining is not finished: run shard 0 first (it pretrains)")
     return i, n
 

@@ -146,3 +146,14 @@ def test_results_header_gives_the_command_that_reproduces_the_file(monkeypatch):
     assert "from runs trained earlier" in head and "1.0 min of training" in head
     monkeypatch.setattr("sys.argv", ["x", "--quick"])
     assert "written by" not in common.provenance(0.0, "experiments.arithmetic", 60.0)
+
+
+def test_committed_long_base_has_its_pinned_hash_and_reaches_0_6():
+    from smatch_jax.models.convert import load_npz
+
+    model, vocab = load_npz(arithmetic.LONG_BASE, sha256=arithmetic.LONG_BASE_SHA256)
+    info = json.loads(arithmetic.LONG_BASE.with_suffix(".json").read_text())
+    assert info["sha256"] == arithmetic.LONG_BASE_SHA256 and info["step"] == 15000
+    assert info["eval/accuracy"] >= 0.6  # held-out greedy exact match of the base (issue 15)
+    assert len(vocab) == model.config.vocab_size  # the text vocabulary (<bkspc> is one more row)
+    assert arithmetic.LONG_BASE.stat().st_size < 20e6
