@@ -261,7 +261,7 @@ def verdict(by: dict, defaults: str | None, key: str = "test/accuracy_greedy") -
         return ""
     parts = []
     for base, noise in (("mle", 0.0), ("bc", 0.1)):
-        sm, ref = by.get((defaults, noise), []), by.get((base, noise if base == "bc" else 0.0), [])
+        sm, ref = by.get((defaults, noise), []), by.get((base, noise), [])
         if not all(key in r for r in sm + ref) or not sm or not ref:
             return ""
         (m, h), (mr, hr) = (common.mean_ci([r[key] for r in rs]) for rs in (sm, ref))
