@@ -9,9 +9,15 @@ state is exactly what it was, so `apply_backspaces` of an augmented row returns 
 * `ground_truth` noise draws from the empirical distribution of action tokens in the training
   completions (for arithmetic: digits, letters, signs), so errors look like real errors.
 
-Both are a probability vector over the base vocabulary (`random_noise_probs`,
-`ground_truth_noise_probs`), passed to `add_noise`. With `exclude_target` [ours] a noise token
-never equals the data token it stands in front of (an error must be an error).
+* `errors` draws from the ground-truth distribution restricted, at each position, to the
+  tokens the task's prefix automaton rejects there (the grammar task: a wrong closing bracket,
+  a closing bracket at depth 0, an opening past the depth bound), so every noise token is an
+  error a model could make at that state. Only tasks with an automaton have it.
+
+Each is a probability vector over the base vocabulary (`random_noise_probs`,
+`ground_truth_noise_probs`), passed to `add_noise` (with the automaton for `errors`). With
+`exclude_target` [ours] a noise token never equals the data token it stands in front of (an
+error must be an error).
 With `mask_noise_actions` [ours, default] the noise tokens get action weight 0 (the model
 learns to recover from errors, not to make them); the `<bkspc>` actions keep weight 1.
 
@@ -33,7 +39,7 @@ import numpy as np
 
 from smatch_jax.sections import Section
 
-NOISE_KINDS = ("random", "ground_truth")
+NOISE_KINDS = ("random", "ground_truth", "errors")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +48,7 @@ class NoiseConfig(Section):
 
     NAME: ClassVar[str] = "noise"
     rate: float = 0.1  # probability of a noise burst before each data action
-    kind: str = "ground_truth"  # 'ground_truth' or 'random'
+    kind: str = "ground_truth"  # 'ground_truth', 'random' or 'errors' (tasks with an automaton)
     max_burst: int = 1  # bursts of 1..max_burst noise tokens, then as many <bkspc>
     mask_noise_actions: bool = True  # noise tokens get action weight 0 [ours]
     exclude_target: bool = True  # a noise token never equals the next data token [ours]
@@ -57,7 +63,7 @@ class NoiseConfig(Section):
 def noise_probs(kind: str, train_rows, tokenizer) -> np.ndarray:
     """The noise distribution of `kind` over the base vocabulary: ground truth from the
     training rows `(tokens, prompt_len, length)`, or uniform; special tokens excluded."""
-    if kind == "ground_truth":
+    if kind in ("ground_truth", "errors"):  # errors: restricted per position by add_noise
         return ground_truth_noise_probs(
             *train_rows, vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids
         )
@@ -115,6 +121,7 @@ def _noise_row(
     m,
     n,
     log_probs_V,
+    rejected_TxV=None,
     *,
     bkspc_id,
     noise_rate,
@@ -146,6 +153,9 @@ def _noise_row(
 
     target = tokens_T[src]
     logits_TxV = jnp.broadcast_to(log_probs_V, (T, log_probs_V.shape[0]))
+    if rejected_TxV is not None:  # errors: only tokens the automaton rejects at that state
+        errs = jnp.where(rejected_TxV[src], logits_TxV, -jnp.inf)  # the state before src
+        logits_TxV = jnp.where(jnp.isfinite(errs).any(axis=-1, keepdims=True), errs, logits_TxV)
     if exclude_target:
         masked = logits_TxV.at[o, target].set(-jnp.inf)
         ok = jnp.isfinite(masked).any(axis=-1, keepdims=True)  # target was the only option
@@ -174,6 +184,7 @@ def add_noise(
     mask_noise_actions: bool = True,
     exclude_target: bool = True,
     pad_id: int = 0,
+    automaton: tuple[Any, int] | None = None,
 ) -> Noised:
     """Inserts noise bursts and their backspaces into data rows (method.md §4).
 
@@ -188,6 +199,9 @@ def add_noise(
       mask_noise_actions: give noise tokens action weight 0.
       exclude_target: never draw the data token that follows the burst.
       pad_id: id written to padding.
+      automaton: (table [S, V] of next states, -1 = rejected; start state) of the task's
+        prefix language: noise before token `t` is drawn only among the tokens rejected at
+        the state after `tokens[:t]` (noise kind `errors`); None: anywhere.
     """
     if not 0.0 <= noise_rate <= 1.0:
         raise ValueError(f"noise_rate={noise_rate} must be in [0, 1]")
@@ -210,10 +224,30 @@ def add_noise(
         pad_id=pad_id,
     )
     log_probs = jnp.log(noise_probs)
-    return jax.vmap(row, in_axes=(0, 0, 0, 0, None))(
+    tokens = jnp.asarray(tokens, jnp.int32)
+    args = [
         jax.random.split(key, B),
-        jnp.asarray(tokens, jnp.int32),
+        tokens,
         jnp.asarray(prompt_len, jnp.int32),
         jnp.asarray(length, jnp.int32),
         log_probs,
-    )
+    ]
+    if automaton is not None:
+        args.append(rejected_tokens(tokens, *automaton))
+    return jax.vmap(row, in_axes=(0, 0, 0, 0, None, 0)[: len(args)])(*args)
+
+
+def rejected_tokens(tokens: jax.Array, table: Any, start: int) -> jax.Array:
+    """bool [B, T, V]: the tokens the automaton rejects at the state before each position
+    (after `tokens[:, :t]`; every token once the row has left the language)."""
+    table = jnp.asarray(table, jnp.int32)
+
+    def states(row):
+        def step(s, tok):
+            nxt = jnp.where(s >= 0, table[jnp.maximum(s, 0), tok], -1)
+            return nxt, s
+
+        return jax.lax.scan(step, jnp.int32(start), row)[1]
+
+    before = jax.vmap(states)(tokens)  # [B, T]
+    return (table[jnp.maximum(before, 0)] < 0) | (before < 0)[..., None]

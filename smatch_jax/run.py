@@ -73,6 +73,12 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     mask = lora.update_mask(params, tok.bkspc_id) if c.model.lora_rank else None
     optimizer = c.optim.build(c.train.num_steps, mask)
     probs = noise.noise_probs(c.noise.kind, data.train_rows, tok)
+    automaton = data.automaton if c.noise.kind == "errors" else None
+    if c.noise.kind == "errors" and automaton is None:
+        raise ValueError(
+            f"noise.kind='errors' needs a task with a prefix automaton (grammar), not "
+            f"{c.data.task!r}; use noise.kind='ground_truth' or 'random'"
+        )
     sm_on = c.loss.sm_weight > 0 and c.loss.value_on == "mix"
     st = steps.StepSettings(
         bkspc_id=tok.bkspc_id,
@@ -103,7 +109,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     )
     state = jax.device_put(state, state_sh)
     train_step = jax.jit(
-        steps.make_train_step(graphdef, frozen, optimizer, loss_fn, jnp.asarray(probs), st),
+        steps.make_train_step(
+            graphdef, frozen, optimizer, loss_fn, jnp.asarray(probs), st, automaton
+        ),
         static_argnames="with_model",
         out_shardings=(state_sh, rep),
     )

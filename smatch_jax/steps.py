@@ -57,6 +57,7 @@ def make_train_step(
     loss_fn,
     noise_probs: jax.Array,
     st: StepSettings,
+    automaton: tuple[Any, int] | None = None,
 ):
     """`step(state, batch, with_model) -> (state, metrics)`; `with_model` must be static."""
 
@@ -75,6 +76,7 @@ def make_train_step(
             mask_noise_actions=st.noise.mask_noise_actions,
             exclude_target=st.noise.exclude_target,
             pad_id=st.pad_id,
+            automaton=automaton,
         )
         tokens, prompt_len, length, aw = nz.tokens, m, nz.length, nz.action_weight
         is_model = jnp.zeros(m.shape, bool)

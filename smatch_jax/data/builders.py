@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from smatch_jax.data import arithmetic, text
+from smatch_jax.data import arithmetic, grammar, text
 from smatch_jax.data.rows import make_row
 from smatch_jax.data.tokenizer_base import Tokenizer
 
@@ -226,8 +226,67 @@ class SmatchText(_Builder):
             yield i, {**row, "index": np.int32(i), "doc": key}
 
 
+@dataclasses.dataclass(eq=False)
+class GrammarConfig(tfds.core.BuilderConfig):
+    """Parameters of the grammar task (see `smatch_jax.data.grammar`)."""
+
+    max_depth: int = 6
+    max_len: int = 40
+    p_end: float = 0.3
+    p_open: float = 0.5
+    train_size: int = 5000
+    validation_size: int = 500
+    test_size: int = 500
+    seed: int = 0
+    T: int = 64
+
+    def params(self) -> dict[str, Any]:
+        return _own_params(self)
+
+    def spec(self) -> grammar.GrammarSpec:
+        return grammar.GrammarSpec(self.max_depth, self.max_len, self.p_end, self.p_open)
+
+
+class SmatchGrammar(_Builder):
+    """Dyck-2 words of a known generator (see `smatch_jax.data.grammar`)."""
+
+    VERSION = tfds.core.Version(VERSION)
+    BUILDER_CONFIGS = [GrammarConfig(name="default")]  # noqa: RUF012 (TFDS API)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=__doc__,
+            features=_row_features(self.builder_config.T, word=tfds.features.Text()),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+        del dl_manager
+        cfg = self.builder_config
+        sizes = {"train": cfg.train_size, "validation": cfg.validation_size}
+        sizes["test"] = cfg.test_size
+        words = grammar.generate_splits(cfg.spec(), sizes=sizes, seed=cfg.seed)
+        ex = grammar.exact(cfg.spec())
+        self.info.metadata.update(
+            params=cfg.params(),
+            alphabet=grammar.ALPHABET,
+            tokenizer="char:" + grammar.ALPHABET,
+            entropy=ex["entropy"],
+            mean_length=ex["mean_length"],
+        )
+        tok = grammar.tokenizer()
+        return {name: self._generate_examples(w, tok) for name, w in words.items()}
+
+    def _generate_examples(self, words: list[str], tok: Tokenizer) -> Any:
+        T = self.builder_config.T
+        for i, w in enumerate(words):
+            yield i, {**grammar.encode_example(w, tok, T=T), "index": np.int32(i)}
+
+
 TASKS: dict[str, tuple[type[tfds.core.GeneratorBasedBuilder], type, str]] = {
     "arithmetic": (SmatchArithmetic, ArithmeticConfig, "arith"),
+    "grammar": (SmatchGrammar, GrammarConfig, "dyck"),
     "text": (SmatchText, TextConfig, "text"),
 }
 
@@ -246,6 +305,13 @@ def make_config(task: str, **params: Any) -> tfds.core.BuilderConfig:
             )
         if full["corpus"] != "shakespeare":  # the path is part of the identity, resolved
             full["corpus"] = str(Path(full["corpus"]).expanduser().resolve())
+    elif task == "grammar":
+        grammar.GrammarSpec(full["max_depth"], full["max_len"], full["p_end"], full["p_open"])
+        if full["T"] < full["max_len"] + 2:
+            raise ValueError(
+                f"T={full['T']} < max_len + 2 = {full['max_len'] + 2} (prompt and eos): the "
+                "longest words would not fit; raise T or lower max_len"
+            )
     elif full["difficulty"] not in arithmetic.DIFFICULTIES:
         raise ValueError(f"unknown difficulty {full['difficulty']!r}: {arithmetic.DIFFICULTIES}")
     for k in ("train_size", "test_size", "test_large_size", "validation_size"):
@@ -276,6 +342,8 @@ def load_tokenizer(builder: tfds.core.DatasetBuilder) -> Tokenizer:
     meta = builder.info.metadata
     if isinstance(builder, SmatchArithmetic):
         return arithmetic.tokenizer_for(meta["alphabet"])
+    if isinstance(builder, SmatchGrammar):
+        return grammar.tokenizer()
     return text.load_tokenizer(meta["tokenizer"])
 
 
@@ -293,7 +361,7 @@ def load_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, Any]:
     """Every example of `split` in generation order, as numpy arrays.
 
     tokens [N, T], prompt_len [N], length [N], index [N] (int32); plus question / answer (lists
-    of str) and base [N] for arithmetic, doc (list of str) for text.
+    of str) and base [N] for arithmetic, doc (list of str) for text, word for grammar.
     """
     source = data_source(builder, split)
     exs = sorted(source.__getitems__(list(range(len(source)))), key=lambda e: int(e["index"]))

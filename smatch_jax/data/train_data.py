@@ -12,13 +12,17 @@ from typing import Any, ClassVar
 import numpy as np
 
 from smatch_jax import masks
-from smatch_jax.data import arithmetic, builders, pipeline
+from smatch_jax.data import arithmetic, builders, grammar, pipeline
 from smatch_jax.data.tokenizer_base import Tokenizer
 from smatch_jax.sections import Section
 
 TASKS = tuple(builders.TASKS)  # the tasks that have a dataset builder
 # The splits `data.eval_split` may name per task; the first is the default ('').
-EVAL_SPLITS = {"arithmetic": ("test", "validation", "test_large"), "text": ("validation", "test")}
+EVAL_SPLITS = {
+    "arithmetic": ("test", "validation", "test_large"),
+    "text": ("validation", "test"),
+    "grammar": ("test", "validation"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,10 @@ class DataConfig(Section):
     completion_tokens: int = 0  # text: continuation length in tokens
     max_files: int = 0  # text: read at most this many corpus files (0: all)
     split_seed: int = -1  # text: seed of the document split and BPE (-1: the run's seed)
+    max_depth: int = 6  # grammar: nesting bound of the Dyck-2 words
+    max_len: int = 40  # grammar: brackets per word at most
+    p_end: float = 0.3  # grammar: the generator stops at depth 0 with this probability
+    p_open: float = 0.5  # grammar: below the depth bound it opens with this probability
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS}
     RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
@@ -77,6 +85,21 @@ class DataConfig(Section):
                     problems.append(
                         f"data.{key}={values[key]} would make an empty split; set it >= 1"
                     )
+        if task == "grammar":
+            try:
+                grammar_spec(values)
+            except ValueError as e:
+                problems.append(f"data: {e}; fix data.max_depth/max_len/p_end/p_open")
+            if values["max_len"] + 2 > T:
+                problems.append(
+                    f"data.seq_len={T} is shorter than the longest grammar row: max_len + 2 "
+                    f"(prompt, eos) = {values['max_len'] + 2}; raise data.seq_len"
+                )
+            for key in ("train_size", "test_size", "validation_size"):
+                if values[key] < 1:
+                    problems.append(
+                        f"data.{key}={values[key]} would make an empty split; set it >= 1"
+                    )
         if task == "text":
             need = values["prompt_tokens"] + values["completion_tokens"] + 1
             if values["prompt_tokens"] < 1:
@@ -89,6 +112,12 @@ class DataConfig(Section):
         return problems
 
 
+def grammar_spec(d: DataConfig | dict[str, Any]) -> grammar.GrammarSpec:
+    """The grammar generator of a `config.data` (or of its fields as a dict)."""
+    get = d.get if isinstance(d, dict) else lambda k: getattr(d, k)
+    return grammar.GrammarSpec(get("max_depth"), get("max_len"), get("p_end"), get("p_open"))
+
+
 @dataclasses.dataclass
 class TrainData:
     tokenizer: Tokenizer
@@ -97,6 +126,9 @@ class TrainData:
     eval_name: str  # which split `eval_split` is ('test', 'validation', ...)
     prompt_max: int  # longest prompt in train and eval
     iterator: Any  # grain DatasetIterator of process-local batches
+    # The task's prefix automaton (table [S, V] of next states, -1 = error; start state), for
+    # noise kind 'errors'; None when the task has none (grammar has one).
+    automaton: tuple[np.ndarray, int] | None = None
 
     def next(self) -> dict[str, np.ndarray]:
         return next(self.iterator)
@@ -123,6 +155,19 @@ def build_train_data(
             difficulty=d.difficulty,
             test_difficulty=d.test_difficulty or "interpolate",
             validation_size=d.validation_size,
+            **common,
+        )
+    elif d.task == "grammar":
+        spec = grammar_spec(d)
+        b = builders.build(
+            "grammar",
+            max_depth=spec.max_depth,
+            max_len=spec.max_len,
+            p_end=spec.p_end,
+            p_open=spec.p_open,
+            train_size=d.train_size,
+            validation_size=d.validation_size,
+            test_size=d.test_size,
             **common,
         )
     else:
@@ -166,4 +211,5 @@ def build_train_data(
         process_count=process_count,
     )
     rows = (train["tokens"], train["prompt_len"], train["length"])
-    return TrainData(tok, rows, ev, eval_name, prompt_max, it)
+    auto = grammar.automaton(grammar_spec(d), tok) if d.task == "grammar" else None
+    return TrainData(tok, rows, ev, eval_name, prompt_max, it, auto)

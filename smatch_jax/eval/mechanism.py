@@ -16,7 +16,7 @@ so far is a prefix of the reference) or *already wrong* (it is not). A model tha
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,11 +29,20 @@ def _on_path(state: list[int], ref: Sequence[int]) -> bool:
     return len(state) <= len(ref) and list(ref[: len(state)]) == state
 
 
+OnPath = Callable[[list[int], Sequence[int]], bool]  # (state, reference) -> still correct
+
+
 def deletion_stats(
-    actions: Sequence[Sequence[int]], prompt_len, references: Sequence[Sequence[int]], bkspc_id: int
+    actions: Sequence[Sequence[int]],
+    prompt_len,
+    references: Sequence[Sequence[int]],
+    bkspc_id: int,
+    on_path: OnPath = _on_path,
 ) -> dict[str, float]:
     """Precision and recall of deletions over action rows (prompt, then actions; each row cut
-    to its length) against the reference rows (prompt ids then completion ids)."""
+    to its length) against the reference rows (prompt ids then completion ids). `on_path`:
+    whether a state (prompt ids then answer ids) is still correct given its reference; the
+    default is "a prefix of the reference" (tasks without one, e.g. grammar, pass their own)."""
     n_del = n_del_wrong = n_wrong = n_wrong_deleted = 0
     for row, m, ref in zip(actions, prompt_len, references, strict=True):
         m = int(m)
@@ -49,7 +58,7 @@ def deletion_stats(
                 state.pop()
             else:
                 state.append(int(a))
-                wrong.append(not _on_path(state, ref))
+                wrong.append(not on_path(state, ref))
                 n_wrong += wrong[-1]
     return {
         "deletions": float(n_del),
@@ -87,11 +96,18 @@ def state_scores(model, rows: np.ndarray, prompt_len, length, bkspc_id: int):
 
 
 def separation(
-    model, actions: Sequence[Sequence[int]], prompt_len, references, bkspc_id: int, pad_id: int
+    model,
+    actions: Sequence[Sequence[int]],
+    prompt_len,
+    references,
+    bkspc_id: int,
+    pad_id: int,
+    on_path: OnPath = _on_path,
 ) -> dict[str, float]:
     """pi(<bkspc>) and V on still-correct vs already-wrong states of the given action rows (the
     model's own samples), and the AUC of each (see the module docstring). Every state from
-    the prompt to the last one before the row ends counts once per visit."""
+    the prompt to the last one before the row ends counts once per visit. `on_path`: as in
+    `deletion_stats`."""
     T = max(len(r) for r in actions)
     rows = np.full((len(actions), T), pad_id, np.int32)
     for b, r in enumerate(actions):
@@ -110,7 +126,7 @@ def separation(
                         state.pop()
                 else:
                     state.append(int(a))
-            side = "correct" if _on_path(state, ref) else "wrong"
+            side = "correct" if on_path(state, ref) else "wrong"
             scores[side][0].append(pi[b, j])
             scores[side][1].append(v[b, j])
     pc, vc = (np.asarray(x) for x in scores["correct"])

@@ -9,6 +9,8 @@ same file.
   (greedy, greedy_no_repeat, sample; the headline `accuracy` is greedy_no_repeat) with a
   bootstrap 95% interval, per number base, backspace statistics, and recovery from a corrupted
   answer prefix (the paper's Table 2); `questions`: your own JSONL of question/answer pairs.
+* Grammar: `grammar.evaluate_grammar` (valid-sample rate at T = 1, likelihood of the valid
+  words under the generator against its entropy, length and depth histograms, recovery).
 * Text: `text_report.text_report` (samples, n-gram statistics, perplexity, MAUVE).
 """
 
@@ -26,6 +28,7 @@ from flax import nnx
 
 from smatch_jax import metrics, noise
 from smatch_jax.eval import accuracy, decoding
+from smatch_jax.eval import grammar as grammar_eval
 from smatch_jax.eval.text_report import (
     MAUVE_SEEDS,
     SELF,
@@ -63,6 +66,18 @@ def arithmetic_eval_options(run, **overrides) -> dict:
     return opts
 
 
+def grammar_eval_options(run, **overrides) -> dict:
+    """`grammar_eval.evaluate_grammar` keywords from the run's `config.eval` and data."""
+    from smatch_jax.data.train_data import grammar_spec
+
+    e = run.typed.eval
+    opts = dict(num_samples=e.num_samples, temperature=e.temperature, recovery=e.recovery)
+    opts.update(overrides)
+    probs = noise.noise_probs("ground_truth", run.data.train_rows, run.data.tokenizer)
+    opts["noise_probs"] = probs if opts.pop("recovery") else None
+    return {"spec": grammar_spec(run.typed.data), **opts}
+
+
 def evaluate_in_training(run, state, writer, step: int) -> dict[str, float]:
     """The training loop's evaluation: arithmetic accuracy under each decoding and recovery
     (`config.eval`); text samples and backspace statistics. Writes scalars and texts."""
@@ -74,6 +89,8 @@ def evaluate_in_training(run, state, writer, step: int) -> dict[str, float]:
     )
     if run.typed.data.task == "arithmetic":
         res = accuracy.evaluate_arithmetic(model, ev, tok, **kw, **arithmetic_eval_options(run))
+    elif run.typed.data.task == "grammar":
+        res = grammar_eval.evaluate_grammar(model, ev, tok, **kw, **grammar_eval_options(run))
     else:
         res = accuracy.sample_text(model, ev, tok, seed=run.typed.seed + step, **kw)
     scalars = {f"eval/{k}": float(v) for k, v in res.scalars.items()}
@@ -133,6 +150,29 @@ def evaluate_workdir(
             "95% t-interval over seeds)",
             "recovery": "answer prefix of j reference tokens (j uniform) + one ground-truth "
             "noise token, deletable; the final answer after backspaces equals the reference"
+            if opts["noise_probs"] is not None
+            else "off",
+            "max_new_tokens": kw["max_new_tokens"],
+            "final_text": "after backspaces",
+        }
+        body = {
+            "metrics": res.scalars,
+            "protocol": protocol,
+            "samples": res.samples.splitlines(),
+            "recovery_examples": res.recovery_examples,
+        }
+    elif task == "grammar":
+        given = dict(temperature=temperature, num_samples=num_samples)
+        opts = grammar_eval_options(run, **{k: v for k, v in given.items() if v is not None})
+        res = grammar_eval.evaluate_grammar(model, ev, tok, **kw, **opts)
+        protocol = {
+            "split": split_name,
+            "n": len(ev["prompt_len"]),
+            "sample": f"{len(ev['prompt_len'])} words from the prompt per seed, temperature "
+            f"{opts['temperature']}, {opts['num_samples']} seeds (valid: mean, 95% t-interval "
+            "over seeds; the other figures pool the seeds)",
+            "recovery": "each word cut after j brackets (j uniform) + one error bracket, "
+            "deletable; recovered = the final word is valid"
             if opts["noise_probs"] is not None
             else "off",
             "max_new_tokens": kw["max_new_tokens"],
