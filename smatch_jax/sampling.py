@@ -48,6 +48,9 @@ class SamplingConfig:
     bkspc_logit_bias: float = 0.0  # added to the <bkspc> logit before sampling
     allow_bkspc: bool = True  # False: <bkspc> is never emitted (plain sampling)
     no_repeat_deleted: bool = False  # a token deleted from a state is not chosen there again
+    # > 0: <bkspc> is forced when V(s) = logsumexp(logits(s)) is more than this below V of the
+    # state before the last token (value-guided deletion [ours]; 0: off)
+    value_drop_bkspc: float = 0.0
     return_logits: bool = False  # also return the raw model logits of every step
 
     def __post_init__(self):
@@ -61,6 +64,8 @@ class SamplingConfig:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
+        if self.value_drop_bkspc < 0:
+            raise ValueError(f"value_drop_bkspc={self.value_drop_bkspc} must be >= 0 (0: off)")
 
     @property
     def n_actions(self) -> int:
@@ -197,6 +202,11 @@ def sample_traced(
         ev_tok=jnp.zeros((B, A) if cfg.no_repeat_deleted else (0,), jnp.int32),
         ev_len=jnp.zeros((B, A) if cfg.no_repeat_deleted else (0,), jnp.int32),
         ev_ok=jnp.zeros((B, A) if cfg.no_repeat_deleted else (0,), bool),
+        # value_drop_bkspc: v_hist[b, j] = V of the state of length j + 1 (the prompt's from
+        # the prefill); a state's parent is the state one token shorter.
+        v_hist=jnp.zeros((B, S)).at[:, :P].set(jax.nn.logsumexp(logits.astype(jnp.float32), -1))
+        if cfg.value_drop_bkspc
+        else jnp.zeros((0,)),
     )
 
     def cond(c):
@@ -211,6 +221,13 @@ def sample_traced(
             banned = jnp.zeros(c["logits"].shape, jnp.int32)
             banned = banned.at[rows[:, None], c["ev_tok"]].max(hit.astype(jnp.int32)) > 0
         a = _choose(sub, c["logits"], L, floor_len, cfg, (bkspc_id, eos_id), banned)
+        v_hist = c["v_hist"]
+        if cfg.value_drop_bkspc:
+            v_now = jax.nn.logsumexp(c["logits"].astype(jnp.float32), axis=-1)
+            v_hist = v_hist.at[rows, L - 1].set(v_now)
+            drop = v_now - v_hist[rows, jnp.maximum(L - 2, 0)]
+            force = cfg.allow_bkspc & (L > floor_len) & (drop < -cfg.value_drop_bkspc)
+            a = jnp.where(force, jnp.int32(bkspc_id), a)
         is_bk = live & (a == bkspc_id)
         is_tok = live & ~is_bk
         if cfg.no_repeat_deleted:
@@ -252,6 +269,7 @@ def sample_traced(
             ended=ended,
             step_logits=step_logits,
             **{k: events.get(k, c[k]) for k in ("ev_tok", "ev_len", "ev_ok")},
+            v_hist=v_hist,
         )
 
     c = jax.lax.while_loop(cond, body, carry)

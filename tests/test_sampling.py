@@ -70,12 +70,18 @@ def naive_greedy(forward, params, ids, m, cfg: sampling.SamplingConfig, bk):
             row = np.full((1, W), PAD, np.int32)
             row[0, : len(state)] = state
             logits = np.array(forward(params, row, np.arange(W)[None], causal))[0, len(state) - 1]
+            force = False
+            if cfg.value_drop_bkspc and len(state) > m[b] and cfg.allow_bkspc:
+                v = lambda x: float(jax.nn.logsumexp(jnp.asarray(x, jnp.float32)))
+                parent = np.array(forward(params, row, np.arange(W)[None], causal))[0]
+                force = v(logits) - v(parent[len(state) - 2]) < -cfg.value_drop_bkspc
             logits[bk] += cfg.bkspc_logit_bias
             if len(state) <= m[b] or not cfg.allow_bkspc:
                 logits[bk] = -np.inf
             if cfg.no_repeat_deleted:
                 logits[list(banned.get(len(state), ()))] = -np.inf
             a = int(np.argmax(logits)) if np.isfinite(logits).any() else EOS
+            a = bk if force else a
             acts.append(a)
             if a == bk:
                 banned.setdefault(len(state) - 1, set()).add(state.pop())
@@ -134,6 +140,26 @@ def test_no_repeat_deleted_greedy_equals_the_reference_decoder(family, bias):
         forward, params, ids, m, dataclasses.replace(cfg, no_repeat_deleted=False), bk
     )
     assert plain != want  # and it changes the decoding
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_value_guided_deletion_equals_the_reference_decoder(family):
+    """`value_drop_bkspc`: <bkspc> whenever V fell by more than the threshold since the parent
+    state; with the ban, greedy then tries the next token there, as the Python decoder does."""
+    model, graphdef, params, forward = _setup(family)
+    bk = model.config.vocab_size
+    cfg = sampling.SamplingConfig(
+        max_new_tokens=8, max_actions=24, greedy=True, no_repeat_deleted=True, value_drop_bkspc=0.3
+    )
+    ids, m = prompts(7)
+    out = sampling.sample(
+        graphdef, ids, m, jax.random.key(0), eos_id=EOS, pad_id=PAD, cfg=cfg, params=params
+    )
+    want = naive_greedy(forward, params, ids, m, cfg, bk)
+    _assert_same_rows(out, want, m, bk)
+    assert sum(a.count(bk) for a, _ in want) >= 3  # the rule fired (no bias: never on its own)
+    off = naive_greedy(forward, params, ids, m, dataclasses.replace(cfg, value_drop_bkspc=0), bk)
+    assert all(a.count(bk) == 0 for a, _ in off)
 
 
 def _check_never_repeats(rows, m, n, bk):
