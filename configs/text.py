@@ -8,7 +8,8 @@ of .txt files works: `--config.data.corpus=/path/to/txt`. Variants as in arithme
 (`mle`, `mle_ul`, `bc`, `sm_chi2`, ...) plus `smoke`; `gpt2` switches to the GPT-2 BPE and
 the GPT-2 124M shape (an accelerator config), `smollm2` fine-tunes SmolLM2-135M with LoRA.
 `pretrain` / `finetune` are the two stages of experiments/text.py at CPU scale (a 3-layer
-model, a 1000-id BPE, 24-token prompts and continuations; one fixed document split).
+model, a 1000-id BPE, 24-token prompts and continuations; one fixed document split); append
+`,large` for the 3.6M-parameter `medium_llama` (`experiments.text --scale large`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.sampling.sample_every = 5
             c.replay.capacity = 256
             c.train.eval_every = c.train.ckpt_every = 200
+        elif variant == "large":  # after pretrain / finetune: the few-M-parameter model
+            c.model.preset = "medium_llama"
+            if c.train.num_steps == PRETRAIN_STEPS:
+                c.train.num_steps = PRETRAIN_STEPS_LARGE
+                c.optim.lr = 1e-3
+                c.train.eval_every = c.train.ckpt_every = 500
         elif variant == "gpt2":  # accelerator scale: GPT-2 BPE, GPT-2 124M shape
             c.data.tokenizer = "gpt2"
             c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 128, 128, 320
@@ -75,8 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = (*common.LOSS_VARIANTS, "smoke", "gpt2", "smollm2", "pretrain", "finetune")
+VARIANTS = (*common.LOSS_VARIANTS, "smoke", "gpt2", "smollm2", "pretrain", "finetune", "large")
 PRETRAIN_STEPS = 2500  # ~9 min on 2 shared cores
+PRETRAIN_STEPS_LARGE = 2000  # medium_llama (3.6M parameters): ~30 min on 2 cores
 
 
 def _cpu_scale(c: ml_collections.ConfigDict) -> None:

@@ -48,6 +48,7 @@ METHODS = {  # key: (label, config variant)
     "mle_ul": ("MLE + unlikelihood", "mle_ul"),
     "bc": ("BC (MLE + `<bkspc>`)", "bc"),
     "sm_chi2": ("SequenceMatch (chi2-mix)", "sm_chi2"),
+    "sm_nobkspc": ("SequenceMatch without `<bkspc>`", "sm_nobkspc"),
 }
 # The paper's Table 1 (Llama2-7B + LoRA on openwebtext): MAUVE mean ± std.
 PAPER_MAUVE = {
@@ -55,6 +56,7 @@ PAPER_MAUVE = {
     "mle_ul": "0.89 ± 0.02",
     "bc": "0.84",
     "sm_chi2": "0.91 ± 0.02",
+    "sm_nobkspc": "-",
 }
 COLUMNS = [  # (metric key, header, format)
     ("mauve_no_repeat", "MAUVE, sampling with no_repeat_deleted", "{:.3f}"),
@@ -69,11 +71,12 @@ COLUMNS = [  # (metric key, header, format)
 ]
 
 
-def plan(seeds: int) -> list[common.Job]:
+def plan(seeds: int, scale: str = "small") -> list[common.Job]:
+    """Every method x seed; `scale` 'large' fine-tunes the 3.6M-parameter model."""
     runs = []
     for seed in range(seeds):
         for key, (_, variant) in METHODS.items():
-            c = text_config.get_config(f"finetune,{variant}")
+            c = text_config.get_config(f"finetune,{variant}" + SCALES[scale])
             c.seed = seed
             runs.append(common.Job(f"{key}_s{seed}", key, c, c.noise.rate, seed))
     return runs
@@ -85,9 +88,14 @@ def evaluate_run(wd: Path, pre_wd: Path, featurizer) -> dict:
     return {**{f"text/{k}": v for k, v in rep["metrics"].items()}, "protocol": rep["protocol"]}
 
 
-def pretrain(root: Path, data_dir: str, featurizer) -> Path:
+SCALES = {"small": "", "large": ",large"}  # config suffix of each --scale
+MODEL = {"small": "a 0.2M-parameter model (`mini_llama`)", "large": "a 3.6M-parameter model "
+         "(`medium_llama`)"}  # fmt: skip
+
+
+def pretrain(root: Path, data_dir: str, featurizer, scale: str = "small") -> Path:
     wd = root / "pretrain"
-    c = text_config.get_config("pretrain")
+    c = text_config.get_config("pretrain" + SCALES[scale])
     c.data.data_dir = data_dir
     if not (wd / "result.json").exists():
         print("pretraining (MLE) ...", flush=True)
@@ -139,7 +147,7 @@ def _fmt(rs: list[dict], key: str, fmt: str) -> str:
     return fmt.format(m) + (f" ± {fmt.format(h)}" if len(vals) > 1 else "")
 
 
-def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
+def summarise(results: list[dict], pre: dict, header: str, out: Path, scale: str = "small") -> str:
     by: dict[str, list[dict]] = {}
     for r in results:
         by.setdefault(r["method"], []).append(r)
@@ -168,7 +176,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         "# Text: MAUVE per method (the paper's Table 1, CPU scale)\n\n"
         + header
         + "\n"
-        + _protocol_text(results[0]["protocol"], n_seeds)
+        + _protocol_text(results[0]["protocol"], n_seeds, MODEL[scale])
         + "\n"
         + table
         + f"\n![MAUVE and perplexity per method]({out.name}.png)\n\n"
@@ -192,7 +200,7 @@ def _reference_cells(pre: dict) -> list[str]:
     return cells
 
 
-def _protocol_text(p: dict, n_seeds: int) -> str:
+def _protocol_text(p: dict, n_seeds: int, model: str) -> str:
     m = p["mauve"]
     return (
         f"Protocol: {p['n']} validation prompts of {p['prompt_tokens']} tokens, the same for "
@@ -205,7 +213,7 @@ def _protocol_text(p: dict, n_seeds: int) -> str:
         f"{p['perplexity']['scored']}, under the pretrained MLE model (the reference model). "
         "Other columns: mean ± half-width of the 95% t-interval over training seeds (no ± with "
         "one seed); token-level n-gram statistics. The paper's numbers: Llama2-7B + LoRA on "
-        "openwebtext, GPT-2-large features; ours: a 0.2M-parameter model on Shakespeare.\n"
+        f"openwebtext, GPT-2-large features; ours: {model} on Shakespeare.\n"
     )
 
 
@@ -279,6 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument(
+        "--scale",
+        choices=tuple(SCALES),
+        default="small",
+        help="small: mini_llama (0.2M parameters); large: medium_llama (3.6M), pretrained "
+        "2,000 steps (~30 min on 2 cores), results in text_large.md",
+    )
+    ap.add_argument(
         "--summarise_only", action="store_true", help="no training: report the finished runs"
     )
     ap.add_argument(
@@ -298,12 +313,14 @@ def main(argv: list[str] | None = None) -> None:
     data_dir = str(root / "data")
     featurizer = None if args.summarise_only else text_report.make_featurizer("minilm")
     shard = common.parse_shard(args.shard, root / "pretrain")
-    pre_wd = pretrain(root, data_dir, featurizer)
+    if args.objective and args.scale != "small":
+        raise SystemExit("--objective runs at the small scale only")
+    pre_wd = pretrain(root, data_dir, featurizer, args.scale)
     if args.objective:
         train_fn = make_train_fn(pre_wd, data_dir, featurizer)
         text_objective.main(args, root, pre_wd, train_fn, t0, shard)
         return
-    runs = plan(args.seeds)
+    runs = plan(args.seeds, args.scale)
     if args.reevaluate and not args.summarise_only:
         reevaluate(root / "runs", runs, pre_wd, featurizer)
     train_fn = make_train_fn(pre_wd, data_dir, featurizer)
@@ -312,11 +329,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
-    out = Path(args.out) / "text"
+    out = Path(args.out) / ("text" if args.scale == "small" else "text_large")
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
     header = common.results_header(t0, MODULE, results, pre, len(runs))
-    text = summarise(results, pre, header, out)
+    text = summarise(results, pre, header, out, args.scale)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"pretrain": pre, "runs": results}, indent=2))
     print(text.split("\n## Every run")[0])

@@ -226,7 +226,7 @@ def sample_traced(
             v_now = jax.nn.logsumexp(c["logits"].astype(jnp.float32), axis=-1)
             v_hist = v_hist.at[rows, L - 1].set(v_now)
             drop = v_now - v_hist[rows, jnp.maximum(L - 2, 0)]
-            force = cfg.allow_bkspc & (L > floor_len) & (drop < -cfg.value_drop_bkspc)
+            force = cfg.allow_bkspc & (floor_len < L) & (drop < -cfg.value_drop_bkspc)
             a = jnp.where(force, jnp.int32(bkspc_id), a)
         is_bk = live & (a == bkspc_id)
         is_tok = live & ~is_bk

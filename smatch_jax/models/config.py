@@ -125,6 +125,9 @@ PRESETS: dict[str, dict] = {
     "tiny_llama": dict(family="llama", d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
     "mini_llama": dict(family="llama", d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=192),
     "small_llama": dict(family="llama", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384),
+    "medium_llama": dict(
+        family="llama", d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=768
+    ),  # 3.1M without embeddings: experiments/text.py --scale large
     "small_gpt2": dict(family="gpt2", d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=512),
     "gpt2_124m": dict(
         family="gpt2", d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=3072
