@@ -153,8 +153,8 @@ def reproduce_command(module: str, argv: list[str]) -> str:
     return " ".join(["python -m", module, *kept])
 
 
-def provenance(t0: float, module: str, run_seconds: float) -> str:
-    """`run_seconds`: the summed training time of every run, also of runs finished earlier."""
+def provenance(t0: float, module: str, run_seconds: float, what: str = "training") -> str:
+    """`run_seconds`: the summed `what` time of every run, also of runs finished earlier."""
     argv = sys.argv[1:]
     cmd = " ".join(["python -m", module, *argv])
     repro = reproduce_command(module, argv)
@@ -168,7 +168,7 @@ def provenance(t0: float, module: str, run_seconds: float) -> str:
         + (this if cmd != repro else "")
         + f"Git revision: `{git_revision()}`  \n"
         f"Wall time: {(time.time() - t0) / 60:.1f} min for this invocation, "
-        f"{run_seconds / 60:.1f} min of training summed over all runs, on {os.cpu_count()} "
+        f"{run_seconds / 60:.1f} min of {what} summed over all runs, on {os.cpu_count()} "
         f"CPU cores ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
     )
 

@@ -13,6 +13,10 @@ state is exactly what it was, so `apply_backspaces` of an augmented row returns 
   tokens the task's prefix automaton rejects there (the grammar task: a wrong closing bracket,
   a closing bracket at depth 0, an opening past the depth bound), so every noise token is an
   error a model could make at that state. Only tasks with an automaton have it.
+* `model` [ours] draws the noise before data token `t` from the current policy at the state
+  `tokens[:t]` (teacher forcing on the clean row), without the data token: the first token of
+  a sample that leaves the reference, i.e. the model's own mistakes (one extra forward pass of
+  the data rows per step, without gradient). Special tokens are never noise.
 
 Each is a probability vector over the base vocabulary (`random_noise_probs`,
 `ground_truth_noise_probs`), passed to `add_noise` (with the automaton for `errors`). With
@@ -39,7 +43,7 @@ import numpy as np
 
 from smatch_jax.sections import Section
 
-NOISE_KINDS = ("random", "ground_truth", "errors")
+NOISE_KINDS = ("random", "ground_truth", "errors", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +52,8 @@ class NoiseConfig(Section):
 
     NAME: ClassVar[str] = "noise"
     rate: float = 0.1  # probability of a noise burst before each data action
-    kind: str = "ground_truth"  # 'ground_truth', 'random' or 'errors' (tasks with an automaton)
+    kind: str = "ground_truth"  # 'ground_truth', 'random', 'errors' (tasks with an automaton)
+    # or 'model' (the policy's own mistakes)
     max_burst: int = 1  # bursts of 1..max_burst noise tokens, then as many <bkspc>
     mask_noise_actions: bool = True  # noise tokens get action weight 0 [ours]
     exclude_target: bool = True  # a noise token never equals the next data token [ours]
@@ -63,6 +68,8 @@ class NoiseConfig(Section):
 def noise_probs(kind: str, train_rows, tokenizer) -> np.ndarray:
     """The noise distribution of `kind` over the base vocabulary: ground truth from the
     training rows `(tokens, prompt_len, length)`, or uniform; special tokens excluded."""
+    if kind == "model":  # weighted per position by the policy (add_noise's position_logits)
+        return random_noise_probs(tokenizer.vocab_size, tokenizer.special_ids)
     if kind in ("ground_truth", "errors"):  # errors: restricted per position by add_noise
         return ground_truth_noise_probs(
             *train_rows, vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids
@@ -121,7 +128,7 @@ def _noise_row(
     m,
     n,
     log_probs_V,
-    rejected_TxV=None,
+    extra_TxV=None,
     *,
     bkspc_id,
     noise_rate,
@@ -153,9 +160,9 @@ def _noise_row(
 
     target = tokens_T[src]
     logits_TxV = jnp.broadcast_to(log_probs_V, (T, log_probs_V.shape[0]))
-    if rejected_TxV is not None:  # errors: only tokens the automaton rejects at that state
-        errs = jnp.where(rejected_TxV[src], logits_TxV, -jnp.inf)  # the state before src
-        logits_TxV = jnp.where(jnp.isfinite(errs).any(axis=-1, keepdims=True), errs, logits_TxV)
+    if extra_TxV is not None:  # per state (the one before src): errors, or the model's own
+        per = logits_TxV + extra_TxV[src]
+        logits_TxV = jnp.where(jnp.isfinite(per).any(axis=-1, keepdims=True), per, logits_TxV)
     if exclude_target:
         masked = logits_TxV.at[o, target].set(-jnp.inf)
         ok = jnp.isfinite(masked).any(axis=-1, keepdims=True)  # target was the only option
@@ -185,6 +192,7 @@ def add_noise(
     exclude_target: bool = True,
     pad_id: int = 0,
     automaton: tuple[Any, int] | None = None,
+    position_logits: jax.Array | None = None,
 ) -> Noised:
     """Inserts noise bursts and their backspaces into data rows (method.md §4).
 
@@ -202,6 +210,9 @@ def add_noise(
       automaton: (table [S, V] of next states, -1 = rejected; start state) of the task's
         prefix language: noise before token `t` is drawn only among the tokens rejected at
         the state after `tokens[:t]` (noise kind `errors`); None: anywhere.
+      position_logits: float [B, T, V] added to `log(noise_probs)` for the noise before token
+        `t` (noise kind `model`: the policy's log-probabilities of token `t` given `tokens[:t]`);
+        a position with no finite entry falls back to `noise_probs`.
     """
     if not 0.0 <= noise_rate <= 1.0:
         raise ValueError(f"noise_rate={noise_rate} must be in [0, 1]")
@@ -232,9 +243,23 @@ def add_noise(
         jnp.asarray(length, jnp.int32),
         log_probs,
     ]
+    extra = None if position_logits is None else jnp.asarray(position_logits, jnp.float32)
     if automaton is not None:
-        args.append(rejected_tokens(tokens, *automaton))
+        errs = jnp.where(rejected_tokens(tokens, *automaton), 0.0, -jnp.inf)
+        extra = errs if extra is None else extra + errs
+    if extra is not None:
+        if extra.shape != (*tokens.shape, bkspc_id):
+            raise ValueError(f"position_logits must be [B, T, V]: {extra.shape} vs {tokens.shape}")
+        args.append(extra)
     return jax.vmap(row, in_axes=(0, 0, 0, 0, None, 0)[: len(args)])(*args)
+
+
+def policy_logits(logits: jax.Array) -> jax.Array:
+    """Noise kind `model`: float [B, T, V] log-probabilities of the data token at `t` under the
+    policy given `tokens[:t]`, from the [B, T, V + 1] logits of a forward pass over the clean
+    rows (the policy's `<bkspc>` probability is dropped: noise is never a backspace)."""
+    lp = jax.nn.log_softmax(logits[..., :-1].astype(jnp.float32), axis=-1)
+    return jnp.concatenate([jnp.full_like(lp[:, :1], -jnp.inf), lp[:, :-1]], axis=1)
 
 
 def rejected_tokens(tokens: jax.Array, table: Any, start: int) -> jax.Array:

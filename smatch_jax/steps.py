@@ -64,6 +64,15 @@ def make_train_step(
     def step(state: TrainState, batch: dict[str, jax.Array], with_model: bool):
         k_noise, k_replay, _ = _step_keys(state)
         m = batch["prompt_len"]
+        own = None
+        if st.noise.kind == "model" and st.noise.rate > 0:  # the policy's own mistakes
+            clean = masks.backspace_layout(
+                batch["tokens"], m, batch["length"], bkspc_id=st.bkspc_id
+            )
+            model = nnx.merge(graphdef, state.params, frozen)
+            own = noise.policy_logits(
+                jax.lax.stop_gradient(model(clean.input_ids, clean.positions, clean.attn_mask))
+            )
         nz = noise.add_noise(
             k_noise,
             batch["tokens"],
@@ -77,6 +86,7 @@ def make_train_step(
             exclude_target=st.noise.exclude_target,
             pad_id=st.pad_id,
             automaton=automaton,
+            position_logits=own,
         )
         tokens, prompt_len, length, aw = nz.tokens, m, nz.length, nz.action_weight
         is_model = jnp.zeros(m.shape, bool)

@@ -157,3 +157,19 @@ def test_committed_long_base_has_its_pinned_hash_and_reaches_0_6():
     assert info["eval/accuracy"] >= 0.6  # held-out greedy exact match of the base (issue 15)
     assert len(vocab) == model.config.vocab_size  # the text vocabulary (<bkspc> is one more row)
     assert arithmetic.LONG_BASE.stat().st_size < 20e6
+
+
+def test_value_guided_summary_keeps_the_rule_off_when_it_never_helps(tmp_path):
+    from experiments import value_guided
+
+    def r(acc):
+        return {"accuracy": acc, "deletions": 1.0, "deletion_precision": 0.8}
+
+    deltas = [0.0, 4.0]
+    val = {p: {0.0: [r(0.6), r(0.62)], 4.0: [r(0.5), r(0.52)]} for p in value_guided.METHODS}
+    test = {p: {"off": [r(0.6)], "chosen": [r(0.6)], "delta": 0.0} for p in val}
+    text = value_guided.summarise(val, test, deltas, "", tmp_path, tmp_path / "v")
+    assert "value-guided deletion does not help" in text and "-0.100 to -0.100" in text
+    test["mle_n0"]["delta"] = 4.0
+    text = value_guided.summarise(val, test, deltas, "", tmp_path, tmp_path / "v")
+    assert "Chosen on validation: MLE delta 4" in text

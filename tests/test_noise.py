@@ -167,3 +167,50 @@ def test_zero_rate_is_identity_and_bad_args():
         )
     with pytest.raises(ValueError, match="every token is special"):
         noise.random_noise_probs(2, [0, 1])
+
+
+def test_position_logits_choose_the_noise_per_state():
+    """Noise kind `model`: at each state the noise follows `position_logits` (here: one token
+    per state, never the target), on top of `noise_probs`."""
+    tokens, m, n = make_rows(3, 32)
+    probs = noise.random_noise_probs(V, [EOS, PAD])
+    want = (tokens + 1) % EOS  # the one allowed noise token before each data token
+    pos = np.where(np.arange(V)[None, None] == want[..., None], 0.0, -np.inf).astype(np.float32)
+    nz = noise.add_noise(
+        jax.random.key(0), tokens, m, n, noise_probs=probs, bkspc_id=BK, noise_rate=0.4,
+        position_logits=pos,
+    )  # fmt: skip
+    toks, isn, L = np.asarray(nz.tokens), np.asarray(nz.is_noise), np.asarray(nz.length)
+    seen = 0
+    for b in range(len(m)):
+        src = [t for t in range(L[b]) if not isn[b, t] and toks[b, t] != BK]
+        for j, t in enumerate(src[:-1]):
+            if isn[b, t + 1]:  # the noise before the next source token src[j + 1]
+                assert toks[b, t + 1] == want[b, j + 1]
+                seen += 1
+    assert seen > 50
+    with pytest.raises(ValueError, match=r"\[B, T, V\]"):
+        noise.add_noise(
+            jax.random.key(0), tokens, m, n, noise_probs=probs, bkspc_id=BK, noise_rate=0.4,
+            position_logits=pos[:, :, :-1],
+        )  # fmt: skip
+
+
+def test_policy_logits_are_the_next_token_log_probs_of_a_plain_forward():
+    from flax import nnx
+
+    from smatch_jax import models
+
+    model = models.Transformer(models.tiny("llama"), rngs=nnx.Rngs(0))
+    vocab = model.config.vocab_size
+    tokens, m, n = make_rows(4, 3)
+    tokens = tokens % vocab
+    lay = masks.backspace_layout(tokens, m, n, bkspc_id=vocab)
+    got = np.asarray(noise.policy_logits(model(lay.input_ids, lay.positions, lay.attn_mask)))
+    causal = np.tril(np.ones((1, T, T), bool))
+    for b in range(3):
+        logits = np.asarray(model(tokens[b : b + 1], np.arange(T)[None], causal))[0, :, :vocab]
+        want = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        for t in range(1, int(n[b])):  # the token at t given tokens[:t]
+            np.testing.assert_allclose(got[b, t], want[t - 1], atol=1e-5)
+        assert np.all(np.isneginf(got[b, 0]))
