@@ -44,6 +44,8 @@ METHODS = {  # key: (label, config variant, config edits)
     "sm_random": ("SequenceMatch, random noise", "sm_random", {}),
     "sm_nobkspc": ("SequenceMatch without `<bkspc>`", "sm_nobkspc", {}),
     "sm_gt_nomask": ("SequenceMatch, gt noise, noise actions trained", "sm_chi2", {"mask": False}),
+    "bc_model": ("BC, the model's own mistakes as noise", "bc", {"kind": "model"}),
+    "sm_model": ("SequenceMatch, the model's own mistakes as noise", "sm_chi2", {"kind": "model"}),
 }
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
 ABLATION_NOISE = 0.1
@@ -74,8 +76,11 @@ def tuning_plan() -> list[common.Job]:
     return runs
 
 
-def plan(quick: bool, seeds: int) -> list[common.Job]:
-    if quick:
+def plan(quick: bool, seeds: int, model_noise: bool = False) -> list[common.Job]:
+    if model_noise:  # noise kind 'model' against the same baselines (their runs are reused)
+        grid = [("mle", 0.0), ("bc", 0.1), ("sm_gt", 0.1), ("bc_model", 0.1), ("sm_model", 0.1)]
+        seed_list = list(range(seeds))
+    elif quick:
         grid = [("mle", 0.0), ("bc", 0.1), ("sm_gt", 0.1)]
         seed_list = [0]
     else:
@@ -94,6 +99,8 @@ def plan(quick: bool, seeds: int) -> list[common.Job]:
                 c.noise.rate = noise
             if "mask" in edits:
                 c.noise.mask_noise_actions = edits["mask"]
+            if "kind" in edits:
+                c.noise.kind = edits["kind"]
             runs.append(common.Job(f"{key}_n{noise:g}_s{seed}", key, c, noise, seed))
     return runs
 
@@ -428,6 +435,13 @@ def main(argv: list[str] | None = None) -> None:
         "from the committed 15,000-step base experiments/assets/arithmetic_base_long.npz "
         "(long, 0.700; no pretraining); long writes <name>_long.md",
     )
+    ap.add_argument(
+        "--model_noise",
+        action="store_true",
+        help="BC and SequenceMatch with noise kind 'model' (the policy's own mistakes) at "
+        "noise 0.1, beside MLE, BC and SequenceMatch with ground-truth noise; writes "
+        "<name>_model_noise.md",
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument(
         "--decoding",
@@ -472,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.objective:
         arithmetic_objective.main(args, root, pre_wd, train_fn, t0, shard)
         return
-    runs = tuning_plan() if args.tune else plan(args.quick, args.seeds)
+    runs = tuning_plan() if args.tune else plan(args.quick, args.seeds, args.model_noise)
     suffix = "_long" if args.base == "long" else ""
     results = common.run_sharded(
         runs, root / f"runs{suffix}", train_fn, shard, train=not args.summarise_only
@@ -480,6 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     if not results:
         raise SystemExit(f"no finished runs under {root / f'runs{suffix}'}")
     name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
+    name = "arithmetic_model_noise" if args.model_noise else name
     out = Path(args.out) / (name + suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = common.results_header(t0, MODULE, results, pre, len(runs))

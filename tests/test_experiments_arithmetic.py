@@ -173,3 +173,13 @@ def test_value_guided_summary_keeps_the_rule_off_when_it_never_helps(tmp_path):
     test["mle_n0"]["delta"] = 4.0
     text = value_guided.summarise(val, test, deltas, "", tmp_path, tmp_path / "v")
     assert "Chosen on validation: MLE delta 4" in text
+
+
+def test_model_noise_plan_reuses_the_baseline_runs():
+    runs = arithmetic.plan(quick=False, seeds=2, model_noise=True)
+    names = {r.name for r in arithmetic.plan(quick=False, seeds=2)}
+    new = [r for r in runs if r.name not in names]
+    assert {r.method for r in new} == {"bc_model", "sm_model"} and len(new) == 4
+    for r in new:
+        assert r.config.noise.kind == "model" and r.config.noise.rate == 0.1
+    assert {r.method for r in runs} - {r.method for r in new} == {"mle", "bc", "sm_gt"}
