@@ -48,6 +48,11 @@ METHODS = {  # key: (label, config variant, config edits)
     "sm_model": ("SequenceMatch, the model's own mistakes as noise", "sm_chi2", {"kind": "model"}),
 }
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
+PAPER = (  # the paper's Figure 3 is a plot without a table: its findings, not numbers
+    "The paper (Figure 3: Llama2-7B, 5,000 questions, 2 seeds; a plot, no table): SequenceMatch "
+    "with ground-truth noise above MLE and BC at every noise level > 0, a small gain at noise "
+    "0, and random noise helping SequenceMatch but not BC.\n"
+)
 ABLATION_NOISE = 0.1
 TUNING = {  # --tune: SequenceMatch (gt noise 0.1, seed 0) with one setting changed at a time
     "default": {},
@@ -286,6 +291,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     diag = common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag_rows)
     n_seeds = len({r["seed"] for r in results})
     table2 = _table2(by, ABLATION_NOISE)
+    labels = {m: label for m, (label, _, _) in METHODS.items()}
     text = (
         "# Arithmetic: accuracy vs noise level (the paper's Figure 3, CPU scale)\n\n"
         + header
@@ -297,7 +303,11 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         "from (`greedy_no_repeat`; equal to greedy for a model that never deletes). MLE never "
         "sees noise: one value for every level. The pretrained "
         f"model alone scores {pre.get('eval/accuracy', float('nan')):.3f} (seed 1000 test).\n\n"
+        + common.verdict(by, levels, labels, "eval/accuracy", "Verdict (headline exact match)")
+        + "\n\n"
         + acc_table
+        + "\n"
+        + PAPER
         + f"\n![accuracy vs noise]({out.name}.png)\n\n## Every decoding\n"
         + per_decoding
         + "\n## Recovery from a corrupted answer prefix (the paper's Table 2)\n\n"

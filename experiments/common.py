@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import ml_collections
 
 from smatch_jax import metrics
-from smatch_jax.eval.accuracy import mean_ci  # noqa: F401 (experiments use common.mean_ci)
+from smatch_jax.eval.accuracy import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -171,6 +172,31 @@ def provenance(t0: float, module: str, run_seconds: float, what: str = "training
         f"{run_seconds / 60:.1f} min of {what} summed over all runs, on {os.cpu_count()} "
         f"CPU cores ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
     )
+
+
+def verdict(by: dict, levels: list[float], labels: dict[str, str], key: str, what: str) -> str:
+    """One clause per noise level: the method with the highest mean `key` over seeds and
+    whether its 95% interval overlaps the runner-up's. `by[(method, noise)]`: result dicts;
+    MLE (`("mle", 0.0)`) sees no noise and competes at every level."""
+    parts = []
+    for n in levels:
+        stats = []
+        for method, label in labels.items():
+            rs = by.get(("mle", 0.0) if method == "mle" else (method, n)) or []
+            vals = [r[key] for r in rs if r.get(key) is not None and math.isfinite(r[key])]
+            if vals:
+                stats.append((*mean_ci(vals), label, len(vals)))
+        if len(stats) < 2:
+            continue
+        stats.sort(key=lambda s: s[0], reverse=True)
+        (m1, h1, l1, k1), (m2, h2, l2, _) = stats[0], stats[1]
+        overlap = m1 - h1 <= m2 + h2
+        parts.append(
+            f"at noise {n:g}, {l1} is highest ({m1:.3f} vs {l2} {m2:.3f}; "
+            + ("the 95% intervals overlap" if overlap else "the intervals do not overlap")
+            + (")" if k1 > 1 else ", one seed)")
+        )
+    return f"{what}: " + "; ".join(parts) + "." if parts else ""
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

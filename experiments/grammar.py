@@ -131,27 +131,8 @@ def _table(by: dict, levels: list[float], key: str) -> str:
 
 
 def verdict(by: dict, levels: list[float], key: str = HEADLINE) -> str:
-    """One sentence per noise level: the best method on `key` and whether its 95% interval over
-    seeds overlaps the runner-up's."""
-    parts = []
-    for n in levels:
-        stats = []
-        for method, (label, _) in METHODS.items():
-            rs = by.get(("mle", 0.0) if method == "mle" else (method, n))
-            vals = _values(rs, key)
-            if vals and (method != "sm_nobkspc" or n == 0):
-                stats.append((*common.mean_ci(vals), label, len(vals)))
-        if len(stats) < 2:
-            continue
-        stats.sort(reverse=True)
-        (m1, h1, l1, k1), (m2, h2, l2, _) = stats[0], stats[1]
-        overlap = m1 - h1 <= m2 + h2
-        parts.append(
-            f"at noise {n:g}, {l1} is highest ({m1:.3f} vs {l2} {m2:.3f}; "
-            + ("the 95% intervals overlap" if overlap else "the intervals do not overlap")
-            + (")" if k1 > 1 else ", one seed)")
-        )
-    return ("Valid-sample rate: " + "; ".join(parts) + ".") if parts else ""
+    labels = {m: label for m, (label, _) in METHODS.items()}
+    return common.verdict(by, levels, labels, key, "Valid-sample rate")
 
 
 def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
