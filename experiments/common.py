@@ -193,8 +193,13 @@ def verdict(by: dict, levels: list[float], labels: dict[str, str], key: str, wha
         overlap = m1 - h1 <= m2 + h2
         parts.append(
             f"at noise {n:g}, {l1} is highest ({m1:.3f} vs {l2} {m2:.3f}; "
-            + ("the 95% intervals overlap" if overlap else "the intervals do not overlap")
-            + (")" if k1 > 1 else ", one seed)")
+            + (
+                "one seed: no interval over seeds)"
+                if k1 == 1
+                else "the 95% intervals overlap)"
+                if overlap
+                else "the 95% intervals do not overlap)"
+            )
         )
     return f"{what}: " + "; ".join(parts) + "." if parts else ""
 
