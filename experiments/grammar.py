@@ -47,6 +47,8 @@ METHODS = {  # key: (label, config variant)
     "sm_gt": ("SequenceMatch, error noise", "sm_chi2"),
     "sm_random": ("SequenceMatch, random noise", "sm_random"),
     "sm_nobkspc": ("SequenceMatch without `<bkspc>`", "sm_nobkspc"),
+    "bc_model": ("BC, the model's own errors as noise", "bc"),
+    "sm_model": ("SequenceMatch, the model's own errors as noise", "sm_chi2"),
 }
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
 HEADLINE = "eval/valid"
@@ -67,8 +69,11 @@ TABLES = [  # (result key, heading)
 ]
 
 
-def plan(quick: bool, seeds: int) -> list[common.Job]:
-    if quick:
+def plan(quick: bool, seeds: int, model_noise: bool = False) -> list[common.Job]:
+    if model_noise:  # noise kind 'model' beside the same baselines (their runs are reused)
+        grid = [("mle", 0.0), ("bc", 0.1), ("sm_gt", 0.1), ("bc_model", 0.1), ("sm_model", 0.1)]
+        seed_list = list(range(seeds))
+    elif quick:
         grid, seed_list = [("mle", 0.0), ("bc", 0.1), ("sm_gt", 0.1)], [0]
     else:
         grid = [("mle", 0.0)]
@@ -82,6 +87,8 @@ def plan(quick: bool, seeds: int) -> list[common.Job]:
             c.seed = seed
             if key not in ("mle", "sm_nobkspc"):
                 c.noise.rate = noise
+            if key.endswith("_model"):
+                c.noise.kind = "model"
             runs.append(common.Job(f"{key}_n{noise:g}_s{seed}", key, c, noise, seed))
     return runs
 
@@ -248,6 +255,12 @@ def _plot(by: dict, levels: list[float], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="MLE, BC, SM at noise 0.1, one seed")
+    ap.add_argument(
+        "--model_noise",
+        action="store_true",
+        help="BC and SequenceMatch with noise kind 'model' (the policy's own errors) at noise "
+        "0.1 beside MLE, BC and SequenceMatch with error noise; writes grammar_model_noise.md",
+    )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
     ap.add_argument(
@@ -264,14 +277,15 @@ def main(argv: list[str] | None = None) -> None:
     shard = common.parse_shard(args.shard, root / "pretrain")
     pre_wd = pretrain(root, data_dir)
     pre = json.loads((pre_wd / "result.json").read_text())
-    runs = plan(args.quick, args.seeds)
+    runs = plan(args.quick, args.seeds, args.model_noise)
     results = common.run_sharded(
         runs, root / "runs", make_train_fn(f"ckpt:{pre_wd}", data_dir), shard,
         train=not args.summarise_only,
     )  # fmt: skip
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
-    out = Path(args.out) / ("grammar_quick" if args.quick else "grammar")
+    name = "grammar_model_noise" if args.model_noise else "grammar_quick" if args.quick else ""
+    out = Path(args.out) / (name or "grammar")
     out.parent.mkdir(parents=True, exist_ok=True)
     text = summarise(results, pre, common.results_header(t0, MODULE, results, pre, len(runs)), out)
     out.with_suffix(".md").write_text(text)

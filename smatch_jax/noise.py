@@ -16,7 +16,8 @@ state is exactly what it was, so `apply_backspaces` of an augmented row returns 
 * `model` [ours] draws the noise before data token `t` from the current policy at the state
   `tokens[:t]` (teacher forcing on the clean row), without the data token: the first token of
   a sample that leaves the reference, i.e. the model's own mistakes (one extra forward pass of
-  the data rows per step, without gradient). Special tokens are never noise.
+  the data rows per step, without gradient). Special tokens are never noise. On a task with an
+  automaton the draw is also restricted to the tokens it rejects: the policy's own errors.
 
 Each is a probability vector over the base vocabulary (`random_noise_probs`,
 `ground_truth_noise_probs`), passed to `add_noise` (with the automaton for `errors`). With

@@ -73,7 +73,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     mask = lora.update_mask(params, tok.bkspc_id) if c.model.lora_rank else None
     optimizer = c.optim.build(c.train.num_steps, mask)
     probs = noise.noise_probs(c.noise.kind, data.train_rows, tok)
-    automaton = data.automaton if c.noise.kind == "errors" else None
+    # 'model' noise on a task with an automaton: the policy's own errors (rejected tokens only)
+    automaton = data.automaton if c.noise.kind in ("errors", "model") else None
     if c.noise.kind == "errors" and automaton is None:
         raise ValueError(
             f"noise.kind='errors' needs a task with a prefix automaton (grammar), not "

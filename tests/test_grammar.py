@@ -155,6 +155,12 @@ def test_config_variants_and_validation():
     assert grammar_config.get_config("bc").noise.kind == "errors"
     runs = grammar_exp.plan(quick=False, seeds=3)
     assert len({r.name for r in runs}) == len(runs) == 3 * 12
+    own = [r for r in grammar_exp.plan(quick=False, seeds=1, model_noise=True) if "model" in r.name]
+    assert [(r.method, r.config.noise.kind, r.config.noise.rate) for r in own] == [
+        ("bc_model", "model", 0.1),
+        ("sm_model", "model", 0.1),
+    ]
+    assert own[0].config.loss.sm_weight == 0 and own[1].config.loss.sm_weight > 0
 
 
 def _fake(method, noise_, seed, valid):
@@ -192,3 +198,33 @@ def test_grammar_smoke_run_and_evaluation(tmp_path):
     assert 0 <= m["tv_length"] <= 1 and len(rep["recovery_examples"]) == 4
     saved = json.loads((tmp_path / "w" / "eval_20.json").read_text())
     assert saved["task"] == "grammar" and saved["protocol"]["split"] == "test"
+
+
+def test_model_noise_on_the_grammar_is_the_policys_own_errors():
+    """Noise kind 'model' with the automaton: drawn from the policy restricted to errors. Here
+    the "policy" prefers `(` (often valid) and then `]`: every noise token is an error, and
+    `]` wherever it is one."""
+    spec = g.GrammarSpec()
+    tok, tokens, m, n = _rows(spec, 32)
+    probs = noise.random_noise_probs(tok.vocab_size, tok.special_ids)
+    pref = np.full(tok.vocab_size, -30.0, np.float32)
+    pref[tok.encode("(")[0]], pref[tok.encode("]")[0]] = 0.0, -1.0
+    pos = np.broadcast_to(pref, (*tokens.shape, tok.vocab_size))
+    nz = noise.add_noise(
+        jax.random.key(2), tokens, m, n, noise_probs=probs, bkspc_id=tok.bkspc_id,
+        noise_rate=0.3, automaton=g.automaton(spec, tok), position_logits=pos,
+    )  # fmt: skip
+    toks, isn = np.asarray(nz.tokens), np.asarray(nz.is_noise)
+    seen = 0
+    for b in range(len(m)):
+        state = ""
+        for t in range(1, int(nz.length[b])):
+            x = int(toks[b, t])
+            if isn[b, t]:
+                assert not g.is_viable(spec, state + tok.decode([x]))
+                if g.is_viable(spec, state + "(") and not g.is_viable(spec, state + "]"):
+                    assert tok.decode([x]) == "]"  # the policy's likeliest error
+                    seen += 1
+            elif x != tok.bkspc_id and x != tok.eos_id:
+                state += tok.decode([x])
+    assert seen > 30
