@@ -20,7 +20,8 @@ state is exactly what it was, so `apply_backspaces` of an augmented row returns 
   automaton the draw is also restricted to the tokens it rejects: the policy's own errors.
 
 Each is a probability vector over the base vocabulary (`random_noise_probs`,
-`ground_truth_noise_probs`), passed to `add_noise` (with the automaton for `errors`). With
+`ground_truth_noise_probs`), passed to `add_noise` (with the automaton for `errors`, and the
+policy's `position_logits` for `model`). With
 `exclude_target` [ours] a noise token never equals the data token it stands in front of (an
 error must be an error).
 With `mask_noise_actions` [ours, default] the noise tokens get action weight 0 (the model
