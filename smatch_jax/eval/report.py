@@ -155,12 +155,6 @@ def evaluate_workdir(
             "max_new_tokens": kw["max_new_tokens"],
             "final_text": "after backspaces",
         }
-        body = {
-            "metrics": res.scalars,
-            "protocol": protocol,
-            "samples": res.samples.splitlines(),
-            "recovery_examples": res.recovery_examples,
-        }
     elif task == "grammar":
         given = dict(temperature=temperature, num_samples=num_samples)
         opts = grammar_eval_options(run, **{k: v for k, v in given.items() if v is not None})
@@ -178,6 +172,7 @@ def evaluate_workdir(
             "max_new_tokens": kw["max_new_tokens"],
             "final_text": "after backspaces",
         }
+    if task in ("arithmetic", "grammar"):
         body = {
             "metrics": res.scalars,
             "protocol": protocol,
