@@ -293,7 +293,9 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     table2 = _table2(by, ABLATION_NOISE)
     labels = {m: label for m, (label, _, _) in METHODS.items()}
     text = (
-        "# Arithmetic: accuracy vs noise level (the paper's Figure 3, CPU scale)\n\n"
+        "# Arithmetic: accuracy vs noise level (the paper's Figure 3, CPU scale)"
+        + (": the model's own mistakes as noise" if "model_noise" in out.name else "")
+        + "\n\n"
         + header
         + "\nHeld-out exact match of the final answer (after backspaces), "
         f"{int(results[0].get('eval/n', 0))} `easy` questions per seed; mean ± half-width of "

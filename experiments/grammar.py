@@ -174,7 +174,9 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     ]
     examples = _examples(by)
     text = (
-        "# Grammar: valid words, distribution match and recovery (Dyck-2, CPU scale)\n\n"
+        "# Grammar: valid words, distribution match and recovery (Dyck-2, CPU scale)"
+        + (": the model's own errors as noise" if "model_noise" in out.name else "")
+        + "\n\n"
         + header
         + f"\nThe data: Dyck-2 words of depth <= {r0.get('eval/max_depth', 6):g} and length "
         f"<= 40 from a known generator (`configs/grammar.py`); exact entropy "
