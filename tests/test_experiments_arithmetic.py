@@ -183,3 +183,27 @@ def test_model_noise_plan_reuses_the_baseline_runs():
     for r in new:
         assert r.config.noise.kind == "model" and r.config.noise.rate == 0.1
     assert {r.method for r in runs} - {r.method for r in new} == {"mle", "bc", "sm_gt"}
+
+
+def test_middle_ground_changes_one_thing_at_a_time_on_validation_questions(tmp_path):
+    from experiments import middle_ground
+
+    runs = middle_ground.plan(seeds=1)
+    assert len({r.name for r in runs}) == len(runs) == len(middle_ground.SETTINGS)
+    default = next(r for r in runs if r.method.startswith("SM (defaults")).config
+    for r in runs:
+        assert r.config.data.eval_split == "validation"
+        if r.method.startswith("SM"):
+            diff = {
+                f"{s}.{k}"
+                for s in ("loss", "train", "sampling", "noise")
+                for k in r.config[s]
+                if r.config[s][k] != default[s][k]
+            }
+            assert diff == set(middle_ground.SETTINGS[r.method][1]), r.method
+    res = [
+        {"method": r.method, "seed": 0, "wall_s": 1.0, "eval/accuracy": 0.5 + 0.01 * i}
+        for i, r in enumerate(runs)
+    ]
+    text = middle_ground.summarise(res, "")
+    assert "is `SM max_burst = 3` (0.630), against BC 0.510 and MLE 0.500; it is above BC" in text
