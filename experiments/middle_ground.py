@@ -91,12 +91,20 @@ def summarise(results: list[dict], header: str) -> str:
     best = max(sm, key=sm.get) if sm else None
     verdict = ""
     if best and "BC" in mean and "MLE" in mean:
+        n = sum(r.get("eval/n", 500.0) for r in by[best])  # questions behind the best mean
+        half = 1.96 * (sm[best] * (1 - sm[best]) / n) ** 0.5  # its 95% binomial half-width
+        gap = sm[best] - mean["BC"]
         verdict = (
             f"Verdict: the best SequenceMatch setting on the validation questions is `{best}` "
             f"({sm[best]:.3f}), against BC {mean['BC']:.3f} and MLE {mean['MLE']:.3f}; "
-            + ("it is above BC" if sm[best] > mean["BC"] else "no setting is above BC")
-            + f" ({len({r['seed'] for r in results})} seed(s): differences under about 0.04 are "
-            "inside one seed's bootstrap interval over 500 questions).\n\n"
+            + (
+                f"it is above BC by {gap:.3f}, more than the 95% half-width {half:.3f} of its "
+                f"mean over {int(n)} questions"
+                if gap > half
+                else f"no setting is above BC by more than the 95% half-width {half:.3f} of "
+                f"a mean over {int(n)} questions"
+            )
+            + ".\n\n"
         )
     return (
         "# Where could SequenceMatch differ from BC? One setting at a time\n\n"
