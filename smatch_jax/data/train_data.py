@@ -127,7 +127,7 @@ class TrainData:
     prompt_max: int  # longest prompt in train and eval
     iterator: Any  # grain DatasetIterator of process-local batches
     # The task's prefix automaton (table [S, V] of next states, -1 = error; start state), for
-    # noise kind 'errors'; None when the task has none (grammar has one).
+    # noise kinds 'errors' and 'model'; None when the task has none (grammar has one).
     automaton: tuple[np.ndarray, int] | None = None
 
     def next(self) -> dict[str, np.ndarray]:
