@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -112,18 +111,9 @@ def plan(quick: bool, seeds: int, model_noise: bool = False) -> list[common.Job]
 
 def pretrain(root: Path, data_dir: str, variant: str = "pretrain") -> Path:
     """MLE pretraining (`configs/arithmetic.py:<variant>`) in `root/<variant>`, once."""
-    wd = root / variant
     c = arith_config.get_config(variant)
     c.data.data_dir = data_dir
-    if not (wd / "result.json").exists():
-        print(f"pretraining (MLE, {variant}) ...", flush=True)
-        t0 = time.time()
-        state, _ = train.train(c, str(wd))
-        if int(state.step) < c.train.num_steps:
-            raise SystemExit(f"pretraining stopped at step {int(state.step)}; rerun to resume")
-        res = {**common.last_eval(wd), "wall_s": time.time() - t0}
-        (wd / "result.json").write_text(json.dumps(res, indent=2))
-    return wd
+    return common.pretrain(root / variant, c)
 
 
 # The stronger base, committed (experiments/assets/): `configs/arithmetic.py:pretrain_long`,
@@ -198,15 +188,9 @@ MECHANISM = [  # (result key, heading): does the model know its own errors? (eva
 ]
 
 
-def _measured(rs: list[dict] | None, key: str) -> list[float]:
-    """The runs' values of `key`; a figure with nothing to measure (None, NaN) is left out."""
-    vals = [r.get(key) for r in rs or []]
-    return [v for v in vals if v is not None and math.isfinite(v)]
-
-
 def _cell(rs: list[dict] | None, key: str) -> str:
     """Mean ± 95% t-interval over seeds; one seed: the headline's bootstrap interval."""
-    vals = _measured(rs, key)
+    vals = common.measured(rs, key)
     if not vals:
         return "-"
     if len(vals) == 1:
@@ -283,7 +267,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     ]
     diag_rows = []
     for r in sorted(results, key=lambda r: (r["noise"], r["method"], r["seed"])):
-        vals = [f"{r[k]:.3g}" if _measured([r], k) else "-" for k, _ in diag_keys]
+        vals = [f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in diag_keys]
         diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
     mechanism = "".join(
         f"\n**{head}**\n\n" + _method_table(by, levels, key) for key, head in MECHANISM
@@ -469,10 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
     t0 = time.time()
-    root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    common.enable_compilation_cache(root / "jax_cache")
-    data_dir = str(root / "data")
+    root, data_dir = common.prepare_root(args.workdir)
     shard = common.parse_shard(args.shard, root / "pretrain" if args.base == "short" else None)
     if args.export_base:
         print(f"wrote {LONG_BASE}: sha256 {export_base(root, data_dir)}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from smatch_jax import metrics
+from smatch_jax import metrics, train
 from smatch_jax.eval.accuracy import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +174,34 @@ def provenance(t0: float, module: str, run_seconds: float, what: str = "training
     )
 
 
+def measured(rs: list[dict] | None, key: str) -> list[float]:
+    """The runs' values of `key`; a figure with nothing to measure (None, NaN) is left out."""
+    vals = [r.get(key) for r in rs or []]
+    return [v for v in vals if v is not None and math.isfinite(v)]
+
+
+def prepare_root(workdir: str) -> tuple[Path, str]:
+    """An experiment's root directory (created, with its compilation cache) and data dir."""
+    root = Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    enable_compilation_cache(root / "jax_cache")
+    return root, str(root / "data")
+
+
+def pretrain(wd: Path, config: ml_collections.ConfigDict) -> Path:
+    """MLE pretraining of `config` in `wd`, once: `wd/result.json` holds its last evaluation
+    and wall time; an interrupted run resumes when called again."""
+    if not (wd / "result.json").exists():
+        print(f"pretraining (MLE) in {wd} ...", flush=True)
+        t0 = time.time()
+        state, _ = train.train(config, str(wd))
+        if int(state.step) < config.train.num_steps:
+            raise SystemExit(f"pretraining stopped at step {int(state.step)}; rerun to resume")
+        res = {**last_eval(wd), "wall_s": time.time() - t0}
+        (wd / "result.json").write_text(json.dumps(res, indent=2))
+    return wd
+
+
 def verdict(by: dict, levels: list[float], labels: dict[str, str], key: str, what: str) -> str:
     """One clause per noise level: the method with the highest mean `key` over seeds and
     whether its 95% interval overlaps the runner-up's. `by[(method, noise)]`: result dicts;
@@ -182,8 +210,7 @@ def verdict(by: dict, levels: list[float], labels: dict[str, str], key: str, wha
     for n in levels:
         stats = []
         for method, label in labels.items():
-            rs = by.get(("mle", 0.0) if method == "mle" else (method, n)) or []
-            vals = [r[key] for r in rs if r.get(key) is not None and math.isfinite(r[key])]
+            vals = measured(by.get(("mle", 0.0) if method == "mle" else (method, n)), key)
             if vals:
                 stats.append((*mean_ci(vals), label, len(vals)))
         if len(stats) < 2:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -38,7 +37,6 @@ import matplotlib.pyplot as plt
 from configs import grammar as grammar_config
 from experiments import common
 from experiments.arithmetic import make_train_fn
-from smatch_jax import train
 
 MODULE = "experiments.grammar"
 METHODS = {  # key: (label, config variant)
@@ -95,27 +93,13 @@ def plan(quick: bool, seeds: int, model_noise: bool = False) -> list[common.Job]
 
 def pretrain(root: Path, data_dir: str) -> Path:
     """MLE pretraining (`configs/grammar.py:pretrain`) in `root/pretrain`, once."""
-    wd = root / "pretrain"
     c = grammar_config.get_config("pretrain")
     c.data.data_dir = data_dir
-    if not (wd / "result.json").exists():
-        print("pretraining (MLE) ...", flush=True)
-        t0 = time.time()
-        state, _ = train.train(c, str(wd))
-        if int(state.step) < c.train.num_steps:
-            raise SystemExit(f"pretraining stopped at step {int(state.step)}; rerun to resume")
-        res = {**common.last_eval(wd), "wall_s": time.time() - t0}
-        (wd / "result.json").write_text(json.dumps(res, indent=2))
-    return wd
-
-
-def _values(rs: list[dict] | None, key: str) -> list[float]:
-    vals = [r.get(key) for r in rs or []]
-    return [v for v in vals if v is not None and math.isfinite(v)]
+    return common.pretrain(root / "pretrain", c)
 
 
 def _cell(rs: list[dict] | None, key: str) -> str:
-    vals = _values(rs, key)
+    vals = common.measured(rs, key)
     if not vals:
         return "-"
     if len(vals) == 1:
@@ -168,7 +152,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
             r["method"],
             f"{r['noise']:g}",
             r["seed"],
-            *[f"{r[k]:.3g}" if _values([r], k) else "-" for k, _ in diag_keys],
+            *[f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in diag_keys],
         ]
         for r in sorted(results, key=lambda r: (r["noise"], r["method"], r["seed"]))
     ]
@@ -235,7 +219,7 @@ def _plot(by: dict, levels: list[float], path: Path) -> None:
     for ax, (key, head) in zip(axes, panels, strict=True):
         for method, (label, _) in METHODS.items():
             cells = zip(levels, _cells(by, method, levels), strict=True)
-            pts = [(n, _values(rs, key)) for n, rs in cells]
+            pts = [(n, common.measured(rs, key)) for n, rs in cells]
             pts = [(n, v) for n, v in pts if v]
             if not pts:
                 continue
@@ -272,10 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
     t0 = time.time()
-    root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    common.enable_compilation_cache(root / "jax_cache")
-    data_dir = str(root / "data")
+    root, data_dir = common.prepare_root(args.workdir)
     shard = common.parse_shard(args.shard, root / "pretrain")
     pre_wd = pretrain(root, data_dir)
     pre = json.loads((pre_wd / "result.json").read_text())

@@ -79,7 +79,7 @@ def summarise(results: list[dict], header: str) -> str:
         by.setdefault(r["method"], []).append(r)
 
     def cell(rs: list[dict], key: str) -> str:
-        vals = [r[key] for r in rs if r.get(key) is not None and r[key] == r[key]]
+        vals = common.measured(rs, key)
         if not vals:
             return "-"
         m, h = common.mean_ci(vals)
@@ -126,10 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
     t0 = time.time()
-    root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    common.enable_compilation_cache(root / "jax_cache")
-    data_dir = str(root / "data")
+    root, data_dir = common.prepare_root(args.workdir)
     shard = common.parse_shard(args.shard, None)
     base = arithmetic.LONG_BASE
     train_fn = arithmetic.make_train_fn(f"npz:{base}", data_dir, arithmetic.LONG_BASE_SHA256)

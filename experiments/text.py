@@ -307,10 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args(argv)
     t0 = time.time()
-    root = Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    common.enable_compilation_cache(root / "jax_cache")
-    data_dir = str(root / "data")
+    root, data_dir = common.prepare_root(args.workdir)
     featurizer = None if args.summarise_only else text_report.make_featurizer("minilm")
     shard = common.parse_shard(args.shard, root / "pretrain")
     if args.objective and args.scale != "small":

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _cell(rs: list[dict], key: str = "accuracy") -> str:
-    vals = [r[key] for r in rs if r[key] is not None and r[key] == r[key]]
+    vals = common.measured(rs, key)
     if not vals:
         return "-"
     m, h = common.mean_ci(vals)
