@@ -80,6 +80,7 @@ class DataConfig(Section):
                     problems.append(
                         f"data.{key}={values[key]!r} is unknown; choose one of {list(allowed)}"
                     )
+        if task in ("arithmetic", "grammar"):  # their splits are generated at these sizes
             for key in ("train_size", "test_size", "validation_size"):
                 if values[key] < 1:
                     problems.append(
@@ -95,11 +96,6 @@ class DataConfig(Section):
                     f"data.seq_len={T} is shorter than the longest grammar row: max_len + 2 "
                     f"(prompt, eos) = {values['max_len'] + 2}; raise data.seq_len"
                 )
-            for key in ("train_size", "test_size", "validation_size"):
-                if values[key] < 1:
-                    problems.append(
-                        f"data.{key}={values[key]} would make an empty split; set it >= 1"
-                    )
         if task == "text":
             need = values["prompt_tokens"] + values["completion_tokens"] + 1
             if values["prompt_tokens"] < 1:

@@ -201,15 +201,8 @@ def recovery(model, split, tokenizer, noise_probs, *, modes, head, width, temper
     )  # fmt: skip
     out = {f"recovery_{mo}{key}": v for mo, (sc, _, _) in res.items() for key, v in sc.items()}
     _, dec, correct = res[head]
-    bk = tokenizer.bkspc_id
-    first_bk = np.array(
-        [len(a) > len(p) and a[len(p)] == bk for a, p in zip(dec.actions, prompts, strict=True)]
-    )
-    out.update(
-        recovery=out[f"recovery_{head}"],
-        recovery_deletions=float(dec.n_bkspc.mean()),
-        recovery_exact_delete_frac=float(np.mean(first_bk & (dec.n_bkspc == 1))),
-    )
+    out["recovery"] = out[f"recovery_{head}"]
+    out.update(decoding.recovery_deletions(dec, prompts, tokenizer.bkspc_id))
     examples = []
     for b in range(min(4, len(prompts))):
         q = tokenizer.decode(prompts[b][: m[b]])

@@ -132,6 +132,18 @@ def decode(
     return out
 
 
+def recovery_deletions(dec: Decoded, prompts: list[list[int]], bkspc_id: int) -> dict:
+    """Deletions after corrupted prompts: `recovery_deletions` (mean backspaces per example)
+    and `recovery_exact_delete_frac` (the model deleted the given error and nothing else:
+    its one backspace was its first action)."""
+    pairs = zip(dec.actions, prompts, strict=True)
+    first_bk = np.array([len(a) > len(p) and a[len(p)] == bkspc_id for a, p in pairs])
+    return {
+        "recovery_deletions": float(dec.n_bkspc.mean()),
+        "recovery_exact_delete_frac": float(np.mean(first_bk & (dec.n_bkspc == 1))),
+    }
+
+
 def corrupt(
     tokens: np.ndarray,
     prompt_len: np.ndarray,

@@ -194,12 +194,7 @@ def recovery(
         out[f"recovery{suffix}"] = float(ok.mean())
         head = head or (dec, ws, ok)
     dec, ws, ok = head
-    bk = tok.bkspc_id
-    first_bk = np.array(
-        [len(a) > len(p) and a[len(p)] == bk for a, p in zip(dec.actions, prompts, strict=True)]
-    )
-    out["recovery_deletions"] = float(dec.n_bkspc.mean())
-    out["recovery_exact_delete_frac"] = float(np.mean(first_bk & (dec.n_bkspc == 1)))
+    out.update(decoding.recovery_deletions(dec, prompts, tok.bkspc_id))
     examples = [
         "\t".join(
             [

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from smatch_jax import metrics, noise
+from smatch_jax.data.train_data import grammar_spec
 from smatch_jax.eval import accuracy, decoding
 from smatch_jax.eval import grammar as grammar_eval
 from smatch_jax.eval.text_report import (
@@ -50,32 +51,28 @@ def load_model(workdir: str, step: int | None = None, split: str | None = None):
 _load_ref_model = functools.lru_cache(maxsize=2)(load_model)  # one load per process
 
 
-def arithmetic_eval_options(run, **overrides) -> dict:
-    """`accuracy.evaluate_arithmetic` keywords from the run's `config.eval` (decodings,
-    samples, temperature; recovery uses the ground-truth noise of the training rows)."""
+def _eval_options(run, overrides: dict, **task_opts) -> dict:
+    """Evaluation keywords from the run's `config.eval` (samples, temperature, and recovery,
+    which uses the ground-truth noise of the training rows), then `overrides`."""
     e = run.typed.eval
-    opts = dict(
-        decodings=decoding.parse_decodings(e.decodings),
-        num_samples=e.num_samples,
-        temperature=e.temperature,
-        recovery=e.recovery,
-    )
+    opts = dict(num_samples=e.num_samples, temperature=e.temperature, recovery=e.recovery)
+    opts.update(task_opts)
     opts.update(overrides)
     probs = noise.noise_probs("ground_truth", run.data.train_rows, run.data.tokenizer)
     opts["noise_probs"] = probs if opts.pop("recovery") else None
     return opts
 
 
+def arithmetic_eval_options(run, **overrides) -> dict:
+    """`accuracy.evaluate_arithmetic` keywords from the run's `config.eval` (decodings,
+    samples, temperature, recovery)."""
+    decodings = decoding.parse_decodings(run.typed.eval.decodings)
+    return _eval_options(run, overrides, decodings=decodings)
+
+
 def grammar_eval_options(run, **overrides) -> dict:
     """`grammar_eval.evaluate_grammar` keywords from the run's `config.eval` and data."""
-    from smatch_jax.data.train_data import grammar_spec
-
-    e = run.typed.eval
-    opts = dict(num_samples=e.num_samples, temperature=e.temperature, recovery=e.recovery)
-    opts.update(overrides)
-    probs = noise.noise_probs("ground_truth", run.data.train_rows, run.data.tokenizer)
-    opts["noise_probs"] = probs if opts.pop("recovery") else None
-    return {"spec": grammar_spec(run.typed.data), **opts}
+    return {"spec": grammar_spec(run.typed.data), **_eval_options(run, overrides)}
 
 
 def evaluate_in_training(run, state, writer, step: int) -> dict[str, float]:
