@@ -57,7 +57,7 @@ def decode_accuracy(workdir: Path, split: str, delta: float) -> dict[str, float]
     dec = decoding.decode(
         model, prompts, tok, cfg, width=run.settings.prompt_max, key=jax.random.key(0)
     )
-    correct = accuracy._exact_match(dec, ev["prompt_len"], ev["answer"], tok)
+    correct = accuracy.exact_match(dec, ev["prompt_len"], ev["answer"], tok)
     ref = [ev["tokens"][b, : ev["length"][b]].tolist() for b in range(len(prompts))]
     dels = mechanism.deletion_stats(dec.actions, ev["prompt_len"], ref, tok.bkspc_id)
     return {

@@ -52,7 +52,8 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(t * v.std(ddof=1) / np.sqrt(v.size))
 
 
-def _exact_match(dec: decoding.Decoded, prompt_len, answers, tokenizer) -> np.ndarray:
+def exact_match(dec: decoding.Decoded, prompt_len, answers, tokenizer) -> np.ndarray:
+    """bool [N]: the final text after each prompt (backspaces applied) equals the answer."""
     texts = [
         tokenizer.decode(f[int(m) :]).strip() for f, m in zip(dec.final, prompt_len, strict=True)
     ]
@@ -76,7 +77,7 @@ def _by_mode(model, prompts, floor, answers, tokenizer, modes, *, width, tempera
                 floor_len=floor,
                 batch_size=kw["batch_size"],
             )
-            correct = _exact_match(dec, floor, answers, tokenizer)
+            correct = exact_match(dec, floor, answers, tokenizer)
             accs.append(float(correct.mean()))
             first = first or (dec, correct)
         mean, half = mean_ci(accs)
