@@ -1,6 +1,7 @@
 # The two commands: `make run` (the main job) and `make test`.
-# Each creates .venv if missing and installs the pinned requirements; the install is
-# skipped while requirements*.txt and pyproject.toml are unchanged (a stamp file records it).
+# Each creates .venv if missing and installs the pinned requirements (requirements-tpu.txt:
+# the TPU compiler for `python -m smatch_jax.main.compile`); the install is skipped while
+# requirements*.txt and pyproject.toml are unchanged (a stamp file records it).
 # Commands run from the repository root, so the package is imported from the source tree
 # (`pip install .` also works for use elsewhere).
 
@@ -16,8 +17,8 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) requirements.txt requirements-dev.txt pyproject.toml
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+$(STAMP): $(PY) requirements.txt requirements-dev.txt requirements-tpu.txt pyproject.toml
+	$(PY) -m pip install --quiet -r requirements-dev.txt -r requirements-tpu.txt
 	@touch $(STAMP)
 
 # The arithmetic comparison (MLE vs BC vs SequenceMatch, noise 0.1, one seed): ~10 min on 2 cores.
@@ -28,10 +29,11 @@ run: $(STAMP)
 full: $(STAMP)
 	$(PY) -m experiments.arithmetic
 
+# CPU only: with libtpu installed, jax would otherwise probe for a TPU in every process.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q
 
 assets: $(STAMP)
 	$(PY) -m smatch_jax.main.assets fetch all
