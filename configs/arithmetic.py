@@ -9,8 +9,9 @@ Variants (`:name`): `mle` (BC on clean data), `bc` (BC with noise + <bkspc>), `s
 `sm_kl`, `sm_nobkspc` (SequenceMatch without <bkspc>: no noise, sampler never backspaces),
 `smoke` (a tiny, fast end-to-end run for tests and CI), `pretrain` (or `pretrain_long`, a
 stronger base) / `finetune` (the two stages
-of experiments/arithmetic.py at CPU scale). Append `,<variant>` to combine, e.g.
-`smoke,bc`.
+of experiments/arithmetic.py at CPU scale), `smollm2` (SmolLM2-135M-Instruct with LoRA in its
+own tokenizer, "Question: ...\nAnswer: ..." rows: experiments/arithmetic_smollm2.py). Append
+`,<variant>` to combine, e.g. `smoke,bc` or `smollm2,sm_chi2`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.replay.capacity = 256
             c.train.eval_every = 300
             c.train.ckpt_every = 300
+        elif variant == "smollm2":  # a pretrained LM in its own tokenizer, fine-tuned directly
+            c.data.tokenizer = "smollm2"  # rows in the qa prompt format (data.prompt_format auto)
+            c.model.init, c.model.lora_rank, c.model.lora_alpha = "smollm2", 16, 32.0
+            c.data.difficulty = c.data.test_difficulty = "easy"
+            c.data.seq_len = 48  # easy rows: prompts <= 32 tokens, answers ~5 + eos
+            c.train.batch_size = c.train.model_rows = 16
+            c.train.num_steps = 300
+            c.loss.bc_warmup_steps = 50
+            c.optim.lr = 5e-4
+            c.optim.warmup_steps = 20
+            c.sampling.sample_every = 5
+            c.replay.capacity = 128
+            c.train.log_every = 10
+            c.train.eval_every = c.train.ckpt_every = 100
         elif variant == "smoke":
             c.data.train_size = 256
             c.data.test_size = 32
@@ -73,7 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return c
 
 
-VARIANTS = (*common.LOSS_VARIANTS, "smoke", "pretrain", "pretrain_long", "finetune")
+VARIANTS = (*common.LOSS_VARIANTS, "smoke", "pretrain", "pretrain_long", "finetune", "smollm2")
 
 
 def _cpu_scale(c: ml_collections.ConfigDict) -> None:

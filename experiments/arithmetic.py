@@ -196,13 +196,13 @@ def _cell(rs: list[dict] | None, key: str) -> str:
     if len(vals) == 1:
         if key != "eval/accuracy":
             return f"{vals[0]:.3f}"
-        m, (lo, hi) = _interval(rs)
+        m, (lo, hi) = interval(rs)
         return f"{m:.3f} [{m - lo:.2f}, {m + hi:.2f}]"
     m, h = common.mean_ci(vals)
     return f"{m:.3f} ± {h:.3f}"
 
 
-def _method_table(by: dict, levels: list[float], key: str) -> str:
+def method_table(by: dict, levels: list[float], key: str) -> str:
     mle = by.get(("mle", 0.0))
     rows = []
     for method, (label, _, _) in METHODS.items():
@@ -212,7 +212,7 @@ def _method_table(by: dict, levels: list[float], key: str) -> str:
     return common.markdown_table(["method", *[f"noise {n:g}" for n in levels]], rows)
 
 
-def _table2(by: dict, noise: float) -> str:
+def table2(by: dict, noise: float) -> str:
     """The first four test questions (seed 0) with a corrupted answer prefix, every method side
     by side: its actions after the given prefix (⌫ = `<bkspc>`) and its final answer."""
     cols = []
@@ -238,17 +238,17 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     for r in results:
         by.setdefault((r["method"], r["noise"]), []).append(r)
     levels = sorted({n for _, n in by})
-    acc_table = _method_table(by, levels, "eval/accuracy")
+    acc_table = method_table(by, levels, "eval/accuracy")
     per_decoding = "".join(
-        f"\n**{head}**\n\n" + _method_table(by, levels, key) for key, head in DECODINGS[1:]
+        f"\n**{head}**\n\n" + method_table(by, levels, key) for key, head in DECODINGS[1:]
     )
     recovery = "".join(
-        f"\n**{head}**\n\n" + _method_table(by, levels, key) for key, head in RECOVERY
+        f"\n**{head}**\n\n" + method_table(by, levels, key) for key, head in RECOVERY
     )
-    recovery += "\n**Deletions per question (headline decoding)**\n\n" + _method_table(
+    recovery += "\n**Deletions per question (headline decoding)**\n\n" + method_table(
         by, levels, "eval/recovery_deletions"
     )
-    recovery += "\n**Deleted the wrong token and nothing else**\n\n" + _method_table(
+    recovery += "\n**Deleted the wrong token and nothing else**\n\n" + method_table(
         by, levels, "eval/recovery_exact_delete_frac"
     )
 
@@ -270,11 +270,11 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         vals = [f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in diag_keys]
         diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
     mechanism = "".join(
-        f"\n**{head}**\n\n" + _method_table(by, levels, key) for key, head in MECHANISM
+        f"\n**{head}**\n\n" + method_table(by, levels, key) for key, head in MECHANISM
     )
     diag = common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag_rows)
     n_seeds = len({r["seed"] for r in results})
-    table2 = _table2(by, ABLATION_NOISE)
+    examples = table2(by, ABLATION_NOISE)
     labels = {m: label for m, (label, _, _) in METHODS.items()}
     text = (
         "# Arithmetic: accuracy vs noise level (the paper's Figure 3, CPU scale)"
@@ -305,8 +305,8 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         + recovery
         + f"\n![recovery vs noise]({out.name}_recovery.png)\n"
         + (
-            f"\n### The first four test questions (noise {ABLATION_NOISE:g}, seed 0)\n\n" + table2
-            if table2
+            f"\n### The first four test questions (noise {ABLATION_NOISE:g}, seed 0)\n\n" + examples
+            if examples
             else ""
         )
         + "\n## Does the model know its own errors?\n\n"
@@ -318,8 +318,8 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         "them better than BC. `-`: nothing to measure (a model that never deletes has no "
         "deletion precision).\n" + mechanism + "\n## Every run\n\n" + diag
     )
-    _plot(by, levels, out.with_suffix(".png"), DECODINGS)
-    _plot(by, levels, out.with_name(out.name + "_recovery.png"), RECOVERY)
+    plot(by, levels, out.with_suffix(".png"), DECODINGS)
+    plot(by, levels, out.with_name(out.name + "_recovery.png"), RECOVERY)
     return text
 
 
@@ -354,7 +354,7 @@ def summarise_tuning(results: list[dict], header: str) -> str:
     )
 
 
-def _interval(rs: list[dict]) -> tuple[float, tuple[float, float]]:
+def interval(rs: list[dict]) -> tuple[float, tuple[float, float]]:
     """Mean accuracy and its error bar: the t-interval over seeds, or one seed's bootstrap."""
     if len(rs) == 1:
         r = rs[0]
@@ -364,7 +364,7 @@ def _interval(rs: list[dict]) -> tuple[float, tuple[float, float]]:
     return m, (h, h)
 
 
-def _plot(by, levels, path: Path, panels: list[tuple[str, str]]) -> None:
+def plot(by, levels, path: Path, panels: list[tuple[str, str]]) -> None:
     """One panel per decoding mode: the metric vs noise level, per method."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), sharey=True)
     for ax, (key, head) in zip(np.atleast_1d(axes), panels, strict=True):
@@ -378,7 +378,7 @@ def _plot(by, levels, path: Path, panels: list[tuple[str, str]]) -> None:
                 pts = [(n, pts[0][1]) for n in levels]
             xs = [n for n, _ in pts]
             if key == "eval/accuracy":
-                ys, es = zip(*[_interval(rs) for _, rs in pts], strict=True)
+                ys, es = zip(*[interval(rs) for _, rs in pts], strict=True)
             else:
                 ys, es = zip(
                     *[

@@ -170,8 +170,23 @@ def provenance(t0: float, module: str, run_seconds: float, what: str = "training
         + f"Git revision: `{git_revision()}`  \n"
         f"Wall time: {(time.time() - t0) / 60:.1f} min for this invocation, "
         f"{run_seconds / 60:.1f} min of {what} summed over all runs, on {os.cpu_count()} "
-        f"CPU cores ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n"
+        f"CPU cores ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})  \n"
+        f"Machine: {cpu_model()}. XLA's CPU code differs between CPU models: runs are "
+        "bit-identical on one machine, and differ slightly on another.\n"
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def measured(rs: list[dict] | None, key: str) -> list[float]:

@@ -106,7 +106,7 @@ def train(
     last: dict[str, float] = {}
     t_last, tokens_since = time.time(), 0
     try:
-        step = int(state.step)
+        step = step_last = int(state.step)
         stop_step = n if stop_after is None else step + stop_after
         while step < n:
             batch = sharding.global_batch(run.data.next(), run.mesh)
@@ -127,15 +127,19 @@ def train(
                 tokens_since += int(met.pop("tokens")) * c.train.log_every
                 now = time.time()
                 met["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-                t_last, tokens_since = now, 0
+                # wall time per step since the last log (refills included, evaluations not)
+                met["sec_per_step"] = (now - t_last) / max(step - step_last, 1)
+                t_last, tokens_since, step_last = now, 0, step
                 met = {**sampled, **{k: float(v) for k, v in met.items()}}  # latest refill's
                 last.update(met)
                 writer.write_scalars(step, met)  # eval scalars: by report.evaluate_in_training
                 if progress:
                     progress.update(step, loss=last["loss"])
             if step % c.train.eval_every == 0 or step == n:
+                t_eval = time.time()
                 ev = report.evaluate_in_training(run, state, writer, step)
                 last.update(ev)
+                t_last += time.time() - t_eval  # throughput figures count training only
             stop = stopper.should_stop(step) or step >= stop_step
             if step % c.train.ckpt_every == 0 or step == n or stop:
                 nonfinite.check()  # never checkpoint past an unchecked step

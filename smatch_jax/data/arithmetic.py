@@ -14,9 +14,21 @@ Splits, generated in this order from independent seeds so that `test` never depe
 train size or difficulty: `test` (default 200 questions), `test_large` (default 2000, for tight
 error bars), `train` (default 5000, as in the paper), `validation` (default 500, of the train
 difficulty: where experiments choose their settings). Questions are unique within and across
-splits. Rows: prompt = question + `sep`, completion = answer + eos, over a `CharTokenizer`
-whose alphabet is the sorted set of characters used by the task (question template, signs,
-the digits 0-9a-f of bases 2..16, and every character of the generated text).
+splits.
+
+Rows, in any tokenizer (`tokenizer`: "char", the default, or a name of `get_tokenizer`:
+"smollm2", "gpt2", "bpe:PATH.json"). `render` writes a question and its answer as text in one
+of two prompt formats, then the tokenizer encodes prompt and completion separately (completion
+= answer tokens + the tokenizer's eos):
+
+    compact   "In base 7, what is -1403 + 62?" + sep  |  "-1311"
+    qa        "Question: In base 7, what is -1403 + 62?\nAnswer:"  |  " -1311"
+
+`auto` is `compact` for the character tokenizer (one id per character, short rows) and `qa` for
+a pretrained LM's tokenizer: plain text a base or chat model reads naturally. The character
+tokenizer's alphabet is the sorted set of characters used by the task (question template,
+signs, the digits 0-9a-f of bases 2..16, and every character of the rendered text). Rows that
+do not fit T tokens in the chosen tokenizer are resampled and counted.
 
 mathematics_dataset 1.0.1 imports `base_solution_linear` from `sympy.solvers.diophantine`, which
 moved to `sympy.solvers.diophantine.diophantine` in sympy 1.7; `_import_module` aliases it back.
@@ -35,7 +47,8 @@ from typing import Any
 import numpy as np
 
 from smatch_jax.data.rows import make_row
-from smatch_jax.data.tokenizers import CharTokenizer
+from smatch_jax.data.tokenizer_base import Tokenizer
+from smatch_jax.data.tokenizers import CharTokenizer, get_tokenizer
 
 DIFFICULTIES = ("easy", "medium", "hard", "all", "interpolate")
 MAX_QUESTION_LENGTH = 160  # mathematics_dataset.generate_settings
@@ -44,6 +57,9 @@ BASE_DIGITS = "0123456789abcdef"  # the module samples bases 2..16
 QUESTION_RE = re.compile(r"In base (\d+), what is (-?[0-9a-z]+) ([+-]) (-?[0-9a-z]+)\?")
 SPECIALS = ("<eos>", "<pad>")
 VALIDATION_SEED_OFFSET = 1_000_003  # the validation split's seed is seed * 3 + this
+PROMPT_FORMATS = ("auto", "compact", "qa")
+# Tokenizers the task accepts: its own characters, or a pretrained LM's (tokenizers.py).
+TOKENIZERS = ("char", "smollm2", "gpt2", "bpe:<path.json>")
 
 
 def _import_module() -> Any:
@@ -170,20 +186,76 @@ def tokenizer_for(alphabet_: str) -> CharTokenizer:
     return CharTokenizer(alphabet_, specials=SPECIALS)
 
 
+def resolve_format(prompt_format: str, tokenizer: str) -> str:
+    """The prompt format `auto` stands for: compact for "char", qa for any other tokenizer."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"unknown prompt format {prompt_format!r}; valid: {PROMPT_FORMATS}")
+    if prompt_format != "auto":
+        return prompt_format
+    return "compact" if tokenizer in ("", "char") else "qa"
+
+
+def check_tokenizer_name(name: str) -> None:
+    """Raises naming the valid choices unless `name` is a tokenizer the task can use."""
+    if name in ("", "char", "smollm2", "gpt2") or (name.startswith("bpe:") and len(name) > 4):
+        return
+    raise ValueError(
+        f"arithmetic cannot use tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)} "
+        "(a BPE trained on the task is a file: train it, save it, pass bpe:PATH.json)"
+    )
+
+
+def render(question: str, answer: str, prompt_format: str, sep: str = " ") -> tuple[str, str]:
+    """(prompt text, completion text) of a question in a resolved prompt format."""
+    if prompt_format == "compact":
+        return question + sep, answer
+    if prompt_format == "qa":
+        return f"Question: {question}\nAnswer:", " " + answer
+    raise ValueError(f"prompt format {prompt_format!r}: resolve 'auto' first (resolve_format)")
+
+
 def encode_example(
-    question: str, answer: str, tok: CharTokenizer, *, T: int, sep: str = " "
+    question: str,
+    answer: str,
+    tok: Tokenizer,
+    *,
+    T: int,
+    sep: str = " ",
+    prompt_format: str = "compact",
 ) -> dict[str, Any]:
-    """One example in the row format plus `question`, `answer` and `base`."""
+    """One example in the row format plus `question`, `answer` and `base` (raises
+    `rows.RowTooLongError` when it does not fit T tokens)."""
+    prompt, completion = render(question, answer, prompt_format, sep)
     row = make_row(
-        tok.encode(question + sep), tok.encode(answer), T=T, eos_id=tok.eos_id, pad_id=tok.pad_id
+        tok.encode(prompt), tok.encode(completion), T=T, eos_id=tok.eos_id, pad_id=tok.pad_id
     )
     base = parse_question(question)[0]
     return {**row, "question": question, "answer": answer, "base": np.int32(base)}
 
 
-def fits(T: int, sep: str) -> Callable[[str, str], bool]:
-    """Whether a (question, answer) row fits T (one char per token, plus eos)."""
-    return lambda q, a: len(q) + len(sep) + len(a) + 1 <= T
+def fits(
+    T: int, sep: str, tok: Tokenizer | None = None, prompt_format: str = "compact"
+) -> Callable[[str, str], bool]:
+    """Whether a (question, answer) row fits T tokens: one per character without `tok` (the
+    character tokenizer, whose alphabet is known only after generation), else as `tok`
+    encodes the rendered prompt and completion (plus eos)."""
+    if tok is None:
+        return lambda q, a: sum(map(len, render(q, a, prompt_format, sep))) + 1 <= T
+
+    def accept(q: str, a: str) -> bool:
+        prompt, completion = render(q, a, prompt_format, sep)
+        return len(tok.encode(prompt)) + len(tok.encode(completion)) + 1 <= T
+
+    return accept
+
+
+def make_tokenizer(name: str, splits: dict[str, list[tuple[str, str]]], **kw: str) -> Tokenizer:
+    """The tokenizer of the rows: the task's characters for "char" (`kw`: prompt_format, sep),
+    else `get_tokenizer(name)`."""
+    if name in ("", "char"):
+        texts = (p + c for v in splits.values() for q, a in v for p, c in [render(q, a, **kw)])
+        return tokenizer_for(alphabet(texts))
+    return get_tokenizer(name)
 
 
 def generate_splits(
@@ -197,14 +269,17 @@ def generate_splits(
     seed: int = 0,
     T: int = 128,
     sep: str = " ",
+    tokenizer: Tokenizer | None = None,
+    prompt_format: str = "compact",
 ) -> tuple[dict[str, list[tuple[str, str]]], dict[str, GenStats]]:
     """The four splits as (question, answer) lists, pairwise disjoint, and their stats.
 
     `validation` holds questions of the training difficulty that are in no other split, for
     choosing settings without looking at the test questions. It is generated last, from its
-    own seed, so the other splits do not depend on it.
+    own seed, so the other splits do not depend on it. Rows must fit T tokens of `tokenizer`
+    (None: the character tokenizer) in `prompt_format` (resolved).
     """
-    accept = fits(T, sep)
+    accept = fits(T, sep, tokenizer, prompt_format)
     if T < 4:
         raise ValueError(f"T={T} is too small for any arithmetic row")
     splits: dict[str, list[tuple[str, str]]] = {}

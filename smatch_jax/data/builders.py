@@ -36,6 +36,7 @@ from etils import epath
 from smatch_jax.data import arithmetic, grammar, text
 from smatch_jax.data.rows import make_row
 from smatch_jax.data.tokenizer_base import Tokenizer
+from smatch_jax.data.tokenizers import CharTokenizer
 
 log = logging.getLogger(__name__)
 VERSION = "1.0.0"
@@ -97,13 +98,15 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
     seed: int = 0
     T: int = 96
     sep: str = " "
+    tokenizer: str = "char"  # 'char' (the task's characters) or a `get_tokenizer` name
+    prompt_format: str = "auto"  # arithmetic.PROMPT_FORMATS ('auto' is resolved by make_config)
 
     def params(self) -> dict[str, Any]:
         return _own_params(self)
 
 
 class SmatchArithmetic(_Builder):
-    """add_or_sub_in_base questions as character-level rows (see `smatch_jax.data.arithmetic`)."""
+    """add_or_sub_in_base questions as rows in any tokenizer (see `smatch_jax.data.arithmetic`)."""
 
     VERSION = tfds.core.Version(VERSION)
     BUILDER_CONFIGS = [ArithmeticConfig(name="default")]  # noqa: RUF012 (TFDS API)
@@ -125,14 +128,18 @@ class SmatchArithmetic(_Builder):
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         del dl_manager
         cfg = self.builder_config
-        splits, stats = arithmetic.generate_splits(**cfg.params())
-        alphabet = arithmetic.alphabet(q + cfg.sep + a for v in splits.values() for q, a in v)
-        tok = arithmetic.tokenizer_for(alphabet)
+        params = cfg.params()
+        name, fmt = params.pop("tokenizer"), params["prompt_format"]
+        given = None if name == "char" else arithmetic.make_tokenizer(name, {})
+        splits, stats = arithmetic.generate_splits(**params, tokenizer=given)
+        tok = given or arithmetic.make_tokenizer(name, splits, prompt_format=fmt, sep=cfg.sep)
+        meta = {"tokenizer": name}
+        if isinstance(tok, CharTokenizer):
+            meta = {"alphabet": tok.chars, "tokenizer": "char:" + tok.chars}
         self.info.metadata.update(
             params=cfg.params(),
-            alphabet=alphabet,
-            tokenizer="char:" + alphabet,
-            specials=list(arithmetic.SPECIALS),
+            **meta,
+            specials=list(arithmetic.SPECIALS) if given is None else [],
             stats={k: dataclasses.asdict(s) for k, s in stats.items()},
         )
         for name, s in stats.items():
@@ -142,7 +149,9 @@ class SmatchArithmetic(_Builder):
     def _generate_examples(self, pairs: list[tuple[str, str]], tok: Tokenizer) -> Any:
         cfg = self.builder_config
         for i, (q, a) in enumerate(pairs):
-            ex = arithmetic.encode_example(q, a, tok, T=cfg.T, sep=cfg.sep)
+            ex = arithmetic.encode_example(
+                q, a, tok, T=cfg.T, sep=cfg.sep, prompt_format=cfg.prompt_format
+            )
             yield i, {**ex, "index": np.int32(i)}
 
 
@@ -312,8 +321,16 @@ def make_config(task: str, **params: Any) -> tfds.core.BuilderConfig:
                 f"T={full['T']} < max_len + 2 = {full['max_len'] + 2} (prompt and eos): the "
                 "longest words would not fit; raise T or lower max_len"
             )
-    elif full["difficulty"] not in arithmetic.DIFFICULTIES:
-        raise ValueError(f"unknown difficulty {full['difficulty']!r}: {arithmetic.DIFFICULTIES}")
+    else:
+        if full["difficulty"] not in arithmetic.DIFFICULTIES:
+            raise ValueError(
+                f"unknown difficulty {full['difficulty']!r}: {arithmetic.DIFFICULTIES}"
+            )
+        full["tokenizer"] = full["tokenizer"] or "char"
+        arithmetic.check_tokenizer_name(full["tokenizer"])
+        if full["tokenizer"].startswith("bpe:"):  # the file is part of the identity, resolved
+            full["tokenizer"] = "bpe:" + str(Path(full["tokenizer"][4:]).expanduser().resolve())
+        full["prompt_format"] = arithmetic.resolve_format(full["prompt_format"], full["tokenizer"])
     for k in ("train_size", "test_size", "test_large_size", "validation_size"):
         if k in full and full[k] < 1:
             raise ValueError(f"{k} must be >= 1 (an empty split cannot be built), got {full[k]}")
@@ -341,7 +358,9 @@ def load_tokenizer(builder: tfds.core.DatasetBuilder) -> Tokenizer:
     """The tokenizer a built dataset was encoded with (bkspc_id == vocab_size)."""
     meta = builder.info.metadata
     if isinstance(builder, SmatchArithmetic):
-        return arithmetic.tokenizer_for(meta["alphabet"])
+        if "alphabet" in meta:
+            return arithmetic.tokenizer_for(meta["alphabet"])
+        return text.load_tokenizer(meta["tokenizer"])
     if isinstance(builder, SmatchGrammar):
         return grammar.tokenizer()
     return text.load_tokenizer(meta["tokenizer"])

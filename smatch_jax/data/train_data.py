@@ -42,7 +42,10 @@ class DataConfig(Section):
     seq_len: int = 0  # T, row length including noise and backspaces
     prompt_max: int = 0  # sampler prompt width (0: the longest prompt in the data)
     corpus: str = ""  # text: 'shakespeare' or a directory of .txt files
-    tokenizer: str = ""  # text: 'bpe_train:<vocab>', 'gpt2', 'smollm2' or 'bpe:<json>'
+    tokenizer: str = ""  # text: 'bpe_train:<vocab>', 'gpt2', 'smollm2' or 'bpe:<json>';
+    # arithmetic: '' / 'char' (its own characters), 'smollm2', 'gpt2' or 'bpe:<json>'
+    prompt_format: str = "auto"  # arithmetic: 'compact' ("q a"), 'qa' ("Question: q\nAnswer:
+    # a"), 'auto' (compact for char, qa for a pretrained LM's tokenizer)
     prompt_tokens: int = 0  # text: prompt length in tokens
     completion_tokens: int = 0  # text: continuation length in tokens
     max_files: int = 0  # text: read at most this many corpus files (0: all)
@@ -52,7 +55,10 @@ class DataConfig(Section):
     p_end: float = 0.3  # grammar: the generator stops at depth 0 with this probability
     p_open: float = 0.5  # grammar: below the depth bound it opens with this probability
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"task": TASKS}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "task": TASKS,
+        "prompt_format": arithmetic.PROMPT_FORMATS,
+    }
     RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
         ("seq_len", 2, None, True),
         ("prompt_max", 0, None, True),
@@ -74,6 +80,10 @@ class DataConfig(Section):
                 f"one of {list(splits)} ('' for {splits[0]!r})"
             )
         if task == "arithmetic":
+            try:
+                arithmetic.check_tokenizer_name(values["tokenizer"])
+            except ValueError as e:
+                problems.append(f"data.tokenizer: {e}")
             for key in ("difficulty", "test_difficulty"):
                 allowed = arithmetic.DIFFICULTIES + (("",) if key == "test_difficulty" else ())
                 if values[key] not in allowed:
@@ -86,6 +96,11 @@ class DataConfig(Section):
                     problems.append(
                         f"data.{key}={values[key]} would make an empty split; set it >= 1"
                     )
+        if task == "grammar" and values["tokenizer"] not in ("", "char"):
+            problems.append(
+                f"data.tokenizer={values['tokenizer']!r}: the grammar task is character-level "
+                "(its prefix automaton and error noise are over single brackets); leave it ''"
+            )
         if task == "grammar":
             try:
                 grammar_spec(values)
@@ -151,6 +166,8 @@ def build_train_data(
             difficulty=d.difficulty,
             test_difficulty=d.test_difficulty or "interpolate",
             validation_size=d.validation_size,
+            tokenizer=d.tokenizer or "char",
+            prompt_format=d.prompt_format,
             **common,
         )
     elif d.task == "grammar":

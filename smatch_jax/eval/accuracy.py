@@ -159,12 +159,13 @@ def evaluate_arithmetic(
         f"{tokenizer.decode(dec.final[b][prompt_len[b] :]).strip()!r} (ref {answers[b]!r})"
         for b in range(min(n_show, N))
     ]
-    dels = mechanism.deletion_stats(rows, prompt_len, ref, tokenizer.bkspc_id)
+    on_path = mechanism.text_on_path(tokenizer)  # on the decoded text (any tokenizer)
+    dels = mechanism.deletion_stats(rows, prompt_len, ref, tokenizer.bkspc_id, on_path)
     scalars.update({f"mech_{k}": v for k, v in dels.items()})
     if "sample" in res:  # the model's own samples: does it know where it went wrong?
         own = res["sample"][1].actions
         sep = mechanism.separation(
-            model, own, prompt_len, ref, tokenizer.bkspc_id, tokenizer.pad_id
+            model, own, prompt_len, ref, tokenizer.bkspc_id, tokenizer.pad_id, on_path
         )
         scalars.update({f"mech_{k}": v for k, v in sep.items()})
     result = AccuracyResult(scalars, correct, "\n".join(lines))

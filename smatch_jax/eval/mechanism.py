@@ -32,6 +32,19 @@ def _on_path(state: list[int], ref: Sequence[int]) -> bool:
 OnPath = Callable[[list[int], Sequence[int]], bool]  # (state, reference) -> still correct
 
 
+def text_on_path(tokenizer) -> OnPath:
+    """ "Still correct" on the decoded text: the state's text is a prefix of the reference's.
+    With a subword tokenizer a right answer can be spelt in other tokens than the reference's
+    ("13" or "1" "3"); with one id per character it is the token prefix test."""
+
+    def on_path(state: list[int], ref: Sequence[int]) -> bool:
+        if _on_path(state, ref):
+            return True
+        return tokenizer.decode(list(ref)).startswith(tokenizer.decode(state))
+
+    return on_path
+
+
 def deletion_stats(
     actions: Sequence[Sequence[int]],
     prompt_len,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from smatch_jax import metrics, noise
+from smatch_jax.data import arithmetic
 from smatch_jax.data.train_data import grammar_spec
 from smatch_jax.eval import accuracy, decoding
 from smatch_jax.eval import grammar as grammar_eval
@@ -37,6 +39,8 @@ from smatch_jax.eval.text_report import (
     make_featurizer,
     text_report,
 )
+
+log = logging.getLogger(__name__)
 
 
 def load_model(workdir: str, step: int | None = None, split: str | None = None):
@@ -132,7 +136,9 @@ def evaluate_workdir(
         raise ValueError("--questions is for arithmetic runs (question/answer pairs)")
     if task == "arithmetic":
         if questions is not None:
-            ev = read_questions(questions, tok, run.typed.data.seq_len)
+            d = run.typed.data
+            fmt = arithmetic.resolve_format(d.prompt_format, d.tokenizer)
+            ev = read_questions(questions, tok, d.seq_len, fmt)
             split_name = Path(questions).stem
             kw["prompt_max"] = max(kw["prompt_max"], int(ev["prompt_len"].max()))
         given = dict(decodings=decodings, temperature=temperature, num_samples=num_samples)
@@ -141,6 +147,7 @@ def evaluate_workdir(
         protocol = {
             "split": split_name,
             "n": len(ev["prompt_len"]),
+            **({"skipped_too_long": len(ev["skipped_too_long"])} if questions else {}),
             "decodings": list(opts["decodings"]),
             "headline": "accuracy = greedy_no_repeat when evaluated, else the first decoding",
             "sample": f"temperature {opts['temperature']}, {opts['num_samples']} seeds (mean, "
@@ -209,12 +216,16 @@ def evaluate_workdir(
     return report
 
 
-def read_questions(path: str, tokenizer, seq_len: int) -> dict[str, Any]:
-    """A JSONL file of {"question": str, "answer": str} as an arithmetic split (the task's row
-    format: question + " ", then the answer and eos). Errors name the line."""
-    from smatch_jax.data import arithmetic
+def read_questions(
+    path: str, tokenizer, seq_len: int, prompt_format: str = "compact"
+) -> dict[str, Any]:
+    """A JSONL file of {"question": str, "answer": str} as an arithmetic split, in the run's
+    row format (`prompt_format`, resolved). A malformed line stops with an error naming it; a
+    question whose row does not fit the run's `seq_len` tokens is skipped, and the split's
+    `skipped_too_long` lists their line numbers."""
+    from smatch_jax.data.rows import RowTooLongError
 
-    examples = []
+    examples, too_long = [], []
     lines = Path(path).read_text().splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -226,15 +237,28 @@ def read_questions(path: str, tokenizer, seq_len: int) -> dict[str, Any]:
             if not all(isinstance(ex[k], str) for k in ex):
                 raise ValueError("question and answer must be strings")
             examples.append(
-                arithmetic.encode_example(ex["question"], ex["answer"], tokenizer, T=seq_len)
+                arithmetic.encode_example(
+                    ex["question"], ex["answer"], tokenizer, T=seq_len, prompt_format=prompt_format
+                )
             )
-        except ValueError as e:  # json.JSONDecodeError, encoding and row-length errors too
+        except RowTooLongError:
+            too_long.append(i)
+        except ValueError as e:  # json.JSONDecodeError and encoding errors too
             raise ValueError(f"{path}:{i}: {e}") from None
+    if too_long:
+        log.warning(
+            "%s: skipped %d question(s) longer than the run's rows (data.seq_len=%d), lines %s",
+            path, len(too_long), seq_len, too_long[:10],
+        )  # fmt: skip
     if not examples:
-        raise ValueError(f"{path} has no questions")
+        raise ValueError(
+            f"{path} has no questions"
+            + (f" that fit data.seq_len={seq_len} ({len(too_long)} too long)" if too_long else "")
+        )
     out: dict[str, Any] = {k: [e[k] for e in examples] for k in ("question", "answer")}
     for k in ("tokens", "prompt_len", "length", "base"):
         out[k] = np.stack([e[k] for e in examples]).astype(np.int32)
+    out["skipped_too_long"] = too_long
     return out
 
 
