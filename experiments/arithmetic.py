@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         "--summarise_only", action="store_true", help="no training: report the finished runs"
     )
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic")
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", default="", help=common.OUT_HELP)
     args = ap.parse_args(argv)
     t0 = time.time()
     root, data_dir = common.prepare_root(args.workdir)
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no finished runs under {root / f'runs{suffix}'}")
     name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
     name = "arithmetic_model_noise" if args.model_noise else name
-    out = Path(args.out) / (name + suffix)
+    out = common.out_dir(args.out, args.workdir) / (name + suffix)
     out.parent.mkdir(parents=True, exist_ok=True)
     header = common.results_header(t0, MODULE, results, pre, len(runs))
     tuned = args.tune

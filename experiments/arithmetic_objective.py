@@ -312,7 +312,7 @@ def main(args, root: Path, pre_wd: Path, train_fn, t0: float, shard: tuple[int, 
     chosen = choose(by, args.seeds)
     if chosen is not None and len(results) == len(runs):
         evaluate_on_test(results, {"mle", "bc", "rev1", chosen, configured_defaults()}, obj_root)
-    out = Path(args.out) / "arithmetic_objective"
+    out = common.out_dir(args.out, args.workdir) / "arithmetic_objective"
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
     header = common.results_header(t0, "experiments.arithmetic", results, pre, len(runs))

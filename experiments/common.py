@@ -195,6 +195,19 @@ def measured(rs: list[dict] | None, key: str) -> list[float]:
     return [v for v in vals if v is not None and math.isfinite(v)]
 
 
+OUT_HELP = (
+    "where the results files go (default: <workdir>/results, so that running an experiment "
+    "leaves the checkout clean; pass --out experiments/results to update the committed files)"
+)
+
+
+def out_dir(out: str, workdir: str) -> Path:
+    """`--out`, or `<workdir>/results` when it is empty (created)."""
+    path = Path(out) if out else Path(workdir) / "results"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def prepare_root(workdir: str) -> tuple[Path, str]:
     """An experiment's root directory (created, with its compilation cache) and data dir."""
     root = Path(workdir)

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         "--summarise_only", action="store_true", help="no training: report the finished runs"
     )
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/grammar")
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", default="", help=common.OUT_HELP)
     args = ap.parse_args(argv)
     t0 = time.time()
     root, data_dir = common.prepare_root(args.workdir)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
     name = "grammar_model_noise" if args.model_noise else "grammar_quick" if args.quick else ""
-    out = Path(args.out) / (name or "grammar")
+    out = common.out_dir(args.out, args.workdir) / (name or "grammar")
     out.parent.mkdir(parents=True, exist_ok=True)
     text = summarise(results, pre, common.results_header(t0, MODULE, results, pre, len(runs)), out)
     out.with_suffix(".md").write_text(text)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from configs import arithmetic as arith_config
 from experiments import arithmetic, common
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
     ap.add_argument("--summarise_only", action="store_true")
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic")
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", default="", help=common.OUT_HELP)
     args = ap.parse_args(argv)
     t0 = time.time()
     root, data_dir = common.prepare_root(args.workdir)
@@ -136,7 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not results:
         raise SystemExit("no finished runs")
-    out = Path(args.out) / "middle_ground"  # {}: the base's pretraining is not summed in
+    out = (
+        common.out_dir(args.out, args.workdir) / "middle_ground"
+    )  # {}: the base's pretraining is not summed in
     text = summarise(results, common.results_header(t0, MODULE, results, {}, len(runs)))
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/text")
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", default="", help=common.OUT_HELP)
     args = ap.parse_args(argv)
     t0 = time.time()
     root, data_dir = common.prepare_root(args.workdir)
@@ -326,7 +326,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if not results:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
-    out = Path(args.out) / ("text" if args.scale == "small" else "text_large")
+    out = common.out_dir(args.out, args.workdir) / (
+        "text" if args.scale == "small" else "text_large"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
     header = common.results_header(t0, MODULE, results, pre, len(runs))

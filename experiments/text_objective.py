@@ -154,7 +154,7 @@ def main(args, root: Path, pre_wd: Path, train_fn, t0: float, shard: tuple[int, 
     results = common.run_sharded(runs, obj_root, train_fn, shard, train=not args.summarise_only)
     if not results:
         raise SystemExit(f"no finished runs under {obj_root}")
-    out = Path(args.out) / "text_objective"
+    out = common.out_dir(args.out, args.workdir) / "text_objective"
     out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
     header = common.results_header(t0, "experiments.text", results, pre, len(runs))

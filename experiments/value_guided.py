@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", default="/tmp/smatch_jax_experiments/arithmetic/runs_long")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--deltas", default=",".join(f"{d:g}" for d in DELTAS))
-    ap.add_argument("--out", default=str(common.RESULTS))
+    ap.add_argument("--out", default="", help=common.OUT_HELP)
     ap.add_argument(
         "--summarise_only", action="store_true", help="rewrite the report from its .json"
     )
     args = ap.parse_args(argv)
     t0 = time.time()
     runs, deltas = Path(args.runs), [float(d) for d in args.deltas.split(",")]
-    out = Path(args.out) / "value_guided"
+    out = common.out_dir(args.out, args.workdir) / "value_guided"
     if args.summarise_only:
         saved = json.loads(out.with_suffix(".json").read_text())
         val = {p: {float(d): v for d, v in r.items()} for p, r in saved["validation"].items()}

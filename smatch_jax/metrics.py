@@ -159,7 +159,8 @@ class MetricWriter:
         self._jsonl.flush()
         if self._tb is not None:
             for name, value in values.items():
-                self._tb.add_scalar(name, math.nan if value is None else value, step)
+                if value is not None:  # nothing measured (NaN): in metrics.jsonl as null only
+                    self._tb.add_scalar(name, value, step)
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         """Log texts to TensorBoard and append them to ``samples/step_<step>.txt``."""
@@ -239,6 +240,9 @@ class Progress:
     ``update(step, **scalars)`` prints e.g.
     ``step 120/1000 (12.0%) | loss 2.345 | 15.2 steps/s | 31.1k tok/s | ETA 0:00:58``
     on the first call, then at most every ``every_s`` seconds, and always at ``total_steps``.
+    ``every_s`` defaults to 1 s on a terminal (one line, redrawn in place) and to 5 minutes on
+    a log file or pipe, so that a log has the first and last line of a stage and a sign of
+    life in between, not hundreds of lines.
     The first line's rate is measured from ``(start_step, construction time)``; later lines
     measure from the first update, so one-off compilation does not skew steps/s and ETA.
     Pass ``tokens_per_step`` to get tokens/s. ``clock`` is injectable for tests.
@@ -250,7 +254,7 @@ class Progress:
         *,
         start_step: int = 0,
         stream: TextIO | None = None,
-        every_s: float = 1.0,
+        every_s: float | None = None,
         tokens_per_step: int | None = None,
         tty: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -258,12 +262,12 @@ class Progress:
         self.total_steps = int(total_steps)
         self.start_step = int(start_step)
         self.stream = stream if stream is not None else sys.stderr
-        self.every_s = float(every_s)
         self.tokens_per_step = tokens_per_step
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
             tty = bool(isatty()) if callable(isatty) else False
         self.tty = tty
+        self.every_s = float(every_s if every_s is not None else 1.0 if tty else 300.0)
         self._clock = clock
         self._base = (self.start_step, clock())
         self._rebased = False

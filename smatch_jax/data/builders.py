@@ -21,11 +21,14 @@ are in `builder.info.metadata`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +340,23 @@ def make_config(task: str, **params: Any) -> tfds.core.BuilderConfig:
     return config_cls(name=_config_name(prefix, full), **full)
 
 
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+    """TFDS's progress bars, its printed banners and its absl warnings ("Using custom data
+    configuration") silenced while it prepares a dataset: `build` logs one line instead."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    tfds.display_progress_bar(False)
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+        tfds.display_progress_bar(True)
+
+
 def build(
     task: str, *, data_dir: str | os.PathLike | None = None, **params: Any
 ) -> tfds.core.DatasetBuilder:
@@ -344,13 +364,17 @@ def build(
     config = make_config(task, **params)
     data_dir = str(data_dir or default_data_dir())
     make = lambda: TASKS[task][0](config=config, data_dir=data_dir, file_format="array_record")
-    builder = make()
-    try:
-        builder.download_and_prepare()  # a no-op when the dataset directory exists
-    except FileExistsError:  # another process prepared the same dataset at the same time
+    with _quiet_tfds():
         builder = make()
-        if not builder.is_prepared():
-            raise
+        try:
+            if builder.is_prepared():
+                return builder
+            builder.download_and_prepare()
+        except FileExistsError:  # another process prepared the same dataset at the same time
+            builder = make()
+            if not builder.is_prepared():
+                raise
+    log.info("prepared %s/%s in %s", task, config.name, data_dir)
     return builder
 
 
