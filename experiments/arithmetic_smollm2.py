@@ -1,0 +1,353 @@
+"""The paper's arithmetic on a real pretrained LM: SmolLM2-135M-Instruct + LoRA, its own tokenizer.
+
+    python -m experiments.arithmetic_smollm2 --calibrate  # zero-shot and MLE on validation
+    python -m experiments.arithmetic_smollm2              # MLE, BC, SequenceMatch x seeds
+    python -m experiments.arithmetic_smollm2 --summarise_only
+
+The paper fine-tunes Llama-2-7B on `add_or_sub_in_base`; every other arithmetic result here is
+a 0.2M-parameter model pretrained from scratch on characters. This experiment fine-tunes a
+real pretrained LM directly (no pretraining stage): SmolLM2-135M-Instruct from its 4-bit GGUF
+(the `smollm2` asset), LoRA rank 16 on the attention and MLP projections plus the `<bkspc>`
+rows, questions rendered as "Question: ...\\nAnswer: ..." in SmolLM2's tokenizer
+(`configs/arithmetic.py:smollm2`). Methods: MLE, BC (noise + `<bkspc>`) and SequenceMatch
+with ground-truth noise, at noise 0.1 (`--noise 0.05,0.1` adds a level), `--seeds` seeds.
+
+A run costs 0.5-1.5 h on 2 CPU cores, so the sweep spans sessions: each finished run's row is
+appended to `experiments/results/arithmetic_smollm2.json` at once (commit it), and a run whose
+row is already there is skipped, also on a new machine with an empty `--workdir`. The
+difficulty and step count were chosen with `--calibrate` on validation questions
+(`arithmetic_smollm2_calibration.md`), never on the test questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from configs import arithmetic as arith_config
+from experiments import arithmetic, common
+from smatch_jax import train
+
+MODULE = "experiments.arithmetic_smollm2"
+NAME = "arithmetic_smollm2"
+METHODS = {"mle": "mle", "bc": "bc", "sm_gt": "sm_chi2"}  # result key: config variant
+CALIBRATION_STEPS_EVAL = 100  # --calibrate: validation accuracy every this many steps
+
+
+def base_config(variant: str, seed: int, data_dir: str):
+    c = arith_config.get_config(f"smollm2,{variant}")
+    c.seed, c.data.data_dir = seed, data_dir
+    c.train.eval_every = c.train.num_steps  # one evaluation, at the end (minutes at 135M)
+    return c
+
+
+def plan(seeds: int, levels: list[float], data_dir: str) -> list[common.Job]:
+    runs = []
+    for seed in range(seeds):
+        c = base_config("mle", seed, data_dir)
+        runs.append(common.Job(f"mle_n0_s{seed}", "mle", c, 0.0, seed))
+        for noise in levels:
+            for key in ("bc", "sm_gt"):
+                c = base_config(METHODS[key], seed, data_dir)
+                c.noise.rate = noise
+                runs.append(common.Job(f"{key}_n{noise:g}_s{seed}", key, c, noise, seed))
+    return runs
+
+
+def step_times(workdir: Path, warmup: int, log_every: int) -> dict[str, float]:
+    """Median wall seconds per step (refills included) in the BC warm-up and after it, from
+    metrics.jsonl; the first logged interval of each phase (compilation) is left out."""
+    bc, sm = [], []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        s, v = rec.get("step", 0), rec.get("sec_per_step")
+        if v is None:
+            continue
+        if log_every < s <= warmup:
+            bc.append(v)
+        elif s > warmup + log_every:
+            sm.append(v)
+    out = {}
+    if bc:
+        out["sec_per_step_warmup"] = statistics.median(bc)
+    if sm:
+        out["sec_per_step_after_warmup"] = statistics.median(sm)
+    return out
+
+
+def train_fn(job: common.Job, wd: Path) -> dict:
+    state, last = train.train(job.config, str(wd))
+    if int(state.step) < job.config.train.num_steps:  # preempted (SIGTERM): saved, not done
+        raise SystemExit(f"{job.name} stopped at step {int(state.step)}; rerun to resume")
+    res = {**common.last_eval(wd), **{k: float(v) for k, v in last.items()}}
+    res.update(step_times(wd, job.config.loss.bc_warmup_steps, job.config.train.log_every))
+    rec = common.last_texts(wd).get("recovery")
+    return {**res, "recovery_examples": rec.splitlines()} if rec else res
+
+
+FIRST_NUMBER = re.compile(r"-?[0-9a-z]+")
+
+
+def zero_shot(seed: int, data_dir: str, split: str = "test") -> dict:
+    """The pretrained model before any fine-tuning, greedy, on `split` of `seed`'s questions:
+    exact match (the answer and then eos), and the lenient figure: the first number it writes
+    equals the answer (a chat model rarely stops where the data's eos is)."""
+    from flax import nnx
+
+    from smatch_jax import run as run_lib
+    from smatch_jax.eval import decoding
+
+    c = base_config("mle", seed, data_dir)
+    c.data.eval_split = split
+    run = run_lib.setup(c)
+    model = nnx.merge(run.graphdef, run.state.params, run.frozen)
+    ev, tok = run.data.eval_split, run.data.tokenizer
+    m = ev["prompt_len"]
+    prompts = [ev["tokens"][b, : m[b]].tolist() for b in range(len(m))]
+    cfg = decoding.decoding_config("greedy", run.settings.sampling.max_new_tokens)
+    dec = decoding.decode(
+        model, prompts, tok, cfg, width=run.settings.prompt_max, floor_len=m, batch_size=128
+    )
+    texts = [tok.decode(f[int(k) :]) for f, k in zip(dec.final, m, strict=True)]
+    first = [(FIRST_NUMBER.findall(t) or [""])[0] for t in texts]
+    answers = [a.strip() for a in ev["answer"]]
+    exact = [t.strip() == a for t, a in zip(texts, answers, strict=True)]
+    lenient = [f == a for f, a in zip(first, answers, strict=True)]
+    return {
+        "name": f"zero_shot_s{seed}" + ("" if split == "test" else f"_{split}"),
+        "method": "zero_shot",
+        "noise": 0.0,
+        "seed": seed,
+        "split": split,
+        "eval/accuracy": float(np.mean(exact)),
+        "eval/accuracy_first_number": float(np.mean(lenient)),
+        "eval/n": float(len(m)),
+        "samples": [
+            f"{tok.decode(p)!r} -> {t!r}" for p, t in zip(prompts[:4], texts, strict=False)
+        ],
+    }
+
+
+def calibrate(root: Path, data_dir: str, out: Path, t0: float) -> None:
+    """Zero-shot and MLE at the config's step count, evaluated (greedy) on validation
+    questions every CALIBRATION_STEPS_EVAL steps: the numbers the difficulty and step count
+    were chosen by (MLE should land between 0.3 and 0.7: room to gain and to lose)."""
+    rows = []
+    zs = root / "calibration" / "zero_shot.json"
+    if not zs.exists():
+        zs.parent.mkdir(parents=True, exist_ok=True)
+        zs.write_text(json.dumps(zero_shot(0, data_dir, "validation"), indent=2))
+    rows.append(json.loads(zs.read_text()))
+    c = base_config("mle", 0, data_dir)
+    c.data.eval_split, c.eval.decodings, c.eval.recovery = "validation", "greedy", False
+    c.train.eval_every = CALIBRATION_STEPS_EVAL
+    wd = root / "calibration" / "mle"
+    t_run = time.time()
+    train.train(c, str(wd))
+    curve = [
+        json.loads(line)
+        for line in (wd / "metrics.jsonl").read_text().splitlines()
+        if "eval/accuracy" in line
+    ]
+    table = [["pretrained, zero-shot", 0, f"{rows[0]['eval/accuracy']:.3f}", "-"]]
+    table[0][3] = f"{rows[0]['eval/accuracy_first_number']:.3f} (first number)"
+    for r in curve:
+        lo, hi = r["eval/accuracy_ci_low"], r["eval/accuracy_ci_high"]
+        table.append(["MLE", r["step"], f"{r['eval/accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]"])
+    times = step_times(wd, c.loss.bc_warmup_steps, c.train.log_every)
+    text = (
+        "# Arithmetic on SmolLM2-135M: calibration on validation questions\n\n"
+        + common.provenance(t0, MODULE, time.time() - t_run)
+        + f"\nSeed 0's 500 validation questions (difficulty `{c.data.difficulty}`, never the "
+        f"test questions), greedy exact match. MLE: `configs/arithmetic.py:smollm2,mle` "
+        f"({c.train.num_steps} steps, lr {c.optim.lr:g} cosine, LoRA rank "
+        f"{c.model.lora_rank}, {c.train.batch_size} rows of {c.data.seq_len} tokens), "
+        f"evaluated every {CALIBRATION_STEPS_EVAL} steps of the one run (so the earlier points "
+        "are mid-schedule, not shorter runs). Median "
+        f"{times.get('sec_per_step_after_warmup', float('nan')):.1f} s per MLE step.\n\n"
+        + common.markdown_table(["model", "step", "exact match", "95% interval"], table)
+        + "\nZero-shot samples:\n\n"
+        + "".join(f"- `{s}`\n" for s in rows[0]["samples"])
+    )
+    out = out.with_name(NAME + "_calibration")
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps({"zero_shot": rows[0], "mle": curve}, indent=2))
+    print(text)
+
+
+def differences(by: dict, noise: float) -> str:
+    """SM - MLE and SM - BC in headline exact match: paired by seed (each seed has its own
+    training and test questions), mean and 95% t-interval over seeds, and the interval of
+    the question sampling alone (from each run's bootstrap interval, unpaired)."""
+    sm = {r["seed"]: r for r in by.get(("sm_gt", noise), [])}
+    lines = []
+    for other, label in (("mle", "MLE"), ("bc", "BC")):
+        rs = by.get(("mle", 0.0) if other == "mle" else (other, noise), [])
+        pairs = [(sm[r["seed"]], r) for r in rs if r["seed"] in sm]
+        if not pairs:
+            continue
+        d = [a["eval/accuracy"] - b["eval/accuracy"] for a, b in pairs]
+        mean, half = common.mean_ci(d)
+        se = lambda r: (r["eval/accuracy_ci_high"] - r["eval/accuracy_ci_low"]) / 3.92
+        q_half = 1.96 * float(np.sqrt(sum(se(a) ** 2 + se(b) ** 2 for a, b in pairs))) / len(d)
+        seeds = ", ".join(f"{x:+.3f}" for x in d)
+        over = f"± {half:.3f} over {len(d)} seeds" if len(d) > 1 else "one seed"
+        lines.append(
+            f"- SequenceMatch − {label} (noise {noise:g}): **{mean:+.3f}** ({over}; per seed "
+            f"{seeds}); question sampling alone ± {q_half:.3f}\n"
+        )
+    return "".join(lines)
+
+
+def summarise(rows: list[dict], header: str, out: Path) -> str:
+    zero = [r for r in rows if r["method"] == "zero_shot"]
+    runs = [r for r in rows if r["method"] in METHODS]
+    by: dict = {}
+    for r in runs:
+        by.setdefault((r["method"], r["noise"]), []).append(r)
+    levels = sorted({n for _, n in by})
+    noisy = [n for n in levels if n > 0]
+    labels = {m: arithmetic.METHODS[m][0] for m in METHODS}
+    c = base_config("mle", 0, "")
+    zs = ", ".join(
+        f"seed {r['seed']}: {r['eval/accuracy']:.3f} exact, {r['eval/accuracy_first_number']:.3f}"
+        " first number"
+        for r in zero
+    )
+    times = []
+    for m in METHODS:
+        rs = [r for n in levels for r in by.get((m, n), [])]
+        w = [r["sec_per_step_warmup"] for r in rs if "sec_per_step_warmup" in r]
+        a = [r["sec_per_step_after_warmup"] for r in rs if "sec_per_step_after_warmup" in r]
+        wall = [r["wall_s"] / 60 for r in rs if "wall_s" in r]
+        if rs:
+            fmt = lambda v: f"{statistics.median(v):.1f}" if v else "-"
+            times.append([labels[m], len(rs), fmt(w), fmt(a), fmt(wall)])
+    diag_keys = [
+        ("eval/accuracy", "accuracy"),
+        ("eval/accuracy_sample", "sample"),
+        ("eval/recovery", "recovery"),
+        ("eval/bkspc_per_sample", "`<bkspc>`/sample"),
+        ("eval/mech_deletion_precision", "deletion precision"),
+        ("eval/mech_auc_pi_bkspc", "AUC pi(bkspc)"),
+        ("eval/mech_auc_neg_v", "AUC -V"),
+        ("sm/r_data", "r data"),
+        ("sm/r_model", "r model"),
+        ("sm/v_mean", "V mean"),
+    ]
+    diag = []
+    for r in sorted(runs, key=lambda r: (r["noise"], r["method"], r["seed"])):
+        vals = [f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in diag_keys]
+        diag.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
+    per = lambda pairs: "".join(
+        f"\n**{head}**\n\n" + arithmetic.method_table(by, levels, key) for key, head in pairs
+    )
+    examples = arithmetic.table2(by, noisy[-1]) if noisy else ""
+    text = (
+        "# Arithmetic on a pretrained LM: SmolLM2-135M-Instruct + LoRA, in its own tokenizer\n\n"
+        + header
+        + f"\nFine-tuned directly from the pretrained model (`configs/arithmetic.py:smollm2,"
+        f"<method>`): LoRA rank {c.model.lora_rank} (alpha {c.model.lora_alpha:g}), "
+        f"{c.train.num_steps} steps ({c.loss.bc_warmup_steps} of BC warm-up), lr {c.optim.lr:g}, "
+        f"{c.train.batch_size} data rows (+ {c.train.model_rows} model rows for SequenceMatch, "
+        f"refilled every {c.sampling.sample_every} steps) of {c.data.seq_len} tokens, "
+        f"{c.data.train_size} `{c.data.difficulty}` training questions per seed. Held-out "
+        "exact match of the final answer (after backspaces) on each seed's 200 test questions; "
+        "mean ± half-width of the 95% t-interval over seeds. The pretrained model zero-shot "
+        f"(greedy): {zs or 'not measured'}.\n\n"
+        + common.verdict(by, levels, labels, "eval/accuracy", "Verdict (headline exact match)")
+        + "\n\n"
+        + arithmetic.method_table(by, levels, "eval/accuracy")
+        + "\n"
+        + "".join(differences(by, n) for n in noisy)
+        + f"\n![accuracy]({out.name}.png)\n\n## Every decoding\n"
+        + per(arithmetic.DECODINGS[1:])
+        + "\n## Recovery from a corrupted answer prefix\n\nThe answer's first `j` reference "
+        "tokens then one wrong token from the ground-truth noise distribution, deletable.\n"
+        + per(arithmetic.RECOVERY)
+        + (f"\n### The first four test questions (seed 0)\n\n{examples}" if examples else "")
+        + "\n## Does the model know its own errors?\n\nOn the decoded text: a state is still "
+        "correct when its answer text is a prefix of the reference's.\n"
+        + per(arithmetic.MECHANISM)
+        + "\n## Step times (2 CPU cores, this machine)\n\nMedian wall seconds per step "
+        "(SequenceMatch: its model rows and the refills included) in the BC warm-up and after "
+        "it, and the whole run (evaluation included), in minutes.\n\n"
+        + common.markdown_table(
+            ["method", "runs", "s/step, warm-up", "s/step, after", "run (min)"], times
+        )
+        + "\n## Every run\n\n"
+        + common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag)
+    )
+    if runs:
+        arithmetic.plot(by, levels, out.with_suffix(".png"), arithmetic.DECODINGS)
+    return text
+
+
+def write(rows: list[dict], t0: float, out: Path) -> str:
+    runs = [r for r in rows if r["method"] in METHODS]
+    run_s = sum(r.get("wall_s", 0.0) for r in runs)
+    header = common.provenance(t0, MODULE, run_s) + f"Runs: {len(runs)} finished.\n"
+    text = summarise(rows, header, out)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--calibrate", action="store_true", help="zero-shot + MLE on validation")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--noise", default="0.1", help="comma list of noise levels for BC and SM")
+    ap.add_argument("--summarise_only", action="store_true", help="report the committed rows")
+    ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic_smollm2")
+    ap.add_argument(
+        "--out",
+        default=str(common.RESULTS),
+        help="where the results go: the committed experiments/results by default, since its "
+        "rows are this multi-session sweep's record (runs with a row there are skipped)",
+    )
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    root, data_dir = common.prepare_root(args.workdir)
+    out = Path(args.out) / NAME
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        calibrate(root, data_dir, out, t0)
+        return
+    rows = (
+        json.loads(out.with_suffix(".json").read_text())
+        if out.with_suffix(".json").exists()
+        else []
+    )
+    done = {r["name"] for r in rows}
+    levels = [float(x) for x in args.noise.split(",")]
+    jobs = plan(args.seeds, levels, data_dir)
+    for seed in range(args.seeds):
+        name = f"zero_shot_s{seed}"
+        if name not in done and not args.summarise_only:
+            print(f"zero-shot, seed {seed}", flush=True)
+            rows.append(zero_shot(seed, data_dir))
+            write(rows, t0, out)
+    for i, job in enumerate(jobs):
+        if job.name in done:
+            print(f"[{i + 1}/{len(jobs)}] {job.name}: committed earlier", flush=True)
+            continue
+        if args.summarise_only:
+            continue
+        print(f"[{i + 1}/{len(jobs)}] {job.name}: training", flush=True)
+        res = common.run_all([job], root / "runs", train_fn)[0]
+        rows.append(res)
+        write(rows, t0, out)  # commit this row: the next session skips the run
+    text = write(rows, t0, out)
+    print(text.split("\n## Every decoding")[0])
+    print(f"wrote {out}.md, .json, .png")
+
+
+if __name__ == "__main__":
+    main()

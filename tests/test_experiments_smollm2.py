@@ -1,0 +1,82 @@
+"""experiments/arithmetic_smollm2.py without training: the plan, skipping committed rows, the
+differences with their intervals and the summary."""
+
+import json
+
+import pytest
+
+from experiments import arithmetic_smollm2 as sm2
+from experiments import common
+
+
+def _row(method, noise, seed, acc, **extra):
+    return {
+        "name": f"{method}_n{noise:g}_s{seed}",
+        "method": method,
+        "noise": noise,
+        "seed": seed,
+        "eval/accuracy": acc,
+        "eval/accuracy_ci_low": acc - 0.06,
+        "eval/accuracy_ci_high": acc + 0.06,
+        "eval/n": 200.0,
+        "wall_s": 60.0,
+        "sec_per_step_warmup": 6.0,
+        **extra,
+    }
+
+
+def test_plan_is_mle_bc_sm_per_seed_on_smollm2():
+    jobs = sm2.plan(2, [0.1], "/d")
+    assert [j.name for j in jobs] == [
+        "mle_n0_s0", "bc_n0.1_s0", "sm_gt_n0.1_s0", "mle_n0_s1", "bc_n0.1_s1", "sm_gt_n0.1_s1",
+    ]  # fmt: skip
+    for j in jobs:
+        c = j.config
+        assert c.data.tokenizer == "smollm2" and c.model.init == "smollm2"
+        assert c.model.lora_rank == 16 and c.seed == j.seed and c.data.data_dir == "/d"
+        assert c.train.eval_every == c.train.num_steps  # one evaluation, at the end
+        assert (c.loss.sm_weight > 0) == (j.method == "sm_gt")
+        assert c.noise.rate == (0.0 if j.method == "mle" else 0.1)
+
+
+def test_committed_rows_are_skipped(tmp_path, monkeypatch):
+    rows = [{**_row("zero_shot", 0.0, s, 0.0), "name": f"zero_shot_s{s}"} for s in range(2)] + [
+        _row("mle", 0.0, 0, 0.5)
+    ]
+    for r in rows[:2]:
+        r["eval/accuracy_first_number"] = 0.01
+    (tmp_path / "arithmetic_smollm2.json").write_text(json.dumps(rows))
+    trained = []
+
+    def fake_run_all(jobs, root, fn):
+        trained.extend(j.name for j in jobs)
+        return [_row(j.method, j.noise, j.seed, 0.4) for j in jobs]
+
+    monkeypatch.setattr(common, "run_all", fake_run_all)
+    sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)])
+    assert trained == ["bc_n0.1_s0", "sm_gt_n0.1_s0"]  # MLE seed 0 and zero-shot: committed
+    again = json.loads((tmp_path / "arithmetic_smollm2.json").read_text())
+    assert [r["name"] for r in again][-2:] == trained
+    assert (tmp_path / "arithmetic_smollm2.png").exists()
+
+
+def test_differences_pair_seeds_and_give_both_intervals():
+    by = {
+        ("mle", 0.0): [_row("mle", 0.0, 0, 0.50), _row("mle", 0.0, 1, 0.40)],
+        ("bc", 0.1): [_row("bc", 0.1, 0, 0.45), _row("bc", 0.1, 1, 0.35)],
+        ("sm_gt", 0.1): [_row("sm_gt", 0.1, 0, 0.47), _row("sm_gt", 0.1, 1, 0.39)],
+    }
+    text = sm2.differences(by, 0.1)
+    assert "SequenceMatch − MLE (noise 0.1): **-0.020**" in text
+    assert "SequenceMatch − BC (noise 0.1): **+0.030**" in text
+    assert "per seed -0.030, -0.010" in text
+    # each run's bootstrap half-width 0.06 -> se 0.0306; 4 runs: 1.96 * 0.0612 / 2 = 0.060
+    assert "question sampling alone ± 0.060" in text
+
+
+def test_step_times_leave_out_compilation(tmp_path):
+    lines = [{"step": s, "sec_per_step": 30.0 if s in (10, 60) else 5.0 + (s > 50) * 7}
+             for s in range(10, 101, 10)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    t = sm2.step_times(tmp_path, warmup=50, log_every=10)
+    assert t == pytest.approx({"sec_per_step_warmup": 5.0, "sec_per_step_after_warmup": 12.0})
