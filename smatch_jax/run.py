@@ -70,8 +70,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
         c.model, vocab_size=tok.vocab_size, seq_len=T, seed=c.seed, tokenizer=tok
     )
     graphdef, params, frozen = nnx.split(model, lora.trainable_filter(c.model.lora_rank > 0), ...)
-    mask = lora.update_mask(params, tok.bkspc_id) if c.model.lora_rank else None
-    optimizer = c.optim.build(c.train.num_steps, mask)
+    optimizer = build_optimizer(c, params, tok.bkspc_id)
     probs = noise.noise_probs(c.noise.kind, data.train_rows, tok)
     # 'model' noise on a task with an automaton: the policy's own errors (rejected tokens only)
     automaton = data.automaton if c.noise.kind in ("errors", "model") else None
@@ -80,34 +79,11 @@ def setup(config: ml_collections.ConfigDict) -> Run:
             f"noise.kind='errors' needs a task with a prefix automaton (grammar), not "
             f"{c.data.task!r}; use noise.kind='ground_truth' or 'random'"
         )
-    sm_on = c.loss.sm_weight > 0 and c.loss.value_on == "mix"
-    st = steps.StepSettings(
-        bkspc_id=tok.bkspc_id,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        noise=c.noise,
-        model_rows=c.train.model_rows if sm_on else 0,
-        prompt_max=P,
-        sampling=c.sampling.decoding(T - P),
-    )
+    st = step_settings(c, tok, P)
     loss_fn = objective.make_loss_fn(c.loss, eos_id=tok.eos_id)
-    key = jax.random.key_data(jax.random.key(c.seed))
-    state = steps.TrainState(
-        jnp.zeros((), jnp.int32),
-        params,
-        optimizer.init(params),
-        replay.init(c.replay.capacity, T, tok.pad_id),
-        key,
-    )
-    param_sh = sharding.param_shardings(state.params, mesh)
+    state = initial_state(c, params, optimizer, tok.pad_id)
+    state_sh = state_shardings(state, optimizer, mesh)
     rep = sharding.replicated(mesh)
-    # Optimiser moments follow their parameter's sharding.
-    opt_sh = optax.tree_map_params(
-        optimizer, lambda _, s: s, state.opt_state, param_sh, transform_non_params=lambda _: rep
-    )
-    state_sh = steps.TrainState(
-        rep, param_sh, opt_sh, jax.tree.map(lambda _: rep, state.replay), rep
-    )
     state = jax.device_put(state, state_sh)
     train_step = jax.jit(
         steps.make_train_step(
@@ -118,6 +94,60 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     )
     refill = jax.jit(steps.make_refill(graphdef, frozen, st), out_shardings=(state_sh, rep))
     return Run(config, c, data, mesh, state, state_sh, train_step, refill, graphdef, frozen, st)
+
+
+# The parts of `setup` that the abstract build (compile_plan.py) shares: they work on arrays
+# and on ShapeDtypeStructs alike.
+
+
+def build_optimizer(
+    c: config_lib.Typed, params: Any, bkspc_id: int
+) -> optax.GradientTransformation:
+    """The run's optimiser; with LoRA, only the adapters and the `<bkspc>` rows update."""
+    mask = lora.update_mask(params, bkspc_id) if c.model.lora_rank else None
+    return c.optim.build(c.train.num_steps, mask)
+
+
+def step_settings(c: config_lib.Typed, tok: Any, prompt_max: int) -> steps.StepSettings:
+    """The compiled steps' static settings; `tok` has `bkspc_id`, `eos_id` and `pad_id`."""
+    sm_on = c.loss.sm_weight > 0 and c.loss.value_on == "mix"  # SequenceMatch samples rows
+    return steps.StepSettings(
+        bkspc_id=tok.bkspc_id,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        noise=c.noise,
+        model_rows=c.train.model_rows if sm_on else 0,
+        prompt_max=prompt_max,
+        sampling=c.sampling.decoding(c.data.seq_len - prompt_max),
+    )
+
+
+def initial_state(
+    c: config_lib.Typed, params: Any, optimizer: optax.GradientTransformation, pad_id: int
+) -> steps.TrainState:
+    """Step 0: the parameters, a fresh optimiser state, an empty replay buffer, the seed's
+    key (under `jax.eval_shape`: the state's shapes)."""
+    key = jax.random.key_data(jax.random.key(c.seed))
+    return steps.TrainState(
+        jnp.zeros((), jnp.int32),
+        params,
+        optimizer.init(params),
+        replay.init(c.replay.capacity, c.data.seq_len, pad_id),
+        key,
+    )
+
+
+def state_shardings(
+    state: steps.TrainState, optimizer: optax.GradientTransformation, mesh: Any
+) -> steps.TrainState:
+    """The `NamedSharding` of every leaf of `state` (arrays or ShapeDtypeStructs)."""
+    param_sh = sharding.param_shardings(state.params, mesh)
+    rep = sharding.replicated(mesh)
+    # Optimiser moments follow their parameter's sharding.
+    opt_sh = optax.tree_map_params(
+        optimizer, lambda _, s: s, state.opt_state, param_sh, transform_non_params=lambda _: rep
+    )
+    return steps.TrainState(rep, param_sh, opt_sh, jax.tree.map(lambda _: rep, state.replay), rep)
 
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:

@@ -151,8 +151,14 @@ PRESETS: dict[str, dict] = {
         d_ff=11008,
         tie_embeddings=False,
         rope_theta=10_000.0,
+        use_bias=False,
     ),
 }
+
+# The vocabulary the published weights of a preset's shape come with (GPT-2 BPE, SmolLM2,
+# Llama 2's SentencePiece), for building such a model without its tokenizer files
+# (compile_plan.py).
+VOCAB_SIZES: dict[str, int] = {"gpt2_124m": 50257, "smollm2_135m": 49152, "llama_7b": 32000}
 
 
 def from_preset(name: str, *, vocab_size: int, max_positions: int, **overrides) -> ModelConfig:

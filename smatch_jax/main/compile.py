@@ -1,0 +1,229 @@
+"""Compile a run for a TPU topology on this machine, and report what it would cost there.
+
+    python -m smatch_jax.main.compile --config=configs/paper.py:arithmetic_sm --topology=v5e-32
+    python -m smatch_jax.main.compile --config=configs/paper.py:text_sm,v4 --topology=v4-64 \\
+        --json=plan.json [--num_slices=2] [--vocab_size=32000] [--config.train.batch_size=32]
+
+The run is built abstractly (no weights, no data: `compile_plan.abstract_run`) on the
+topology's compile-only devices (`topologies.py`; needs requirements-tpu.txt, no TPU) with
+the config's mesh, and its jitted pieces are compiled by XLA's TPU compiler. One row per
+piece: bytes per chip against the chip's HBM (FITS / DOES NOT FIT, and the knob to turn),
+flops and HBM bytes per chip, collective bytes per chip, and a roofline time. Loop pieces
+(`refill`, `eval_decode`) count their loop body A times (the sampler's action budget, an upper
+bound: rows stop at eos). The last line projects a SequenceMatch step (train step with model
+rows + refill / sampling.sample_every) over the MLE step of the same data batch.
+
+Every time printed is a PROJECTION from the chip table (max(flops / peak, bytes / HBM
+bandwidth) + collective bytes / ICI bandwidth), not a measurement; XLA's `optimal_seconds`
+is not used (it is negative on these steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config file[:variant]", lock_config=True
+)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-32, v4-64, v5e:2x2")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "slices (the mesh spans all of them)")
+_JSON = flags.DEFINE_string("json", None, "also write the report here")
+_VOCAB = flags.DEFINE_integer(
+    "vocab_size", None, "vocabulary size (default: the pretrained preset's, VOCAB_SIZES)"
+)
+flags.mark_flags_as_required(["config", "topology"])
+
+GIB = 1 << 30
+
+
+def _knob(name: str, mem) -> str:
+    """What to turn when a piece does not fit (`mem` None: XLA refused it)."""
+    if name.startswith("train"):
+        if mem is not None and mem.args + mem.out - mem.alias > mem.temp:
+            return "state dominates: larger mesh.fsdp, donate the state (issue 24)"
+        return "activations dominate: train.batch_size / train.model_rows, remat (issue 24)"
+    if name.startswith("refill"):
+        return "train.batch_size (rows sampled per refill), a decode layout (issue 24)"
+    return "the evaluation batch (256), mesh.fsdp, a decode layout (issue 24)"
+
+
+def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | None = None):
+    """The report (a JSON-able dict) of `config` compiled for `topology`."""
+    from smatch_jax import compile_plan, hlo_stats, topologies
+
+    topo = topologies.get(topology)
+    chip = topo.chip
+    t0 = time.time()
+    devices = topologies.compile_devices(topology, num_slices)
+    ar = compile_plan.abstract_run(config, devices, vocab_size=vocab_size)
+    pieces = compile_plan.compile_pieces(ar)
+    compile_s = time.time() - t0
+    rows = {}
+    for name, p in pieces.items():
+        if p.error:  # XLA refused it: its temporaries alone exceed the HBM
+            rows[name] = {
+                "peak_bytes_per_chip": p.needed_bytes,
+                "hbm_bytes_per_chip": chip.hbm_bytes,
+                "fits": False,
+                "knob": "temporaries exceed HBM: " + _knob(name, None),
+                "error": p.error,
+                "flops": None,
+                "optimal_seconds": None,
+                "collective_bytes": None,
+                "loop_trips": p.loop_trips,
+                "compile_seconds": p.seconds,
+            }
+            continue
+        mem = hlo_stats.memory(p.compiled)
+        cst = hlo_stats.cost(p.compiled)
+        step = pieces.get(p.step_name)
+        if step is not None and step.compiled is not None:  # the loop body: XLA counts it once
+            one = hlo_stats.cost(step.compiled)
+            cst = {k: cst[k] + (p.loop_trips - 1) * one[k] for k in cst}
+        coll = hlo_stats.collectives(p.compiled.as_text(), p.loop_trips)
+        secs = hlo_stats.roofline_seconds(cst["flops"], cst["bytes"], coll.total, chip)
+        fits = mem.peak <= chip.hbm_bytes
+        rows[name] = {
+            "peak_bytes_per_chip": mem.peak,
+            "hbm_bytes_per_chip": chip.hbm_bytes,
+            "fits": fits,
+            "knob": "" if fits else _knob(name, mem),
+            "memory": {
+                "args": mem.args,
+                "out": mem.out,
+                "temp": mem.temp,
+                "alias": mem.alias,
+                "code": mem.code,
+                "xla_peak": mem.xla_peak,
+            },
+            "flops": cst["flops"],
+            "bytes_accessed": cst["bytes"],
+            "optimal_seconds": secs,  # the roofline projection (XLA's is unusable)
+            "collective_bytes": coll.total,
+            "collectives": {k: {"bytes": v, "ops": coll.count[k]} for k, v in coll.by_kind.items()},
+            "loop_trips": p.loop_trips,
+            "loop_body_costed": step is not None and step.compiled is not None,
+            "compile_seconds": p.seconds,
+        }
+        if name in ("refill", "eval_decode"):
+            rows[name]["collective_bytes_per_token"] = coll.in_loops
+        pieces[name] = dataclasses.replace(p, compiled=None)  # free the executable
+    c = ar.typed
+    secs = {k: v["optimal_seconds"] for k, v in rows.items()}
+    sm = None
+    if all(secs.get(k) for k in ("train_mle", "train_sm", "refill")):
+        refill = secs["refill"] / c.sampling.sample_every
+        sm = (secs["train_sm"] + refill) / secs["train_mle"]
+    return {
+        "topology": topo.name,
+        "topology_name": topo.topology_name,
+        "num_slices": num_slices,
+        "chips": topo.chips * num_slices,
+        "chip": {
+            "kind": chip.kind,
+            "hbm_bytes": chip.hbm_bytes,
+            "peak_bf16_flops": chip.peak_bf16_flops,
+            "hbm_bytes_per_s": chip.hbm_bytes_per_s,
+            "ici_bytes_per_s": chip.ici_bytes_per_s,
+        },
+        "mesh": dict(ar.mesh.shape),
+        "vocab_size": ar.vocab_size,
+        "pieces": rows,
+        "sm_over_mle_projected": sm,
+        "sample_every": c.sampling.sample_every,
+        "model_rows": ar.settings.model_rows,
+        "data_rows": c.train.batch_size,
+        "weight_bytes": ar.model_bytes,
+        "refill_collective_bytes_per_token": rows.get("refill", {}).get(
+            "collective_bytes_per_token"
+        ),
+        "compile_seconds": compile_s,
+        "note": "times are roofline projections from the chip table, not measurements",
+    }
+
+
+def _gib(b: float) -> str:
+    return f"{b / GIB:.2f}"
+
+
+def format_report(r: dict) -> str:
+    """The report as a text table (one row per piece)."""
+    chip = r["chip"]
+    lines = [
+        f"{r['topology']} ({r['topology_name']} x {r['num_slices']}): {r['chips']} chips of "
+        f"{_gib(chip['hbm_bytes'])} GiB HBM, mesh {r['mesh']}, weights "
+        f"{_gib(r['weight_bytes'])} GiB, vocabulary {r['vocab_size']}",
+        f"{'piece':<19}{'args':>7}{'out':>7}{'temp':>7}{'code':>6}{'peak':>7} GiB  "
+        f"{'fits':<12}{'TFLOP':>9}{'HBM GB':>9}{'coll GB':>9}{'proj. s':>9}  collectives",
+    ]
+    for name, p in r["pieces"].items():
+        if p.get("error"):
+            lines.append(
+                f"{name:<19}{'':>27}{_gib(p['peak_bytes_per_chip']):>7}      DOES NOT FIT "
+                f"(XLA refused: temporaries {_gib(p['peak_bytes_per_chip'])} GiB > HBM)"
+            )
+            lines.append(f"{'':<19}-> {p['knob']}")
+            continue
+        m = p["memory"]
+        colls = ", ".join(
+            f"{k} {v['ops']}x {v['bytes'] / 1e9:.2f} GB" for k, v in p["collectives"].items()
+        )
+        loop = f" (loop x{p['loop_trips']})" if p["loop_trips"] > 1 else ""
+        lines.append(
+            f"{name:<19}{_gib(m['args']):>7}{_gib(m['out']):>7}{_gib(m['temp']):>7}"
+            f"{m['code'] / GIB:>6.2f}{_gib(p['peak_bytes_per_chip']):>7}      "
+            f"{'FITS' if p['fits'] else 'DOES NOT FIT':<12}{p['flops'] / 1e12:>9.3f}"
+            f"{p['bytes_accessed'] / 1e9:>9.2f}{p['collective_bytes'] / 1e9:>9.2f}"
+            f"{p['optimal_seconds']:>9.4f}  {colls or '-'}{loop}"
+        )
+        if p["knob"]:
+            lines.append(f"{'':<19}-> {p['knob']}")
+    if r["refill_collective_bytes_per_token"] is not None:
+        per = r["refill_collective_bytes_per_token"]
+        lines.append(
+            f"refill collectives per generated token: {per / 1e9:.3f} GB per chip = "
+            f"{per / r['weight_bytes']:.1%} of the weight bytes"
+        )
+    if r["sm_over_mle_projected"] is not None:
+        lines.append(
+            f"SequenceMatch step (train_sm + refill / {r['sample_every']}) over the MLE step, "
+            f"{r['model_rows']} model + {r['data_rows']} data rows: "
+            f"{r['sm_over_mle_projected']:.2f}x (PROJECTION)"
+        )
+    lines.append(
+        "proj. s: PROJECTED seconds, max(flops / peak, bytes / HBM bw) + collective bytes / "
+        "ICI bw (topologies.py), not measured; per chip; peak = args + out + temp - alias + code"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    from smatch_jax import topologies, validate
+
+    try:
+        validate.check_config(_CONFIG.value)
+        t0 = time.time()
+        r = build_report(_CONFIG.value, _TOPOLOGY.value, _SLICES.value, _VOCAB.value)
+    except (ValueError, topologies.LibtpuMissingError) as e:
+        raise SystemExit(f"error: {e}") from None
+    r["wall_seconds"] = time.time() - t0
+    print(format_report(r))
+    print(f"wall time {r['wall_seconds']:.0f} s")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target here
+    app.run(main)
