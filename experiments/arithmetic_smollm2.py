@@ -48,15 +48,19 @@ def base_config(variant: str, seed: int, data_dir: str):
 
 
 def plan(seeds: int, levels: list[float], data_dir: str) -> list[common.Job]:
+    """Per seed: SequenceMatch and BC at each noise level, then MLE. SequenceMatch comes first
+    so that seed 0's run can be checked on validation questions (are the objective's
+    defaults, tuned on models trained from scratch, right for a pretrained model's logits?)
+    before the other seeds run."""
     runs = []
     for seed in range(seeds):
-        c = base_config("mle", seed, data_dir)
-        runs.append(common.Job(f"mle_n0_s{seed}", "mle", c, 0.0, seed))
         for noise in levels:
-            for key in ("bc", "sm_gt"):
+            for key in ("sm_gt", "bc"):
                 c = base_config(METHODS[key], seed, data_dir)
                 c.noise.rate = noise
                 runs.append(common.Job(f"{key}_n{noise:g}_s{seed}", key, c, noise, seed))
+        c = base_config("mle", seed, data_dir)
+        runs.append(common.Job(f"mle_n0_s{seed}", "mle", c, 0.0, seed))
     return runs
 
 

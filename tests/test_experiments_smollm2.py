@@ -28,7 +28,7 @@ def _row(method, noise, seed, acc, **extra):
 def test_plan_is_mle_bc_sm_per_seed_on_smollm2():
     jobs = sm2.plan(2, [0.1], "/d")
     assert [j.name for j in jobs] == [
-        "mle_n0_s0", "bc_n0.1_s0", "sm_gt_n0.1_s0", "mle_n0_s1", "bc_n0.1_s1", "sm_gt_n0.1_s1",
+        "sm_gt_n0.1_s0", "bc_n0.1_s0", "mle_n0_s0", "sm_gt_n0.1_s1", "bc_n0.1_s1", "mle_n0_s1",
     ]  # fmt: skip
     for j in jobs:
         c = j.config
@@ -54,7 +54,7 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "run_all", fake_run_all)
     sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)])
-    assert trained == ["bc_n0.1_s0", "sm_gt_n0.1_s0"]  # MLE seed 0 and zero-shot: committed
+    assert trained == ["sm_gt_n0.1_s0", "bc_n0.1_s0"]  # MLE seed 0 and zero-shot: committed
     again = json.loads((tmp_path / "arithmetic_smollm2.json").read_text())
     assert [r["name"] for r in again][-2:] == trained
     assert (tmp_path / "arithmetic_smollm2.png").exists()
