@@ -495,8 +495,8 @@ def main(argv: list[str] | None = None) -> None:
     text = summarise_tuning(results, header) if tuned else summarise(results, pre, header, out)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(text.split("\n## Every run")[0])
-    print(f"wrote {out}.md, .json, .png")
+    print(text.split("\n## Every decoding")[0].split("\n## Every run")[0])  # the headline
+    print(f"wrote {out}.md (every decoding, recovery, the mechanism, every run), .json, .png")
 
 
 if __name__ == "__main__":
