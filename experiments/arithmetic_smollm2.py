@@ -152,13 +152,10 @@ def calibrate(root: Path, data_dir: str, out: Path, t0: float) -> None:
     c.data.eval_split, c.eval.decodings, c.eval.recovery = "validation", "greedy", False
     c.train.eval_every = CALIBRATION_STEPS_EVAL
     wd = root / "calibration" / "mle"
-    t_run = time.time()
-    train.train(c, str(wd))
-    curve = [
-        json.loads(line)
-        for line in (wd / "metrics.jsonl").read_text().splitlines()
-        if "eval/accuracy" in line
-    ]
+    train.train(c, str(wd))  # resumes; returns at once when finished earlier
+    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    curve = [r for r in records if "eval/accuracy" in r]
+    run_s = records[-1]["time"] - records[0]["time"]  # first to last log (compilation not in)
     table = [["pretrained, zero-shot", 0, f"{rows[0]['eval/accuracy']:.3f}", "-"]]
     table[0][3] = f"{rows[0]['eval/accuracy_first_number']:.3f} (first number)"
     for r in curve:
@@ -167,7 +164,7 @@ def calibrate(root: Path, data_dir: str, out: Path, t0: float) -> None:
     times = step_times(wd, c.loss.bc_warmup_steps, c.train.log_every)
     text = (
         "# Arithmetic on SmolLM2-135M: calibration on validation questions\n\n"
-        + common.provenance(t0, MODULE, time.time() - t_run)
+        + common.provenance(t0, MODULE, run_s)
         + f"\nSeed 0's 500 validation questions (difficulty `{c.data.difficulty}`, never the "
         f"test questions), greedy exact match. MLE: `configs/arithmetic.py:smollm2,mle` "
         f"({c.train.num_steps} steps, lr {c.optim.lr:g} cosine, LoRA rank "
