@@ -1,7 +1,7 @@
 """The paper's experiments at the paper's scale: Llama-2-7B with LoRA, bf16, on a TPU slice.
 
     python -m smatch_jax.main.compile --config=configs/paper.py:arithmetic_sm --topology=v5e-32
-    python -m smatch_jax.main --config=configs/paper.py:arithmetic_sm --workdir=gs://.../w
+    python -m smatch_jax.main --config=configs/paper.py:arithmetic_sm --workdir=/mnt/shared/w
 
 Variants (`:name`): `arithmetic_sm`, `arithmetic_mle`, `arithmetic_bc` (the paper's Figure 3:
 add_or_sub_in_base in Llama 2's own tokenizer) and `text_sm`, `text_mle`, `text_bc` (Table 1:
