@@ -73,3 +73,18 @@ def test_paper_configs_load(variant):
     assert c.model.preset == "llama_7b" and c.model.lora_rank == 16
     assert c.model.dtype == "bfloat16" and c.model.init.startswith("hf:")
     assert c.mesh.data * c.mesh.fsdp == 32
+
+
+def test_the_program_parses_its_flags_and_names_a_bad_topology():
+    """Run as a program (its flags are defined only then): an unknown slice is one clear
+    error, not a traceback."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "smatch_jax.main.compile", "--config=configs/arithmetic.py:smoke",
+         "--topology=v9z-3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0 and "error:" in out.stderr and "v9z-3" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -30,16 +30,22 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiment config file[:variant]", lock_config=True
-)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-32, v4-64, v5e:2x2")
-_SLICES = flags.DEFINE_integer("num_slices", 1, "slices (the mesh spans all of them)")
-_JSON = flags.DEFINE_string("json", None, "also write the report here")
-_VOCAB = flags.DEFINE_integer(
-    "vocab_size", None, "vocabulary size (default: the pretrained preset's, VOCAB_SIZES)"
-)
-flags.mark_flags_as_required(["config", "topology"])
+
+def _define_flags() -> None:
+    """The program's flags, defined only when it runs: importing this module (the tests call
+    `build_report`) must not clash with the training program's `--config` flag."""
+    global _CONFIG, _TOPOLOGY, _SLICES, _JSON, _VOCAB
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "experiment config file[:variant]", lock_config=True
+    )
+    _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-32, v4-64, v5e:2x2")
+    _SLICES = flags.DEFINE_integer("num_slices", 1, "slices (the mesh spans all of them)")
+    _JSON = flags.DEFINE_string("json", None, "also write the report here")
+    _VOCAB = flags.DEFINE_integer(
+        "vocab_size", None, "vocabulary size (default: the pretrained preset's, VOCAB_SIZES)"
+    )
+    flags.mark_flags_as_required(["config", "topology"])
+
 
 GIB = 1 << 30
 
@@ -226,4 +232,5 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target here
+    _define_flags()
     app.run(main)
