@@ -149,3 +149,16 @@ def test_tiny_llama_on_bpe_arithmetic_end_to_end_and_questions_file(bpe_path, tm
     bad.write_text(json.dumps(lines[1]) + "\n")
     with pytest.raises(ValueError, match="1 too long"):
         report.evaluate_workdir(str(tmp_path / "w"), questions=str(bad), decodings=["greedy"])
+
+
+def test_zero_shot_eval_of_an_untrained_model(bpe_path, tmp_path):
+    """experiments.arithmetic_smollm2's zero-shot figure on a tiny model: exact match and the
+    lenient first-number match, on the run's evaluation split, with samples."""
+    from experiments import arithmetic_smollm2
+
+    c = _bpe_smoke_config(bpe_path, tmp_path / "data")
+    row = arithmetic_smollm2.zero_shot_eval(c)
+    assert row["method"] == "zero_shot" and row["split"] == "test" and row["eval/n"] == 8
+    assert 0 <= row["eval/accuracy"] <= row["eval/accuracy_first_number"] <= 1
+    assert len(row["samples"]) == 4 and "Question: In base" in row["samples"][0]
+    assert arithmetic_smollm2.FIRST_NUMBER.findall(" -1a2 = 3")[0] == "-1a2"
