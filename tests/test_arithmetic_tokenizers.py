@@ -121,6 +121,7 @@ def _bpe_smoke_config(bpe_path, data_dir):
     c.train.batch_size, c.train.model_rows, c.replay.capacity = 8, 8, 16
     c.train.log_every, c.train.eval_every, c.train.ckpt_every = 2, 8, 8
     c.noise.rate = 0.2
+    c.eval.num_samples = 1  # every decoding and recovery, one sampling seed (test time)
     return c
 
 

@@ -42,6 +42,7 @@ import random
 import re
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -296,3 +297,33 @@ def generate_splits(
             n, seed=seed * 3 + offset, difficulty=diff, exclude=exclude, accept=accept
         )
     return splits, stats
+
+
+def resolve_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A dataset's parameters (`generate_splits`' plus `tokenizer`) checked and made canonical:
+    the tokenizer named ('' is "char"), a BPE file's path resolved (it is part of the dataset's
+    identity), the prompt format resolved."""
+    p = dict(params)
+    if p["difficulty"] not in DIFFICULTIES:
+        raise ValueError(f"unknown difficulty {p['difficulty']!r}: {DIFFICULTIES}")
+    p["tokenizer"] = p["tokenizer"] or "char"
+    check_tokenizer_name(p["tokenizer"])
+    if p["tokenizer"].startswith("bpe:"):
+        p["tokenizer"] = "bpe:" + str(Path(p["tokenizer"][4:]).expanduser().resolve())
+    p["prompt_format"] = resolve_format(p["prompt_format"], p["tokenizer"])
+    return p
+
+
+def generate_dataset(params: dict[str, Any]):
+    """(splits, stats, tokenizer, metadata) of resolved `params`: a pretrained LM's tokenizer
+    bounds the rows while they are generated; the character tokenizer is made afterwards from
+    the characters used (metadata: its alphabet and "char:" name, else the tokenizer's name)."""
+    p = dict(params)
+    name = p.pop("tokenizer")
+    given = None if name == "char" else make_tokenizer(name, {})
+    splits, stats = generate_splits(**p, tokenizer=given)
+    if given is not None:
+        return splits, stats, given, {"tokenizer": name, "specials": []}
+    tok = make_tokenizer(name, splits, prompt_format=p["prompt_format"], sep=p["sep"])
+    meta = {"alphabet": tok.chars, "tokenizer": "char:" + tok.chars, "specials": list(SPECIALS)}
+    return splits, stats, tok, meta

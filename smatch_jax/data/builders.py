@@ -39,7 +39,6 @@ from etils import epath
 from smatch_jax.data import arithmetic, grammar, text
 from smatch_jax.data.rows import make_row
 from smatch_jax.data.tokenizer_base import Tokenizer
-from smatch_jax.data.tokenizers import CharTokenizer
 
 log = logging.getLogger(__name__)
 VERSION = "1.0.0"
@@ -131,19 +130,9 @@ class SmatchArithmetic(_Builder):
     def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
         del dl_manager
         cfg = self.builder_config
-        params = cfg.params()
-        name, fmt = params.pop("tokenizer"), params["prompt_format"]
-        given = None if name == "char" else arithmetic.make_tokenizer(name, {})
-        splits, stats = arithmetic.generate_splits(**params, tokenizer=given)
-        tok = given or arithmetic.make_tokenizer(name, splits, prompt_format=fmt, sep=cfg.sep)
-        meta = {"tokenizer": name}
-        if isinstance(tok, CharTokenizer):
-            meta = {"alphabet": tok.chars, "tokenizer": "char:" + tok.chars}
+        splits, stats, tok, meta = arithmetic.generate_dataset(cfg.params())
         self.info.metadata.update(
-            params=cfg.params(),
-            **meta,
-            specials=list(arithmetic.SPECIALS) if given is None else [],
-            stats={k: dataclasses.asdict(s) for k, s in stats.items()},
+            params=cfg.params(), **meta, stats={k: dataclasses.asdict(s) for k, s in stats.items()}
         )
         for name, s in stats.items():
             log.info("arithmetic %s: %s", name, s)
@@ -325,15 +314,7 @@ def make_config(task: str, **params: Any) -> tfds.core.BuilderConfig:
                 "longest words would not fit; raise T or lower max_len"
             )
     else:
-        if full["difficulty"] not in arithmetic.DIFFICULTIES:
-            raise ValueError(
-                f"unknown difficulty {full['difficulty']!r}: {arithmetic.DIFFICULTIES}"
-            )
-        full["tokenizer"] = full["tokenizer"] or "char"
-        arithmetic.check_tokenizer_name(full["tokenizer"])
-        if full["tokenizer"].startswith("bpe:"):  # the file is part of the identity, resolved
-            full["tokenizer"] = "bpe:" + str(Path(full["tokenizer"][4:]).expanduser().resolve())
-        full["prompt_format"] = arithmetic.resolve_format(full["prompt_format"], full["tokenizer"])
+        full = arithmetic.resolve_params(full)
     for k in ("train_size", "test_size", "test_large_size", "validation_size"):
         if k in full and full[k] < 1:
             raise ValueError(f"{k} must be >= 1 (an empty split cannot be built), got {full[k]}")
