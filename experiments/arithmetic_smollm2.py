@@ -317,6 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--noise", default="0.1", help="comma list of noise levels for BC and SM")
     ap.add_argument("--summarise_only", action="store_true", help="report the committed rows")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma list of run names to train now (e.g. bc_n0.1_s0), the others left for later",
+    )
     ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic_smollm2")
     ap.add_argument(
         "--out",
@@ -340,6 +345,10 @@ def main(argv: list[str] | None = None) -> None:
     done = {r["name"] for r in rows}
     levels = [float(x) for x in args.noise.split(",")]
     jobs = plan(args.seeds, levels, data_dir)
+    only = {x for x in args.only.split(",") if x}
+    unknown = only - {j.name for j in jobs}
+    if unknown:
+        raise SystemExit(f"--only names no planned run: {sorted(unknown)}")
     for seed in range(args.seeds):
         name = f"zero_shot_s{seed}"
         if name not in done and not args.summarise_only:
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         if job.name in done:
             print(f"[{i + 1}/{len(jobs)}] {job.name}: committed earlier", flush=True)
             continue
-        if args.summarise_only:
+        if args.summarise_only or (only and job.name not in only):
             continue
         print(f"[{i + 1}/{len(jobs)}] {job.name}: training", flush=True)
         res = common.run_all([job], root / "runs", train_fn)[0]

@@ -58,6 +58,12 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
     again = json.loads((tmp_path / "arithmetic_smollm2.json").read_text())
     assert [r["name"] for r in again][-2:] == trained
     assert (tmp_path / "arithmetic_smollm2.png").exists()
+    trained.clear()
+    sm2.main(["--seeds", "2", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path),
+              "--only", "mle_n0_s1"])  # fmt: skip
+    assert trained == ["mle_n0_s1"]
+    with pytest.raises(SystemExit, match="names no planned run"):
+        sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--only", "mle_n0_s7"])
 
 
 def test_differences_pair_seeds_and_give_both_intervals():
