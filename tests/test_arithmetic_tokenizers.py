@@ -135,6 +135,8 @@ def test_tiny_llama_on_bpe_arithmetic_end_to_end_and_questions_file(bpe_path, tm
     assert met["noise/tokens_per_row"] > 0  # ground-truth noise in BPE tokens was inserted
     dump = (tmp_path / "w" / "samples" / "step_8.txt").read_text()
     assert "Question: In base" in dump and "\\nAnswer:" in dump
+    recovery = dump.split("=== recovery ===\n")[1].strip().splitlines()
+    assert len(recovery) == 4 and all(len(x.split("\t")) == 6 for x in recovery)
     # --questions: a row longer than the run's rows is skipped and counted, not fatal.
     qs = tmp_path / "qs.jsonl"
     long_q = "In base 10, what is " + "9" * 40 + " + 1?"

@@ -212,7 +212,9 @@ def recovery(model, split, tokenizer, noise_probs, *, modes, head, width, temper
         acts = tokenizer.render_actions(dec.actions[b][len(prompts[b]) :])
         final = tokenizer.decode(dec.final[b][m[b] :]).strip()
         mark = "right" if correct[b] else "wrong"
-        examples.append("\t".join([q, given, acts, final, split["answer"][b], mark]))
+        fields = [q, given, acts, final, split["answer"][b], mark]
+        # one line per example, whatever the prompt format ("Question: ...\nAnswer:")
+        examples.append("\t".join(f.replace("\t", " ").replace("\n", "\\n") for f in fields))
     return out, examples
 
 
