@@ -136,7 +136,7 @@ def git_revision() -> str:
 
 # Flags that say where and how a run executes, not what it computes: left out of the command
 # a results file gives for reproducing it.
-_LOCAL_FLAGS = {"--shard": 1, "--workdir": 1, "--out": 1, "--summarise_only": 0}
+_LOCAL_FLAGS = {"--shard": 1, "--workdir": 1, "--out": 1, "--summarise_only": 0, "--only": 1}
 
 
 def reproduce_command(module: str, argv: list[str]) -> str:
