@@ -489,7 +489,6 @@ def main(argv: list[str] | None = None) -> None:
     name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
     name = "arithmetic_model_noise" if args.model_noise else name
     out = common.out_dir(args.out, args.workdir) / (name + suffix)
-    out.parent.mkdir(parents=True, exist_ok=True)
     header = common.results_header(t0, MODULE, results, pre, len(runs))
     tuned = args.tune
     text = summarise_tuning(results, header) if tuned else summarise(results, pre, header, out)

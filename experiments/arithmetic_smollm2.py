@@ -86,13 +86,11 @@ def step_times(workdir: Path, warmup: int, log_every: int) -> dict[str, float]:
 
 
 def train_fn(job: common.Job, wd: Path) -> dict:
-    state, last = train.train(job.config, str(wd))
-    if int(state.step) < job.config.train.num_steps:  # preempted (SIGTERM): saved, not done
-        raise SystemExit(f"{job.name} stopped at step {int(state.step)}; rerun to resume")
-    res = {**common.last_eval(wd), **{k: float(v) for k, v in last.items()}}
-    res.update(step_times(wd, job.config.loss.bc_warmup_steps, job.config.train.log_every))
-    rec = common.last_texts(wd).get("recovery")
-    return {**res, "recovery_examples": rec.splitlines()} if rec else res
+    """`experiments.arithmetic`'s fine-tuning of a job (its config already names the model and
+    data), plus the measured step times."""
+    c = job.config
+    res = arithmetic.make_train_fn(c.model.init, c.data.data_dir)(job, wd)
+    return {**res, **step_times(wd, c.loss.bc_warmup_steps, c.train.log_every)}
 
 
 FIRST_NUMBER = re.compile(r"-?[0-9a-z]+")
@@ -167,8 +165,15 @@ def calibrate(root: Path, data_dir: str, out: Path, t0: float) -> None:
     records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     curve = [r for r in records if "eval/accuracy" in r]
     run_s = records[-1]["time"] - records[0]["time"]  # first to last log (compilation not in)
-    table = [["pretrained, zero-shot", 0, f"{rows[0]['eval/accuracy']:.3f}", "-"]]
-    table[0][3] = f"{rows[0]['eval/accuracy_first_number']:.3f} (first number)"
+    zero = rows[0]
+    table = [
+        [
+            "pretrained, zero-shot",
+            0,
+            f"{zero['eval/accuracy']:.3f}",
+            f"{zero['eval/accuracy_first_number']:.3f} (first number)",
+        ]
+    ]
     for r in curve:
         lo, hi = r["eval/accuracy_ci_low"], r["eval/accuracy_ci_high"]
         table.append(["MLE", r["step"], f"{r['eval/accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]"])
@@ -361,7 +366,6 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if args.summarise_only or (only and job.name not in only):
             continue
-        print(f"[{i + 1}/{len(jobs)}] {job.name}: training", flush=True)
         res = common.run_all([job], root / "runs", train_fn)[0]
         rows.append(res)
         write(rows, t0, out)  # commit this row: the next session skips the run

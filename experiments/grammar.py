@@ -269,7 +269,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no finished runs under {root / 'runs'}")
     name = "grammar_model_noise" if args.model_noise else "grammar_quick" if args.quick else ""
     out = common.out_dir(args.out, args.workdir) / (name or "grammar")
-    out.parent.mkdir(parents=True, exist_ok=True)
     text = summarise(results, pre, common.results_header(t0, MODULE, results, pre, len(runs)), out)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -329,7 +329,6 @@ def main(argv: list[str] | None = None) -> None:
     out = common.out_dir(args.out, args.workdir) / (
         "text" if args.scale == "small" else "text_large"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     pre = json.loads((pre_wd / "result.json").read_text())
     header = common.results_header(t0, MODULE, results, pre, len(runs))
     text = summarise(results, pre, header, out, args.scale)

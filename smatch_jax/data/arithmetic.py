@@ -320,7 +320,7 @@ def generate_dataset(params: dict[str, Any]):
     the characters used (metadata: its alphabet and "char:" name, else the tokenizer's name)."""
     p = dict(params)
     name = p.pop("tokenizer")
-    given = None if name == "char" else make_tokenizer(name, {})
+    given = None if name == "char" else get_tokenizer(name)
     splits, stats = generate_splits(**p, tokenizer=given)
     if given is not None:
         return splits, stats, given, {"tokenizer": name, "specials": []}

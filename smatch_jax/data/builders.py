@@ -362,10 +362,8 @@ def build(
 def load_tokenizer(builder: tfds.core.DatasetBuilder) -> Tokenizer:
     """The tokenizer a built dataset was encoded with (bkspc_id == vocab_size)."""
     meta = builder.info.metadata
-    if isinstance(builder, SmatchArithmetic):
-        if "alphabet" in meta:
-            return arithmetic.tokenizer_for(meta["alphabet"])
-        return text.load_tokenizer(meta["tokenizer"])
+    if isinstance(builder, SmatchArithmetic) and "alphabet" in meta:  # its own characters
+        return arithmetic.tokenizer_for(meta["alphabet"])
     if isinstance(builder, SmatchGrammar):
         return grammar.tokenizer()
     return text.load_tokenizer(meta["tokenizer"])

@@ -96,12 +96,12 @@ class DataConfig(Section):
                     problems.append(
                         f"data.{key}={values[key]} would make an empty split; set it >= 1"
                     )
-        if task == "grammar" and values["tokenizer"] not in ("", "char"):
-            problems.append(
-                f"data.tokenizer={values['tokenizer']!r}: the grammar task is character-level "
-                "(its prefix automaton and error noise are over single brackets); leave it ''"
-            )
         if task == "grammar":
+            if values["tokenizer"] not in ("", "char"):
+                problems.append(
+                    f"data.tokenizer={values['tokenizer']!r}: the grammar task is character-level "
+                    "(its prefix automaton and error noise are over single brackets); leave it ''"
+                )
             try:
                 grammar_spec(values)
             except ValueError as e:
@@ -166,7 +166,7 @@ def build_train_data(
             difficulty=d.difficulty,
             test_difficulty=d.test_difficulty or "interpolate",
             validation_size=d.validation_size,
-            tokenizer=d.tokenizer or "char",
+            tokenizer=d.tokenizer,
             prompt_format=d.prompt_format,
             **common,
         )

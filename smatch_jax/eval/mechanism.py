@@ -16,6 +16,7 @@ so far is a prefix of the reference) or *already wrong* (it is not). A model tha
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
@@ -37,10 +38,12 @@ def text_on_path(tokenizer) -> OnPath:
     With a subword tokenizer a right answer can be spelt in other tokens than the reference's
     ("13" or "1" "3"); with one id per character it is the token prefix test."""
 
+    ref_text = functools.lru_cache(maxsize=4096)(lambda ref: tokenizer.decode(list(ref)))
+
     def on_path(state: list[int], ref: Sequence[int]) -> bool:
         if _on_path(state, ref):
             return True
-        return tokenizer.decode(list(ref)).startswith(tokenizer.decode(state))
+        return ref_text(tuple(ref)).startswith(tokenizer.decode(state))  # one decode per row
 
     return on_path
 

@@ -29,6 +29,7 @@ from flax import nnx
 
 from smatch_jax import metrics, noise
 from smatch_jax.data import arithmetic
+from smatch_jax.data.rows import RowTooLongError
 from smatch_jax.data.train_data import grammar_spec
 from smatch_jax.eval import accuracy, decoding
 from smatch_jax.eval import grammar as grammar_eval
@@ -223,8 +224,6 @@ def read_questions(
     row format (`prompt_format`, resolved). A malformed line stops with an error naming it; a
     question whose row does not fit the run's `seq_len` tokens is skipped, and the split's
     `skipped_too_long` lists their line numbers."""
-    from smatch_jax.data.rows import RowTooLongError
-
     examples, too_long = [], []
     lines = Path(path).read_text().splitlines()
     for i, line in enumerate(lines, 1):
