@@ -6,7 +6,8 @@
 Variants (`:name`): `arithmetic_sm`, `arithmetic_mle`, `arithmetic_bc` (the paper's Figure 3:
 add_or_sub_in_base in Llama 2's own tokenizer) and `text_sm`, `text_mle`, `text_bc` (Table 1:
 128-token prompts and continuations). Append `,v4` for the mesh of a v4-64 slice (32 chips
-of 32 GiB: data 2 x fsdp 16); the default is a v5e-32 slice (32 chips of 16 GiB: fsdp 32).
+of 32 GiB: data 2 x fsdp 2 x tensor 8); the default is a v5e-32 slice (32 chips of 16 GiB:
+fsdp 4 x tensor 8).
 
 Weights: `model.init='hf:<dir>'`, a Hugging Face Llama-2-7B directory (safetensors,
 config.json, tokenizer.json), taken from `$SMATCH_LLAMA_DIR` (default `llama-2-7b-hf`) or
@@ -64,8 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.noise.kind, c.noise.rate = "random", 0.05
         c.train.batch_size = c.train.model_rows = 32  # 32 data + 32 model rows per step
     common.apply_loss_variant(c, METHODS[method])
-    if "v4" in names[1:]:  # v4-64: 32 chips of 32 GiB
-        c.mesh.data, c.mesh.fsdp = 2, 16
-    else:  # v5e-32: 32 chips of 16 GiB, the weights sharded over all of them
-        c.mesh.data, c.mesh.fsdp = 1, 32
+    # Weights split 8 ways by tensor parallelism (32 heads, 4 a chip; never gathered) and 4
+    # (v5e) or 2 (v4) ways by FSDP (gathered layer by layer within 4 or 2 chips). FSDP over all
+    # 32 chips gathered 4x the weight bytes per step and, in the sampler's decode layout
+    # (sharding.py), left the KV cache whole on every chip: benchmarks/RESULTS.md "Pod plans".
+    if "v4" in names[1:]:  # v4-64: 32 chips (megacore) of 32 GiB
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 8
+    else:  # v5e-32: 32 chips of 16 GiB
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 8
     return c

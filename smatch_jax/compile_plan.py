@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from smatch_jax import config as config_lib
 from smatch_jax import noise, objective, run, sampling, sharding, steps
@@ -140,13 +139,13 @@ def abstract_run(
         raise ValueError(f"data.prompt_max={P} leaves no room for actions in data.seq_len={T}")
     # A stand-in tokenizer: only the ids the compiled steps use (their values change no shape).
     tok = types.SimpleNamespace(vocab_size=V, bkspc_id=V, eos_id=1, pad_id=0, special_ids=(0, 1))
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices=devices)
+    mesh = sharding.mesh_of(c.mesh, devices=devices)
     model = abstract_model(c, V)
     graphdef, params, frozen = nnx.split(model, lora.trainable_filter(c.model.lora_rank > 0), ...)
     optimizer = run.build_optimizer(c, params, tok.bkspc_id)
     state = jax.eval_shape(lambda p: run.initial_state(c, p, optimizer, tok.pad_id), params)
-    state_sh = run.state_shardings(state, optimizer, mesh)
-    frozen_sh = sharding.param_shardings(frozen, mesh)
+    state_sh = run.state_shardings(state, optimizer, mesh, c.mesh.rules)
+    frozen_sh = sharding.param_shardings(frozen, mesh, c.mesh.rules)
     leaves = jax.tree.leaves(params) + jax.tree.leaves(frozen)
     return AbstractRun(
         typed=c,
@@ -213,29 +212,34 @@ def _compile(name: str, lower: Any, *args: Any, **kw: Any) -> Piece:
     return Piece(name, compiled, seconds=time.time() - t0, **kw)
 
 
+def layout(ar: AbstractRun, batch_size: int) -> sharding.DecodeLayout:
+    """The sampler's decode layout for `batch_size` rows (what run.setup gives the refill)."""
+    n_kv = nnx.merge(ar.graphdef, ar.state.params, ar.frozen).config.n_kv_heads
+    return sharding.decode_layout(ar.mesh, batch_size, n_kv)
+
+
 def _decode_step(ar: AbstractRun, name: str, batch_size: int, cache_len: int) -> Piece:
-    """One token of the sampler's loop (`model.decode` of one token against the cache), its
-    rows split over every device like a data batch (the cache [layers, B, S, K, D] on B)."""
-    batch_sh = sharding.batch_sharding(ar.mesh)
+    """One token of the sampler's loop (`model.decode` of one token against the cache), rows
+    and cache in the decode layout, the next-token logits gathered there as the sampler does."""
+    lay = layout(ar, batch_size)
     B, S = batch_size, cache_len
 
     def step(params, frozen, cache, tok, pos, mask, write_at):
         model = nnx.merge(ar.graphdef, params, frozen)
-        return model.decode(tok, pos, mask, cache, write_at)
+        logits, cache = model.decode(tok, pos, mask, cache, write_at, lay.put_heads)
+        return lay.put_rows(logits), lay.put_cache(cache)
 
     model = nnx.merge(ar.graphdef, ar.state.params, ar.frozen)
-    spec = tuple(batch_sh.spec)
-    cache_sh = NamedSharding(ar.mesh, PartitionSpec(None, spec[0] if spec else None))
     cache = jax.eval_shape(lambda: init_cache(model.config, B, S))
-    cache = jax.tree.map(lambda x: _sds(x.shape, x.dtype, cache_sh), cache)
+    cache = jax.tree.map(lambda x: _sds(x.shape, x.dtype, lay.cache), cache)
     args = (
         ar.state.params,
         ar.frozen,
         cache,
-        _sds((B, 1), jnp.int32, batch_sh),
-        _sds((B, 1), jnp.int32, batch_sh),
-        _sds((B, 1, S), jnp.bool_, batch_sh),
-        _sds((B,), jnp.int32, batch_sh),
+        _sds((B, 1), jnp.int32, lay.rows),
+        _sds((B, 1), jnp.int32, lay.rows),
+        _sds((B, 1, S), jnp.bool_, lay.rows),
+        _sds((B,), jnp.int32, lay.rows),
     )
     return _compile(name, jax.jit(step).lower, *args)
 
@@ -264,7 +268,8 @@ def compile_pieces(ar: AbstractRun) -> dict[str, Piece]:
     if st.model_rows:
 
         def refill(state, frozen, batch):
-            return steps.make_refill(ar.graphdef, frozen, st)(state, batch)
+            lay = layout(ar, c.train.batch_size)
+            return steps.make_refill(ar.graphdef, frozen, st, lay)(state, batch)
 
         jitted = jax.jit(refill, out_shardings=(state_sh, rep))
         kw = dict(loop_trips=A, step_name="decode_step_refill")
@@ -273,10 +278,19 @@ def compile_pieces(ar: AbstractRun) -> dict[str, Piece]:
         out["decode_step_refill"] = _decode_step(ar, "decode_step_refill", c.train.batch_size, S)
     cfg = decoding.decoding_config(decoding.HEADLINE, st.sampling.max_new_tokens)
 
+    eval_layout = layout(ar, EVAL_BATCH)  # sampling.sample's layout_of the run's weights
+
     def eval_decode(params, frozen, prompts, prompt_len, key):
         model = nnx.merge(ar.graphdef, params, frozen)
         return sampling.sample_traced(
-            model, prompts, prompt_len, key, cfg=cfg, eos_id=st.eos_id, pad_id=st.pad_id
+            model,
+            prompts,
+            prompt_len,
+            key,
+            cfg=cfg,
+            eos_id=st.eos_id,
+            pad_id=st.pad_id,
+            layout=eval_layout,
         )
 
     P = st.prompt_max

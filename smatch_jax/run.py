@@ -55,13 +55,10 @@ class Run:
 
 def setup(config: ml_collections.ConfigDict) -> Run:
     c = config_lib.typed(config)
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    mesh = sharding.mesh_of(c.mesh)
+    index, count = sharding.batch_slice(mesh)  # this host's share of every batch
     data = data_lib.build_train_data(
-        c.data,
-        seed=c.seed,
-        batch_size=c.train.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        c.data, seed=c.seed, batch_size=c.train.batch_size, process_index=index, process_count=count
     )
     tok = data.tokenizer
     validate.check_tokenizer(tok)
@@ -82,7 +79,7 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     st = step_settings(c, tok, P)
     loss_fn = objective.make_loss_fn(c.loss, eos_id=tok.eos_id)
     state = initial_state(c, params, optimizer, tok.pad_id)
-    state_sh = state_shardings(state, optimizer, mesh)
+    state_sh = state_shardings(state, optimizer, mesh, c.mesh.rules)
     rep = sharding.replicated(mesh)
     state = jax.device_put(state, state_sh)
     train_step = jax.jit(
@@ -92,7 +89,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
         static_argnames="with_model",
         out_shardings=(state_sh, rep),
     )
-    refill = jax.jit(steps.make_refill(graphdef, frozen, st), out_shardings=(state_sh, rep))
+    layout = sharding.decode_layout(mesh, c.train.batch_size, model.config.n_kv_heads)
+    refill = jax.jit(steps.make_refill(graphdef, frozen, st, layout), out_shardings=(state_sh, rep))
     return Run(config, c, data, mesh, state, state_sh, train_step, refill, graphdef, frozen, st)
 
 
@@ -138,10 +136,11 @@ def initial_state(
 
 
 def state_shardings(
-    state: steps.TrainState, optimizer: optax.GradientTransformation, mesh: Any
+    state: steps.TrainState, optimizer: optax.GradientTransformation, mesh: Any, rules: str = ""
 ) -> steps.TrainState:
-    """The `NamedSharding` of every leaf of `state` (arrays or ShapeDtypeStructs)."""
-    param_sh = sharding.param_shardings(state.params, mesh)
+    """The `NamedSharding` of every leaf of `state` (arrays or ShapeDtypeStructs); `rules`:
+    `mesh.rules`, before the table `sharding.RULES`."""
+    param_sh = sharding.param_shardings(state.params, mesh, rules)
     rep = sharding.replicated(mesh)
     # Optimiser moments follow their parameter's sharding.
     opt_sh = optax.tree_map_params(

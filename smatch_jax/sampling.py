@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from smatch_jax import sharding
 from smatch_jax.models import init_cache
 from smatch_jax.sections import Section
 
@@ -151,22 +152,45 @@ def _choose(key, logits_BxA, state_len, floor_len, cfg: SamplingConfig, ids, ban
     return jnp.where(jnp.isneginf(x).all(axis=-1), jnp.int32(eos_id), a)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id"))
-def _sample(graphdef, params, prompts, prompt_len, key, floor_len, *, cfg, eos_id, pad_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id", "layout"))
+def _sample(graphdef, params, prompts, prompt_len, key, floor_len, *, cfg, eos_id, pad_id, layout):
     model = nnx.merge(graphdef, params)
     return sample_traced(
-        model, prompts, prompt_len, key, cfg=cfg, eos_id=eos_id, pad_id=pad_id, floor_len=floor_len
+        model,
+        prompts,
+        prompt_len,
+        key,
+        cfg=cfg,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        floor_len=floor_len,
+        layout=layout,
     )
 
 
+def layout_of(graphdef: Any, params: Any, batch_size: int) -> sharding.DecodeLayout | None:
+    """The decode layout of the mesh the weights live on (None on one device)."""
+    sh = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if not isinstance(sh, jax.sharding.NamedSharding) or sh.mesh.size == 1:
+        return None
+    n_kv = nnx.merge(graphdef, params).config.n_kv_heads
+    return sharding.decode_layout(sh.mesh, batch_size, n_kv)
+
+
 def sample_traced(
-    model, prompts, prompt_len, key, *, cfg, eos_id, pad_id, floor_len=None
+    model, prompts, prompt_len, key, *, cfg, eos_id, pad_id, floor_len=None, layout=None
 ) -> SampleOutput:
     """The sampler body, for callers already inside a jitted function (e.g. training).
 
     `floor_len` [B] (default `prompt_len`): `<bkspc>` is allowed while the state is longer, so
-    the prompt's tokens past it are actions the model may delete (the recovery evaluation)."""
+    the prompt's tokens past it are actions the model may delete (the recovery evaluation).
+    `layout` (`sharding.DecodeLayout`): rows and KV cache are kept there, so that on a mesh a
+    decode step moves activations, not weights (sharding.py); None leaves placement to XLA."""
     floor_len = prompt_len if floor_len is None else floor_len
+    rows_at = layout.put_rows if layout is not None else lambda x: x
+    cache_at = layout.put_cache if layout is not None else lambda x: x
+    heads_at = layout.put_heads if layout is not None else None
+    prompts, prompt_len, floor_len = rows_at(prompts), rows_at(prompt_len), rows_at(floor_len)
     B, P = prompts.shape
     S = P + cfg.max_new_tokens  # cache slots; a state never holds more
     A = cfg.n_actions
@@ -175,11 +199,11 @@ def sample_traced(
     slots = jnp.arange(S)
 
     # Prefill: the prompts, causal over their own tokens.
-    cache = init_cache(model.config, B, S)
+    cache = cache_at(init_cache(model.config, B, S))
     pos_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
     mask = (slots[None, None, :] <= pos_BxP[:, :, None]) & (slots < prompt_len[:, None])[:, None]
-    logits, cache = model.decode(prompts, pos_BxP, mask, cache, jnp.zeros(B, jnp.int32))
-    next_logits = logits[rows, prompt_len - 1]
+    logits, cache = model.decode(prompts, pos_BxP, mask, cache, jnp.zeros(B, jnp.int32), heads_at)
+    cache, next_logits = cache_at(cache), rows_at(logits[rows, prompt_len - 1])
     state = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompts)
     state = jnp.where(slots < prompt_len[:, None], state, pad_id)
 
@@ -247,7 +271,10 @@ def sample_traced(
         state = c["state"].at[rows, jnp.where(is_tok, L, S)].set(a, mode="drop")
         state = jnp.where(slots < new_len[:, None], state, pad_id)
         mask = (slots < new_len[:, None])[:, None, :]
-        logits, cache = model.decode(feed_tok[:, None], feed_at[:, None], mask, c["cache"], feed_at)
+        logits, cache = model.decode(
+            feed_tok[:, None], feed_at[:, None], mask, c["cache"], feed_at, heads_at
+        )
+        logits, cache = rows_at(logits), cache_at(cache)
         step_logits = c["step_logits"]
         if cfg.return_logits:
             step_logits = step_logits.at[rows, c["step"]].set(c["logits"])
@@ -301,6 +328,7 @@ def sample(
     `model` is a `Transformer`, or its `nnx.split` graphdef with `params` the matching state
     (the form used inside jitted training code). Compiled once per graphdef, shapes and `cfg`.
     `floor_len` [B] (default `prompt_len`): the state length `<bkspc>` cannot go below.
+    Weights sharded over a mesh are decoded in its decode layout (`layout_of`).
     """
     if params is None:
         model, params = nnx.split(model)
@@ -313,6 +341,16 @@ def sample(
     floor_len = prompt_len if floor_len is None else jnp.asarray(floor_len, jnp.int32)
     if floor_len.shape != prompt_len.shape or bool(jnp.any(floor_len > prompt_len)):
         raise ValueError("floor_len must be [B] with floor_len <= prompt_len")
+    layout = layout_of(model, params, prompts.shape[0])
     return _sample(
-        model, params, prompts, prompt_len, key, floor_len, cfg=cfg, eos_id=eos_id, pad_id=pad_id
+        model,
+        params,
+        prompts,
+        prompt_len,
+        key,
+        floor_len,
+        cfg=cfg,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        layout=layout,
     )

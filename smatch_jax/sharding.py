@@ -1,12 +1,25 @@
-"""Device mesh, parameter shardings and global batches: one code path from 1 CPU to a pod.
+"""Device mesh, parameter shardings, global batches and the decode layout: one code path from
+1 CPU to a pod.
 
-* The mesh has axes `('data', 'fsdp')` (`jax.make_mesh`). Batches are split over both axes
-  (every device holds a slice of the batch); parameters are sharded over `fsdp` and
-  replicated over `data`.
-* Parameter rules: an ordered list of `(regex, PartitionSpec)` matched against the parameter
-  path (`blocks.3.attn.q_proj.kernel`); the first match wins. Parameters no rule matches are
-  FSDP-sharded on their largest dimension divisible by the `fsdp` size (replicated when none
-  is, or when the parameter is small).
+* The mesh has axes `('data', 'fsdp', 'tensor')` (`jax.make_mesh`, `tensor` innermost so that
+  its devices are neighbours). Batches are split over `data` and `fsdp` (every `tensor` group
+  holds the same rows); parameters are split over `fsdp` (gathered layer by layer when used:
+  ZeRO-3 / FSDP) and `tensor` (never gathered: Megatron tensor parallelism).
+* Parameter rules (`RULES`, the one table; `mesh.rules` in the config puts rules before it):
+  `(regex, spec)` matched against the parameter path (`blocks.3.attn.q_proj.base.kernel`),
+  the first match wins. A spec has one entry per dimension: the mesh axes that dimension is
+  split over, or None. An axis whose size does not divide the dimension is dropped from that
+  dimension (the 32,001 rows of a Llama vocabulary with `<bkspc>` split over nothing).
+  Parameters no rule matches (norms, LoRA adapters) are split over `fsdp` on their largest
+  divisible dimension, or copied when small.
+* Projections are Megatron-oriented: q/k/v, gate and up split their output features over
+  `tensor` (column-parallel), o and down their input features (row-parallel), so that
+  attention heads and MLP features stay on one `tensor` shard between the pair.
+* The decode layout (`decode_layout`): the sampler's rows are split over `data` only and copied
+  over `fsdp` and `tensor`, and the KV cache is split over its heads. A decode step then
+  multiplies each chip's own slice of every weight and moves only activations (partial sums of
+  a few rows), where the training layout would gather every weight for every token: see the
+  JAX scaling book, "inference", and benchmarks/RESULTS.md "Pod plans".
 * Global batches are assembled from process-local numpy data with
   `jax.make_array_from_process_local_data`, so the same code runs on several hosts.
 """
@@ -25,8 +38,23 @@ from jax.sharding import PartitionSpec as P
 
 from smatch_jax.sections import Section
 
-AXES = ("data", "fsdp")
-MIN_SHARD_SIZE = 2**14  # parameters with fewer elements are replicated
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # rows of a training batch; `tensor` shards hold the same rows
+MODEL_AXES = ("fsdp", "tensor")  # the axes parameters are split over
+MIN_SHARD_SIZE = 2**14  # unmatched parameters with fewer elements are replicated
+
+Spec = tuple  # one entry per dimension: None, an axis name, or a tuple of axis names
+
+# The parameter sharding rules (module docstring). Kernels are [in, out] (nnx.Linear); under
+# LoRA the frozen kernel is `<proj>.base.kernel`.
+RULES: tuple[tuple[str, Spec], ...] = (
+    (r"attn\.(q|k|v)_proj\.(base\.)?kernel$", ("fsdp", "tensor")),  # column-parallel
+    (r"mlp\.(gate|up)_proj\.(base\.)?kernel$", ("fsdp", "tensor")),  # column-parallel
+    (r"attn\.o_proj\.(base\.)?kernel$", ("tensor", "fsdp")),  # row-parallel
+    (r"mlp\.down_proj\.(base\.)?kernel$", ("tensor", "fsdp")),  # row-parallel
+    (r"tok_embed\.embedding$", (None, ("fsdp", "tensor"))),  # [V+1, d]: split the features
+    (r"lm_head\.kernel$", (("fsdp", "tensor"), None)),  # [d, V+1]: V+1 is rarely divisible
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,38 +62,101 @@ class MeshConfig(Section):
     """`config.mesh`: the device mesh."""
 
     NAME: ClassVar[str] = "mesh"
-    data: int = -1  # data-parallel axis size (-1: all devices not used by fsdp)
-    fsdp: int = 1  # parameter-sharding axis size
+    data: int = -1  # data-parallel axis size (-1: all devices not used by fsdp x tensor)
+    fsdp: int = 1  # parameters split, gathered when used; batch rows split
+    tensor: int = 1  # parameters split and never gathered (tensor parallelism)
+    # Rules put before `RULES`: "REGEX=SPEC;REGEX=SPEC", SPEC one entry per dimension separated
+    # by commas, each an axis, axes joined by '+', or '_' (not split). E.g. keep the output
+    # layer whole: 'lm_head\.kernel$=_,_'.
+    rules: str = ""
 
-    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (("fsdp", 1, None, True),)
+    RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
+        ("fsdp", 1, None, True),
+        ("tensor", 1, None, True),
+    )
 
     @classmethod
     def cross_problems(cls, values: dict[str, Any]) -> list[str]:
         if values["data"] != -1 and values["data"] < 1:
             return [f"mesh.data={values['data']} must be -1 (all devices) or >= 1"]
+        try:
+            parse_rules(values["rules"])
+        except ValueError as e:
+            return [str(e)]
         return []
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `('data', 'fsdp')` mesh; `data=-1` takes every device not used by `fsdp`."""
+def parse_rules(text: str) -> tuple[tuple[str, Spec], ...]:
+    """`mesh.rules` ("REGEX=SPEC;...", see MeshConfig) as `(regex, spec)` pairs."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        rx, sep, spec = item.rpartition("=")
+        if not sep or not rx:
+            raise ValueError(f"mesh.rules item {item!r} is not REGEX=SPEC (e.g. 'lm_head=_,_')")
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise ValueError(f"mesh.rules regex {rx!r} does not compile: {e}") from None
+        dims = []
+        for entry in spec.split(","):
+            axes = tuple(a.strip() for a in entry.split("+") if a.strip() not in ("", "_"))
+            bad = [a for a in axes if a not in AXES]
+            if bad:
+                raise ValueError(f"mesh.rules {item!r} names {bad}; the mesh axes are {AXES}")
+            dims.append(axes[0] if len(axes) == 1 else (axes or None))
+        out.append((rx, tuple(dims)))
+    return tuple(out)
+
+
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """A `('data', 'fsdp', 'tensor')` mesh; `data=-1` takes every device not used by the
+    other two axes."""
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
-    if fsdp < 1 or n % fsdp:
-        raise ValueError(f"mesh.fsdp={fsdp} must divide the device count {n}")
-    if data == -1:
-        data = n // fsdp
-    if data * fsdp != n:
+    if fsdp < 1 or tensor < 1 or n % (fsdp * tensor):
         raise ValueError(
-            f"mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, but {n} are available; "
-            "set mesh.data=-1 to use all of them"
+            f"mesh.fsdp={fsdp} x mesh.tensor={tensor} must divide the device count {n}"
+        )
+    if data == -1:
+        data = n // (fsdp * tensor)
+    if data * fsdp * tensor != n:
+        raise ValueError(
+            f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
+            f"devices, but {n} are available; set mesh.data=-1 to use all of them"
         )
     # Auto axes: XLA propagates shardings from the inputs (no sharding-in-types).
-    auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((data, fsdp), AXES, axis_types=auto, devices=devices)
+    auto = (jax.sharding.AxisType.Auto,) * len(AXES)
+    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=auto, devices=devices)
+
+
+def mesh_of(c: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of the config's `mesh` section."""
+    return make_mesh(c.data, c.fsdp, c.tensor, devices=devices)
 
 
 def _path_name(path) -> str:
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """`blocks.3.attn.q_proj.base.kernel` (an nnx Variable's trailing `.value` left out)."""
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
+
+
+def _fit(spec: Spec, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """`spec` with every axis that does not divide its dimension dropped (module docstring)."""
+    out = []
+    for entry, dim in zip(spec, shape, strict=True):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept, size = [], 1
+        for a in axes:
+            if mesh.shape[a] > 1 and dim % (size * mesh.shape[a]) == 0:
+                kept.append(a)
+                size *= mesh.shape[a]
+        out.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+    return P(*out)
 
 
 def _default_spec(shape: tuple[int, ...], fsdp: int) -> P:
@@ -80,52 +171,112 @@ def _default_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P()
 
 
-def param_shardings(abstract_params, mesh: Mesh, rules: Sequence[tuple[str, P]] = ()) -> object:
-    """A pytree of `NamedSharding` matching `abstract_params` (arrays or ShapeDtypeStructs)."""
-    compiled = [(re.compile(rx), spec) for rx, spec in rules]
+def param_shardings(abstract_params, mesh: Mesh, rules: str | Sequence[tuple[str, Spec]] = ()):
+    """A pytree of `NamedSharding` matching `abstract_params` (arrays or ShapeDtypeStructs):
+    `rules` (`mesh.rules` text or pairs), then `RULES`, then the FSDP default."""
+    extra = parse_rules(rules) if isinstance(rules, str) else tuple(rules)
+    compiled = [(re.compile(rx), rx, spec) for rx, spec in (*extra, *RULES)]
     fsdp = mesh.shape["fsdp"]
 
     def one(path, x):
-        name = _path_name(path)
-        for rx, spec in compiled:
-            if rx.search(name):
-                return NamedSharding(mesh, spec)
-        return NamedSharding(mesh, _default_spec(tuple(x.shape), fsdp))
+        name, shape = _path_name(path), tuple(x.shape)
+        for crx, rx, spec in compiled:
+            if crx.search(name):
+                if len(spec) != len(shape):
+                    raise ValueError(
+                        f"sharding rule {rx!r} has {len(spec)} entries for {name} of shape "
+                        f"{shape}; give one per dimension"
+                    )
+                return NamedSharding(mesh, _fit(spec, shape, mesh))
+        return NamedSharding(mesh, _default_spec(shape, fsdp))
 
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over every device of the mesh."""
-    return NamedSharding(mesh, P(AXES))
+    """Leading (batch) dimension split over `data` and `fsdp` (copied over `tensor`)."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many slices a training batch is split into (`data` x `fsdp`)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLayout:
+    """Where the sampler keeps its arrays (module docstring): `rows` for [B, ...] arrays,
+    `cache` for the [layers, B, slots, kv heads, head dim] KV cache, `heads` for the
+    attention's q, k and v [B, T, heads, head dim] (split like the cache's heads)."""
+
+    rows: NamedSharding
+    cache: NamedSharding
+    heads: NamedSharding
+
+    def put_rows(self, x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.rows)
+
+    def put_heads(self, x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.heads)
+
+    def put_cache(self, cache: Any) -> Any:
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.cache), cache)
+
+
+def decode_layout(mesh: Mesh, batch_size: int, n_kv_heads: int) -> DecodeLayout:
+    """Rows over `data` (when it divides `batch_size`), copied over `fsdp` and `tensor`; the
+    cache's kv heads over `tensor` (when it divides them), where a column-parallel projection
+    leaves them. Splitting heads over `fsdp` too made XLA reshuffle the q/k/v weights (an
+    all-to-all of weight slices) instead of reduce-scattering a few rows' partial sums."""
+    rows = _fit(("data",), (batch_size,), mesh)[0]
+    heads = _fit(("tensor",), (n_kv_heads,), mesh)[0]
+    return DecodeLayout(
+        rows=NamedSharding(mesh, P(rows)),
+        cache=NamedSharding(mesh, P(None, rows, None, heads, None)),
+        heads=NamedSharding(mesh, P(rows, None, heads, None)),
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def batch_slice(mesh: Mesh) -> tuple[int, int]:
+    """`(index, count)`: this process loads slice `index` of `count` equal slices of every
+    global batch, the rows of the batch shards (`data` x `fsdp`) its devices hold.
+    Processes whose devices hold the same shards (a `tensor` axis spanning hosts, as
+    `jax.make_mesh` lays out a v5e-32 slice) load the same slice; which rows of the global
+    array a slice becomes is `jax.make_array_from_process_local_data`'s business."""
+    fsdp = mesh.shape["fsdp"]
+    held: dict[int, set[int]] = {}
+    for (i, f, _), d in np.ndenumerate(mesh.devices):
+        held.setdefault(d.process_index, set()).add(i * fsdp + f)
+    slices = sorted({frozenset(v) for v in held.values()}, key=min)
+    flat = [x for sl in slices for x in sl]
+    if len(flat) != len(set(flat)) or len({len(sl) for sl in slices}) != 1:
+        raise ValueError(
+            f"hosts hold overlapping or unequal sets of batch shards "
+            f"{[sorted(x) for x in slices]}; "
+            "choose mesh.data / mesh.fsdp / mesh.tensor so that each host's chips hold whole, "
+            "equal slices of the batch"
+        )
+    return slices.index(frozenset(held[jax.process_index()])), len(slices)
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows (each process passes its own slice)."""
+    """Global arrays from this process's rows: slice `batch_slice(mesh)` of the batch."""
     sharding = batch_sharding(mesh)
-    n_dev = mesh.devices.size
+    n_shards = batch_shards(mesh)
+    _, count = batch_slice(mesh)
     out = {}
     for k, v in local.items():
         v = np.asarray(v)
-        global_rows = v.shape[0] * jax.process_count()
-        if global_rows % n_dev:
+        global_rows = v.shape[0] * count
+        if global_rows % n_shards:
             raise ValueError(
-                f"global batch of {global_rows} rows does not split over {n_dev} devices; "
-                "make the batch size a multiple of the device count"
+                f"global batch of {global_rows} rows does not split over mesh.data x mesh.fsdp "
+                f"= {n_shards} shards; make the batch size a multiple of {n_shards}"
             )
-        out[k] = jax.make_array_from_process_local_data(sharding, v)
+        shape = (global_rows, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out
-
-
-def local_batch_size(global_batch_size: int) -> int:
-    """Rows each process loads for a global batch of `global_batch_size`."""
-    if global_batch_size % jax.process_count():
-        raise ValueError(
-            f"batch size {global_batch_size} must be a multiple of the process count "
-            f"{jax.process_count()}"
-        )
-    return global_batch_size // jax.process_count()

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from smatch_jax import masks, noise, objective, replay, sampling
+from smatch_jax import masks, noise, objective, replay, sampling, sharding
 
 
 class TrainState(NamedTuple):
@@ -141,15 +141,23 @@ def sampler_prompts(batch: dict[str, jax.Array], prompt_max: int, pad_id: int):
     return jnp.where(keep, toks, pad_id), batch["prompt_len"]
 
 
-def make_refill(graphdef, frozen, st: StepSettings):
-    """`refill(state, batch) -> (state, stats)`: sample from the data prompts, push rows."""
+def make_refill(graphdef, frozen, st: StepSettings, layout: sharding.DecodeLayout | None = None):
+    """`refill(state, batch) -> (state, stats)`: sample from the data prompts, push rows;
+    the sampler decodes in `layout` (sharding.decode_layout; None: wherever XLA puts it)."""
 
     def refill(state: TrainState, batch: dict[str, jax.Array]):
         _, _, k_sample = _step_keys(state)
         prompts, m = sampler_prompts(batch, st.prompt_max, st.pad_id)
         model = nnx.merge(graphdef, state.params, frozen)
         out = sampling.sample_traced(
-            model, prompts, m, k_sample, cfg=st.sampling, eos_id=st.eos_id, pad_id=st.pad_id
+            model,
+            prompts,
+            m,
+            k_sample,
+            cfg=st.sampling,
+            eos_id=st.eos_id,
+            pad_id=st.pad_id,
+            layout=layout,
         )
         T = state.replay.tokens.shape[1]
         rows = out.actions

@@ -37,7 +37,11 @@ def test_tiny_config_compiles_for_v5e_2x2_and_reports_every_field():
     from smatch_jax.main import compile as compile_main
 
     r = compile_main.build_report(_tiny(), "v5e:2x2", vocab_size=20)
-    assert r["topology"] == "v5e-4" and r["chips"] == 4 and r["mesh"] == {"data": 2, "fsdp": 2}
+    assert (
+        r["topology"] == "v5e-4"
+        and r["chips"] == 4
+        and r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+    )
     assert {"train_mle", "train_sm", "refill", "eval_decode"} <= set(r["pieces"])
     for name, p in r["pieces"].items():
         assert set(p) >= PIECE_FIELDS, name
@@ -72,7 +76,7 @@ def test_paper_configs_load(variant):
     validate.check_config(c)
     assert c.model.preset == "llama_7b" and c.model.lora_rank == 16
     assert c.model.dtype == "bfloat16" and c.model.init.startswith("hf:")
-    assert c.mesh.data * c.mesh.fsdp == 32
+    assert c.mesh.data * c.mesh.fsdp * c.mesh.tensor == 32
 
 
 def test_the_program_parses_its_flags_and_names_a_bad_topology():

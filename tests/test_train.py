@@ -115,20 +115,31 @@ _STEP_SCRIPT = """
 import sys, numpy as np, jax
 sys.path.insert(0, {root!r})
 from tests.test_train import tiny_config
-from smatch_jax import run as run_lib, sharding
+from flax import nnx
+from smatch_jax import run as run_lib, sampling, sharding, steps
 cfg = tiny_config({data!r})
 cfg.loss.bc_warmup_steps = 0
 cfg.optim.warmup_steps = 0  # lr > 0 at step 0, so the parameters move
-cfg.mesh.data, cfg.mesh.fsdp = {mesh}
+cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = {mesh}
 run = run_lib.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
-state, _ = run.refill(run.state, batch)
+state, _ = run.refill(run.state, batch)  # the sampler in the decode layout
+replay_rows = np.asarray(state.replay.tokens)
 state, met = run.train_step(state, batch, with_model=True)
 leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
 before = [np.asarray(x) for x in jax.tree.leaves(run.state.params)]
 moved = sum(bool(np.any(a != b)) for a, b in zip(before, leaves))
-np.savez({out!r}, loss=np.asarray(met["loss"]), *leaves)
+# The evaluation's sampler on the sharded weights (sampling.layout_of picks the decode layout).
+model = nnx.merge(run.graphdef, state.params, run.frozen)
+prompts, m = steps.sampler_prompts(batch, run.settings.prompt_max, run.settings.pad_id)
+cfg_s = sampling.SamplingConfig(max_new_tokens=8, temperature=1.0)
+ids = dict(eos_id=run.settings.eos_id, pad_id=run.settings.pad_id)
+out = sampling.sample(model, prompts, m, jax.random.key(1), cfg=cfg_s, **ids)
+layout = sampling.layout_of(*nnx.split(model), prompts.shape[0])
+sampled = np.asarray(out.actions)
+np.savez({out!r}, loss=np.asarray(met["loss"]), replay=replay_rows, sampled=sampled, *leaves)
 print("devices", jax.device_count(), "moved", moved, "of", len(leaves))
+print("cache layout", None if layout is None else layout.cache.spec)
 """
 
 
@@ -136,7 +147,7 @@ print("devices", jax.device_count(), "moved", moved, "of", len(leaves))
 def test_one_step_equal_on_1_and_8_devices(data_dir, tmp_path):
     run_lib.setup(tiny_config(data_dir))  # builds the dataset once, in this process
     results = {}
-    for n_dev, mesh in ((1, (1, 1)), (8, (4, 2))):
+    for n_dev, mesh in ((1, (1, 1, 1)), (8, (2, 2, 2))):
         out = tmp_path / f"step{n_dev}.npz"
         env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_dev}"}
         script = _STEP_SCRIPT.format(root=str(ROOT), data=str(data_dir), mesh=mesh, out=str(out))
@@ -150,11 +161,17 @@ def test_one_step_equal_on_1_and_8_devices(data_dir, tmp_path):
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"devices {n_dev}" in proc.stdout
-        moved, total = proc.stdout.split("moved")[1].split("of")
+        moved, total = proc.stdout.split("moved")[1].split("\n")[0].split("of")
         assert int(moved) == int(total)  # every parameter took a step
+        cache_spec = proc.stdout.split("cache layout")[1].strip()
+        # 8 devices: rows over data, the 2 kv heads over tensor
+        spec = "P(None, 'data', None, 'tensor', None)"
+        assert cache_spec == ("None" if n_dev == 1 else spec)
         results[n_dev] = np.load(out)
     a, b = results[1], results[8]
     assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-5)
+    np.testing.assert_array_equal(a["replay"], b["replay"])  # the refill's samples
+    np.testing.assert_array_equal(a["sampled"], b["sampled"])  # the evaluation sampler's
     for k in a.files:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
 

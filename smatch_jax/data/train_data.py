@@ -214,7 +214,7 @@ def build_train_data(
         )
     if batch_size % process_count:
         raise ValueError(
-            f"train.batch_size={batch_size} must divide over {process_count} processes"
+            f"train.batch_size={batch_size} must divide over {process_count} host slices"
         )
     it = pipeline.make_iterator(
         pipeline.ArraySource(train),

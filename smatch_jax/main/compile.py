@@ -54,11 +54,11 @@ def _knob(name: str, mem) -> str:
     """What to turn when a piece does not fit (`mem` None: XLA refused it)."""
     if name.startswith("train"):
         if mem is not None and mem.args + mem.out - mem.alias > mem.temp:
-            return "state dominates: larger mesh.fsdp, donate the state (issue 24)"
-        return "activations dominate: train.batch_size / train.model_rows, remat (issue 24)"
+            return "state dominates: larger mesh.fsdp x mesh.tensor"
+        return "activations dominate: train.batch_size / train.model_rows, mesh.tensor"
     if name.startswith("refill"):
-        return "train.batch_size (rows sampled per refill), a decode layout (issue 24)"
-    return "the evaluation batch (256), mesh.fsdp, a decode layout (issue 24)"
+        return "train.batch_size (rows sampled per refill), larger mesh.fsdp x mesh.tensor"
+    return "the evaluation batch (256), larger mesh.fsdp x mesh.tensor"
 
 
 def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | None = None):

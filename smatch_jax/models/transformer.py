@@ -33,6 +33,7 @@ Kernels are [in, out] (nnx.Linear); biases and LayerNorm biases exist only when 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -159,11 +160,14 @@ class Attention(nnx.Module):
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
         layer: int = 0,
+        place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Without a cache S = T (self-attention over x); with one, writes K/V then attends.
 
         `cache_kv` is the (k, v) pair of the whole stacked cache [L, B, S, K, D]; this block's
-        K/V go to `layer`, and the updated pair is returned.
+        K/V go to `layer`, and the updated pair is returned. `place_heads` (decoding on a mesh)
+        puts q, k and v [B, T, heads, D] where the cache keeps its heads, so that attention
+        is local to each chip's heads (sharding.DecodeLayout).
         """
         cfg = self.config
         B, T, _ = x_BxTxD.shape
@@ -173,6 +177,8 @@ class Attention(nnx.Module):
         if cfg.family == "llama":
             q_BxTxHxD = rope_rotate(q_BxTxHxD, positions_BxT, cfg.rope_theta)
             k_BxTxKxD = rope_rotate(k_BxTxKxD, positions_BxT, cfg.rope_theta)
+        if place_heads is not None:
+            q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = map(place_heads, (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD))
         new_cache_kv = None
         if cache_kv is not None:
             new_cache_kv = tuple(
@@ -221,9 +227,16 @@ class Block(nnx.Module):
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
         layer: int = 0,
+        place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_BxTxD, new_cache_kv = self.attn(
-            self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache_kv, cache_index_B, layer
+            self.attn_norm(x_BxTxD),
+            positions_BxT,
+            mask_BxTxS,
+            cache_kv,
+            cache_index_B,
+            layer,
+            place_heads,
         )
         x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
@@ -293,6 +306,7 @@ class Transformer(nnx.Module):
         attn_mask_BxKxS: jax.Array,
         cache: KVCache,
         cache_index_B: jax.Array,
+        place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Cached pass over K new tokens per row; returns (logits [B, K, V+1], new cache).
 
@@ -301,13 +315,13 @@ class Transformer(nnx.Module):
         `dynamic_update_slice` clamps out-of-range starts), overwriting whatever was there.
         The K queries then attend over all S slots of the updated cache as allowed by
         `attn_mask[b, k, s]`; the caller marks which slots are valid (including the new
-        tokens' own slots). The module is not mutated.
+        tokens' own slots). The module is not mutated. `place_heads`: see `Attention`.
         """
         x_BxKxD = self.embed(input_ids_BxK, positions_BxK)
         kv = (cache.k, cache.v)
         for layer, block in enumerate(self.blocks):
             x_BxKxD, kv = block(
-                x_BxKxD, positions_BxK, attn_mask_BxKxS, kv, cache_index_B, layer=layer
+                x_BxKxD, positions_BxK, attn_mask_BxKxS, kv, cache_index_B, layer, place_heads
             )
         return self._logits(x_BxKxD), KVCache(k=kv[0], v=kv[1])
 
