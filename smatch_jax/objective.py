@@ -69,6 +69,12 @@ class LossConfig(Section):
             return ["loss.bc_weight, sm_weight and unlikelihood_weight are all 0: no loss"]
         return []
 
+    @property
+    def samples_model_rows(self) -> bool:
+        """SequenceMatch with its value term on the data/model mixture trains on rows sampled
+        from the model (the replay buffer); offline SequenceMatch, BC and MLE do not."""
+        return self.sm_weight > 0 and self.value_on == "mix"
+
     # A config saved before revision 2 has none of its fields: it ran revision 1.
     REVISION_1: ClassVar[dict[str, Any]] = {
         "temperature": 1.0,

@@ -54,7 +54,7 @@ class Run:
 
 
 def setup(config: ml_collections.ConfigDict) -> Run:
-    c = config_lib.typed(config)
+    c = validate.check_config(config)  # every problem, one line each, before any work
     mesh = sharding.mesh_of(c.mesh)
     index, count = sharding.batch_slice(mesh)  # this host's share of every batch
     data = data_lib.build_train_data(
@@ -71,11 +71,6 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     probs = noise.noise_probs(c.noise.kind, data.train_rows, tok)
     # 'model' noise on a task with an automaton: the policy's own errors (rejected tokens only)
     automaton = data.automaton if c.noise.kind in ("errors", "model") else None
-    if c.noise.kind == "errors" and automaton is None:
-        raise ValueError(
-            f"noise.kind='errors' needs a task with a prefix automaton (grammar), not "
-            f"{c.data.task!r}; use noise.kind='ground_truth' or 'random'"
-        )
     st = step_settings(c, tok, P)
     loss_fn = objective.make_loss_fn(c.loss, eos_id=tok.eos_id)
     state = initial_state(c, params, optimizer, tok.pad_id)
@@ -108,13 +103,12 @@ def build_optimizer(
 
 def step_settings(c: config_lib.Typed, tok: Any, prompt_max: int) -> steps.StepSettings:
     """The compiled steps' static settings; `tok` has `bkspc_id`, `eos_id` and `pad_id`."""
-    sm_on = c.loss.sm_weight > 0 and c.loss.value_on == "mix"  # SequenceMatch samples rows
     return steps.StepSettings(
         bkspc_id=tok.bkspc_id,
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
         noise=c.noise,
-        model_rows=c.train.model_rows if sm_on else 0,
+        model_rows=c.train.model_rows if c.loss.samples_model_rows else 0,
         prompt_max=prompt_max,
         sampling=c.sampling.decoding(c.data.seq_len - prompt_max),
     )

@@ -45,6 +45,8 @@ RESUMABLE_CHANGES = (
     "eval.recovery",
     "mesh.data",
     "mesh.fsdp",
+    "mesh.tensor",
+    "mesh.rules",
     "distributed",
 )
 
@@ -75,16 +77,23 @@ def check_override_keys(config: Mapping[str, Any], keys: Iterable[str]) -> None:
 
 def _compatibility_problems(c) -> list[str]:
     """Problems between sections of a typed config (inside one: its `cross_problems`)."""
-    if c.loss.sm_weight > 0 and c.loss.value_on == "mix" and c.train.model_rows == 0:
-        return [
+    problems = []
+    if c.loss.samples_model_rows and c.train.model_rows == 0:
+        problems.append(
             "loss.value_on='mix' needs rows sampled from the model, but train.model_rows=0; "
             "set train.model_rows > 0, or loss.value_on='data' (offline SequenceMatch)"
-        ]
-    return []
+        )
+    if c.noise.kind == "errors" and c.data.task != "grammar":
+        problems.append(
+            f"noise.kind='errors' needs a task with a prefix automaton (grammar), not "
+            f"{c.data.task!r}; use noise.kind='ground_truth' or 'random'"
+        )
+    return problems
 
 
-def check_config(config: Mapping[str, Any]) -> None:
-    """Raise ConfigError listing every problem of `config` (one line each, naming the fix)."""
+def check_config(config: Mapping[str, Any]):
+    """Raise ConfigError listing every problem of `config` (one line each, naming the fix);
+    return the typed config (`config.Typed`)."""
     from smatch_jax import config as config_lib
 
     defaults = flatten(schema())
@@ -94,10 +103,13 @@ def check_config(config: Mapping[str, Any]) -> None:
         problems = config_lib.TopLevel.problems_of(top)
         for name, cls in config_lib.SECTIONS.items():
             problems += cls.problems_of(config.get(name, {}))
+    typed = None
     if not problems:
-        problems = _compatibility_problems(config_lib.typed(config))
+        typed = config_lib.typed(config)
+        problems = _compatibility_problems(typed)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return typed
 
 
 def check_tokenizer(tok) -> None:

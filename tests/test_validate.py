@@ -65,6 +65,9 @@ def _edited(c, key, value):
         ("train.model_rows", 0, r"loss.value_on='mix' needs rows sampled from the model"),
         ("data.prompt_max", 96, r"data.prompt_max=96 leaves no room for actions"),
         ("train.nonfinite", "ignore", r"train.nonfinite='ignore' is unknown"),
+        ("noise.kind", "errors", r"noise.kind='errors' needs a task with a prefix automaton"),
+        ("mesh.tensor", 0, r"mesh.tensor=0 is out of range"),
+        ("mesh.rules", "lm_head=model", r"mesh.rules 'lm_head=model' names \['model'\]"),
     ],
 )
 def test_bad_config_is_refused_before_anything_is_built(cfg, tmp_path, key, value, message):
