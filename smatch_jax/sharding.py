@@ -40,7 +40,6 @@ from smatch_jax.sections import Section
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # rows of a training batch; `tensor` shards hold the same rows
-MODEL_AXES = ("fsdp", "tensor")  # the axes parameters are split over
 MIN_SHARD_SIZE = 2**14  # unmatched parameters with fewer elements are replicated
 
 Spec = tuple  # one entry per dimension: None, an axis name, or a tuple of axis names
