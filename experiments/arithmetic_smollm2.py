@@ -118,7 +118,7 @@ def zero_shot_eval(c) -> dict:
     from smatch_jax.eval import decoding
 
     run = run_lib.setup(c)
-    model = nnx.merge(run.graphdef, run.state.params, run.frozen)
+    model = nnx.merge(run.graphdef, run.init_state().params, run.frozen)
     ev, tok = run.data.eval_split, run.data.tokenizer
     m = ev["prompt_len"]
     prompts = [ev["tokens"][b, : m[b]].tolist() for b in range(len(m))]

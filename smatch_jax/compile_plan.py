@@ -16,8 +16,8 @@ and `steps.make_refill`, the functions training uses:
 * `eval_decode`: the evaluation's greedy decoding of 256 prompts (eval/decoding.py);
 * `decode_step_refill`, `decode_step_eval`: one token of the sampler's loop, alone (below).
 
-The non-trainable weights (`frozen`: the base model under LoRA) are an argument here, with
-the parameter sharding rules; `run.setup` closes over them instead.
+The non-trainable weights (`frozen`: the base model under LoRA) are an argument of every
+piece, sharded by the parameter rules, as in `run.setup`.
 
 Loops: XLA's `cost_analysis` counts a while-loop body once. The sampler's loop runs at most
 `A` (= its action budget) times, so flops and bytes accessed of `refill` and `eval_decode` are
@@ -32,6 +32,7 @@ import dataclasses
 import re
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -244,13 +245,22 @@ def _decode_step(ar: AbstractRun, name: str, batch_size: int, cache_len: int) ->
     return _compile(name, jax.jit(step).lower, *args)
 
 
-def compile_pieces(ar: AbstractRun) -> dict[str, Piece]:
-    """Lower and compile the run's pieces for the mesh's devices (module docstring)."""
+def compile_pieces(
+    ar: AbstractRun, on_piece: Callable[[Piece], None] | None = None
+) -> dict[str, Piece]:
+    """Lower and compile the run's pieces for the mesh's devices (module docstring);
+    `on_piece` is called with each as it is compiled (progress)."""
     st, c = ar.settings, ar.typed
     rep = sharding.replicated(ar.mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, ar.state)
     batch = data_batch(ar)
     out: dict[str, Piece] = {}
+
+    def put(piece: Piece) -> None:
+        out[piece.name] = piece
+        if on_piece is not None:
+            on_piece(piece)
+
     for with_model in (False, True):
         if with_model and not st.model_rows:
             continue
@@ -263,7 +273,7 @@ def compile_pieces(ar: AbstractRun) -> dict[str, Piece]:
 
         jitted = jax.jit(train, out_shardings=(state_sh, rep))
         name = "train_sm" if with_model else "train_mle"
-        out[name] = _compile(name, jitted.lower, ar.state, ar.frozen, batch)
+        put(_compile(name, jitted.lower, ar.state, ar.frozen, batch))
     A = st.sampling.n_actions
     if st.model_rows:
 
@@ -273,9 +283,9 @@ def compile_pieces(ar: AbstractRun) -> dict[str, Piece]:
 
         jitted = jax.jit(refill, out_shardings=(state_sh, rep))
         kw = dict(loop_trips=A, step_name="decode_step_refill")
-        out["refill"] = _compile("refill", jitted.lower, ar.state, ar.frozen, batch, **kw)
+        put(_compile("refill", jitted.lower, ar.state, ar.frozen, batch, **kw))
         S = st.prompt_max + st.sampling.max_new_tokens
-        out["decode_step_refill"] = _decode_step(ar, "decode_step_refill", c.train.batch_size, S)
+        put(_decode_step(ar, "decode_step_refill", c.train.batch_size, S))
     cfg = decoding.decoding_config(decoding.HEADLINE, st.sampling.max_new_tokens)
 
     eval_layout = layout(ar, EVAL_BATCH)  # sampling.sample's layout_of the run's weights
@@ -303,7 +313,7 @@ def compile_pieces(ar: AbstractRun) -> dict[str, Piece]:
         _sds(key.shape, key.dtype, rep),
     )
     kw = dict(loop_trips=cfg.n_actions, step_name="decode_step_eval")
-    out["eval_decode"] = _compile("eval_decode", jax.jit(eval_decode).lower, *args, **kw)
+    put(_compile("eval_decode", jax.jit(eval_decode).lower, *args, **kw))
     S = P + cfg.max_new_tokens
-    out["decode_step_eval"] = _decode_step(ar, "decode_step_eval", EVAL_BATCH, S)
+    put(_decode_step(ar, "decode_step_eval", EVAL_BATCH, S))
     return out

@@ -35,7 +35,11 @@ _BYTES |= {"c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY )?%([^\s(]+) \(")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\(")
-_CALLEE = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^}=]+)\}?")
+# A callee list: `body=%b`, `calls=%f`, `branch_computations={%t, %f}`. Each attribute on its
+# own: "condition=%c, body=%b" is two (a greedy match once took "%c, body" and lost the body).
+_CALLEE = re.compile(
+    r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?(%[\w.\-]+(?:, ?%[\w.\-]+)*)"
+)
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 

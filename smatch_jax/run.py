@@ -1,14 +1,21 @@
 """A run's compiled pieces, built once from its config: `setup`, and `load_trained` to restore
 a finished run (for evaluation, sampling, or fine-tuning from it).
 
-`Run` holds the typed config, the data, the mesh, the initial `TrainState` with its shardings,
-and the jitted train step and replay refill (steps.py). Nothing here loops; train.py does.
+`Run` holds the typed config, the data, the mesh, the state's shapes and shardings (the
+initial `TrainState` is built on demand by `init_state`, on the host until then), and the
+jitted train step and replay refill (steps.py). Both donate the state they are given (its
+buffers become the new state's: one copy of the state on the devices, not two), so a state
+passed to them must not be used again. The frozen weights (the base model under LoRA) are
+sharded by the same rules as the parameters and passed to every call, not baked into the
+compiled programs. Nothing here loops; train.py does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +39,17 @@ class Run:
     typed: config_lib.Typed
     data: data_lib.TrainData
     mesh: Any
-    state: steps.TrainState
-    state_shardings: Any
-    train_step: Any  # jitted, static with_model
-    refill: Any  # jitted
+    abstract: steps.TrainState  # ShapeDtypeStructs with shardings
+    init_state: Callable[[], steps.TrainState]  # step 0, on the devices (a fresh copy)
+    train_step: Any  # (state, batch, *, with_model) -> (state, metrics); donates state
+    refill: Any  # (state, batch) -> (state, stats); donates state
     graphdef: Any
-    frozen: Any
+    frozen: Any  # the non-trainable weights, sharded
     settings: steps.StepSettings
 
     def abstract_state(self) -> Any:
         """Shapes, dtypes and shardings of the state (what a checkpoint restores into)."""
-        return jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            self.state,
-            self.state_shardings,
-        )
+        return self.abstract
 
     def sm_on(self) -> bool:
         """SequenceMatch with sampled model rows (else BC, MLE or offline SequenceMatch)."""
@@ -73,20 +76,32 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     automaton = data.automaton if c.noise.kind in ("errors", "model") else None
     st = step_settings(c, tok, P)
     loss_fn = objective.make_loss_fn(c.loss, eos_id=tok.eos_id)
-    state = initial_state(c, params, optimizer, tok.pad_id)
-    state_sh = state_shardings(state, optimizer, mesh, c.mesh.rules)
-    rep = sharding.replicated(mesh)
-    state = jax.device_put(state, state_sh)
-    train_step = jax.jit(
-        steps.make_train_step(
-            graphdef, frozen, optimizer, loss_fn, jnp.asarray(probs), st, automaton
-        ),
-        static_argnames="with_model",
-        out_shardings=(state_sh, rep),
+    params = jax.device_get(params)  # on the host until init_state (a restore needs none)
+    abstract = jax.eval_shape(lambda p: initial_state(c, p, optimizer, tok.pad_id), params)
+    state_sh = state_shardings(abstract, optimizer, mesh, c.mesh.rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh
     )
+    init_state = lambda: jax.device_put(initial_state(c, params, optimizer, tok.pad_id), state_sh)
+    frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh, c.mesh.rules))
+    rep = sharding.replicated(mesh)
+    probs = jnp.asarray(probs)
+
+    def train(state, batch, frozen, with_model):
+        fn = steps.make_train_step(graphdef, frozen, optimizer, loss_fn, probs, st, automaton)
+        return fn(state, batch, with_model=with_model)
+
     layout = sharding.decode_layout(mesh, c.train.batch_size, model.config.n_kv_heads)
-    refill = jax.jit(steps.make_refill(graphdef, frozen, st, layout), out_shardings=(state_sh, rep))
-    return Run(config, c, data, mesh, state, state_sh, train_step, refill, graphdef, frozen, st)
+
+    def sample(state, batch, frozen):
+        return steps.make_refill(graphdef, frozen, st, layout)(state, batch)
+
+    jit = functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_sh, rep))
+    train_step = functools.partial(jit(train, static_argnames="with_model"), frozen=frozen)
+    refill = functools.partial(jit(sample), frozen=frozen)
+    return Run(
+        config, c, data, mesh, abstract, init_state, train_step, refill, graphdef, frozen, st
+    )
 
 
 # The parts of `setup` that the abstract build (compile_plan.py) shares: they work on arrays

@@ -207,7 +207,19 @@ def sample_traced(
     state = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompts)
     state = jnp.where(slots < prompt_len[:, None], state, pad_id)
 
-    carry = dict(
+    def place(**c):
+        """The loop's carry in the decode layout: every [B, ...] array on `rows`, the cache
+        on `cache`. Constraining only some of them let XLA split the rows over `fsdp` inside
+        the loop and gather weights for every token (measured on a v5e-32 plan)."""
+        if layout is None:
+            return c
+        per_row = lambda v: v.ndim and v.shape[0] == B
+        return {
+            k: cache_at(v) if k == "cache" else rows_at(v) if per_row(v) else v
+            for k, v in c.items()
+        }
+
+    carry = place(
         step=jnp.int32(0),
         key=key,
         cache=cache,
@@ -282,7 +294,7 @@ def sample_traced(
         ended = c["ended"] | (live & (a == eos_id))
         n_act = c["n_act"] + live
         done = c["done"] | ended | (n_act >= A) | (new_len >= prompt_len + cfg.max_new_tokens)
-        return dict(
+        return place(
             step=c["step"] + 1,
             key=key,
             cache=cache,

@@ -56,7 +56,7 @@ def _restore(run: Run, ckpt: checkpointing.Checkpointer):
     newest = ckpt.latest_step()
     restored = ckpt.restore_latest_valid(abstract_state=run.abstract_state(), quarantine=True)
     if restored is None:
-        return run.state, {}, None
+        return run.init_state(), {}, None
     step0, state, data_state, extra = restored
     run.data.set_state(data_state)
     if step0 != newest:
@@ -87,7 +87,7 @@ def train(
     _prepare(config, workdir_p, force_resume)
     run = setup(config)
     c = run.typed
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state()))
     validate.check_free_space(workdir_p, state_bytes, c.train.keep_ckpts)
     host0 = jax.process_index() == 0
     if host0:

@@ -52,10 +52,11 @@ cfg = step_config({data!r})
 cfg.mesh.data, cfg.mesh.fsdp = 1, {ndev}
 run = run_lib.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
-state, _ = run.refill(run.state, batch)
+state, _ = run.refill(run.init_state(), batch)
 state, met = run.train_step(state, batch, with_model=True)
 host = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
-n_sharded = sum(not s.is_fully_replicated for s in jax.tree.leaves(run.state_shardings.params))
+params = jax.tree.leaves(run.abstract_state().params)
+n_sharded = sum(not x.sharding.is_fully_replicated for x in params)
 out = dict(loss=met["loss"], grad_norm=met["grad_norm"], replay=state.replay.tokens, **batch)
 out = {{k: host(v) for k, v in out.items()}}
 for name, tree in (("param", state.params), ("opt", state.opt_state)):
@@ -152,13 +153,13 @@ def test_one_step_equal_on_1_device_and_2_processes_x_4_devices(tmp_path):
     mh_batch = {k: mh[k] for k in own}
     assert _rows(mh_batch) == _rows(own)
     batch = sharding.global_batch(own, run.mesh)
-    state, _ = run.refill(run.state, batch)
+    state, _ = run.refill(run.init_state(), batch)
     state, met = run.train_step(state, batch, with_model=True)
 
     np.testing.assert_array_equal(mh["replay"], np.asarray(state.replay.tokens))
     assert float(mh["loss"]) == pytest.approx(float(met["loss"]), rel=1e-5, abs=1e-6)
     assert float(mh["grad_norm"]) == pytest.approx(float(met["grad_norm"]), rel=1e-4)
-    before = jax.tree.leaves(run.state.params)
+    before = jax.tree.leaves(run.init_state().params)
     for i, x in enumerate(jax.tree.leaves(state.params)):
         # atol: 1e-3 of the step's update (lr 1e-3); measured differences are ~2e-7
         np.testing.assert_allclose(

@@ -6,6 +6,7 @@ import importlib.util
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh
@@ -182,3 +183,42 @@ def test_each_host_of_a_v5e_32_slice_loads_the_rows_its_chips_hold(
     assert sorted({index for index, _ in got.values()}) == list(range(slices))
     per_slice = [sum(index == i for index, _ in got.values()) for i in range(slices)]
     assert per_slice == [8 // slices] * slices  # every slice loaded by the same number of hosts
+
+
+def test_collectives_inside_a_while_body_are_counted_per_trip():
+    """The loop body is named after the condition on the while line ("condition=%c,
+    body=%b"); its collectives count once per trip and as per-iteration bytes."""
+    from smatch_jax import hlo_stats
+
+    hlo = "\n".join(
+        [
+            "%cond (p: s32[]) -> pred[] {",
+            "  ROOT %lt = pred[] compare(s32[] %p, s32[] %p), direction=LT",
+            "}",
+            "%body.1 (p: s32[]) -> s32[] {",
+            "  %ag = bf16[512,4096]{1,0} all-gather(bf16[128,4096]{1,0} %w), dimensions={0}",
+            "  ROOT %n = s32[] add(s32[] %p, s32[] %p)",
+            "}",
+            "ENTRY %main (w: bf16[128,4096]) -> s32[] {",
+            "  %ar = f32[64,1000]{1,0} all-reduce(f32[64,1000]{1,0} %x), to_apply=%add",
+            "  ROOT %while.3 = s32[] while(s32[] %i), condition=%cond, body=%body.1",
+            "}",
+        ]
+    )
+    c = hlo_stats.collectives(hlo, loop_trips=48)
+    gathered = 512 * 4096 * 2
+    assert c.in_loops == gathered
+    assert c.by_kind == {"all-gather": 48 * gathered, "all-reduce": 64 * 1000 * 4}
+
+
+def test_the_decode_layouts_cache_write_by_select_equals_the_scatter():
+    from smatch_jax.models.transformer import _write_rows
+
+    rng = np.random.default_rng(0)
+    cache = jnp.asarray(rng.normal(size=(3, 4, 6, 2, 5)), jnp.float32)  # [L, B, S, K, D]
+    new = jnp.asarray(rng.normal(size=(4, 1, 2, 5)), jnp.float32)
+    index = jnp.asarray([0, 5, 9, -1])  # the last two clamped, like the scatter's starts
+    for layer in range(3):
+        want = _write_rows(cache, layer, new, index)
+        got = _write_rows(cache, layer, new, index, by_select=True)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -123,11 +123,11 @@ cfg.optim.warmup_steps = 0  # lr > 0 at step 0, so the parameters move
 cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = {mesh}
 run = run_lib.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
-state, _ = run.refill(run.state, batch)  # the sampler in the decode layout
+state, _ = run.refill(run.init_state(), batch)  # the sampler in the decode layout
 replay_rows = np.asarray(state.replay.tokens)
 state, met = run.train_step(state, batch, with_model=True)
 leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-before = [np.asarray(x) for x in jax.tree.leaves(run.state.params)]
+before = [np.asarray(x) for x in jax.tree.leaves(run.init_state().params)]
 moved = sum(bool(np.any(a != b)) for a, b in zip(before, leaves))
 # The evaluation's sampler on the sharded weights (sampling.layout_of picks the decode layout).
 model = nnx.merge(run.graphdef, state.params, run.frozen)

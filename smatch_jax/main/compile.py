@@ -70,7 +70,12 @@ def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | N
     t0 = time.time()
     devices = topologies.compile_devices(topology, num_slices)
     ar = compile_plan.abstract_run(config, devices, vocab_size=vocab_size)
-    pieces = compile_plan.compile_pieces(ar)
+    done = lambda p: print(
+        f"compiled {p.name} in {p.seconds:.0f} s" + (" (does not fit)" if p.error else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    pieces = compile_plan.compile_pieces(ar, on_piece=done)
     compile_s = time.time() - t0
     rows = {}
     for name, p in pieces.items():

@@ -100,16 +100,28 @@ def masked_attention(
 
 
 def _write_rows(
-    cache_LxBxSxKxD: jax.Array, layer: int, new_BxNxKxD: jax.Array, index_B: jax.Array
+    cache_LxBxSxKxD: jax.Array,
+    layer: int,
+    new_BxNxKxD: jax.Array,
+    index_B: jax.Array,
+    by_select: bool = False,
 ) -> jax.Array:
     """Writes row b of `new` into slots [index[b], index[b] + N) of row b of cache layer `layer`.
 
     One scatter of the new slots into the stacked cache of all layers, so that inside the
     sampler's while_loop XLA updates the buffer in place (no per-step copy or transpose of the
     cache). Starts are clamped to [0, S - N] like `lax.dynamic_update_slice`.
+    `by_select` (one new token, decoding on a mesh): a select over the layer's slots instead
+    of a scatter, which XLA's partitioner split over the idle `fsdp` chips and then gathered
+    the whole cache back, every token.
     """
     B, S = cache_LxBxSxKxD.shape[1:3]
     N = new_BxNxKxD.shape[1]
+    if by_select and N == 1:
+        hit_Bx1xS = jnp.arange(S) == jnp.clip(index_B, 0, S - 1)[:, None, None]
+        new = new_BxNxKxD.astype(cache_LxBxSxKxD.dtype)  # [B, 1, K, D]: broadcast over slots
+        layer_BxSxKxD = jnp.where(hit_Bx1xS[:, 0, :, None, None], new, cache_LxBxSxKxD[layer])
+        return cache_LxBxSxKxD.at[layer].set(layer_BxSxKxD)
     slots_BxN = jnp.clip(index_B, 0, S - N)[:, None] + jnp.arange(N)
     return cache_LxBxSxKxD.at[layer, jnp.arange(B)[:, None], slots_BxN].set(
         new_BxNxKxD.astype(cache_LxBxSxKxD.dtype), indices_are_sorted=True, unique_indices=True
@@ -182,7 +194,7 @@ class Attention(nnx.Module):
         new_cache_kv = None
         if cache_kv is not None:
             new_cache_kv = tuple(
-                _write_rows(c, layer, new, cache_index_B)
+                _write_rows(c, layer, new, cache_index_B, place_heads is not None)
                 for c, new in zip(cache_kv, (k_BxTxKxD, v_BxTxKxD), strict=True)
             )
             k_BxTxKxD, v_BxTxKxD = new_cache_kv[0][layer], new_cache_kv[1][layer]  # [B, S, K, D]
