@@ -209,8 +209,8 @@ def sample_traced(
 
     def place(**c):
         """The loop's carry in the decode layout: every [B, ...] array on `rows`, the cache
-        on `cache`. Constraining only some of them let XLA split the rows over `fsdp` inside
-        the loop and gather weights for every token (measured on a v5e-32 plan)."""
+        on `cache`. XLA can still split the carried rows over `fsdp` inside the loop and
+        gather weight shards every token (the v5e-32 plan: benchmarks/RESULTS.md)."""
         if layout is None:
             return c
         per_row = lambda v: v.ndim and v.shape[0] == B
