@@ -1,6 +1,8 @@
-"""Parameter shardings from the rules table, `mesh.rules`, and the sampler's decode layout
-(sharding.py). Specs are checked on abstract meshes; that the decode layout moves activations
-and not weights is checked on the TPU compiler (compile-only v5e devices, no TPU needed)."""
+"""Parameter shardings from the rules table, `mesh.rules`, the sampler's decode layout and
+each host's slice of the batch (sharding.py); the decode layout's cache write; collectives
+inside while loops (hlo_stats.py). Specs are checked on abstract meshes; that the decode layout
+moves activations and not weights, and the host slices of a v5e-32, on the TPU compiler's
+compile-only devices (no TPU needed)."""
 
 import importlib.util
 
