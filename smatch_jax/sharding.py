@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -246,6 +247,14 @@ def batch_slice(mesh: Mesh) -> tuple[int, int]:
     Processes whose devices hold the same shards (a `tensor` axis spanning hosts, as
     `jax.make_mesh` lays out a v5e-32 slice) load the same slice; which rows of the global
     array a slice becomes is `jax.make_array_from_process_local_data`'s business."""
+    held, slices = _host_slices(mesh)
+    return slices.index(held[jax.process_index()]), len(slices)
+
+
+@functools.cache
+def _host_slices(mesh: Mesh) -> tuple[dict[int, frozenset[int]], list[frozenset[int]]]:
+    """Per process, the batch shards its devices hold; the distinct sets in shard order. Once
+    per mesh: `global_batch` asks every step, and a pod's mesh has thousands of devices."""
     fsdp = mesh.shape["fsdp"]
     held: dict[int, set[int]] = {}
     for (i, f, _), d in np.ndenumerate(mesh.devices):
@@ -259,7 +268,7 @@ def batch_slice(mesh: Mesh) -> tuple[int, int]:
             "choose mesh.data / mesh.fsdp / mesh.tensor so that each host's chips hold whole, "
             "equal slices of the batch"
         )
-    return slices.index(frozenset(held[jax.process_index()])), len(slices)
+    return {k: frozenset(v) for k, v in held.items()}, slices
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
