@@ -149,7 +149,7 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
                     callee = callee.strip().lstrip("%")
                     if callee in comps:
                         mult[callee] = max(mult[callee], mult[name] * factor)
-                        if factor != 1.0 or name in looped:
+                        if m.group(3) == "while" or name in looped:
                             looped.add(callee)
                         order.append(callee)
     by_kind: dict[str, float] = defaultdict(float)

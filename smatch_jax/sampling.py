@@ -174,7 +174,8 @@ def layout_of(graphdef: Any, params: Any, batch_size: int) -> sharding.DecodeLay
     if not isinstance(sh, jax.sharding.NamedSharding) or sh.mesh.size == 1:
         return None
     n_kv = nnx.merge(graphdef, params).config.n_kv_heads
-    return sharding.decode_layout(sh.mesh, batch_size, n_kv)
+    weights = sharding.decode_weight_specs(jax.tree.map(lambda x: x.sharding, params))
+    return sharding.decode_layout(sh.mesh, batch_size, n_kv, weights)
 
 
 def sample_traced(
@@ -184,9 +185,13 @@ def sample_traced(
 
     `floor_len` [B] (default `prompt_len`): `<bkspc>` is allowed while the state is longer, so
     the prompt's tokens past it are actions the model may delete (the recovery evaluation).
-    `layout` (`sharding.DecodeLayout`): rows and KV cache are kept there, so that on a mesh a
-    decode step moves activations, not weights (sharding.py); None leaves placement to XLA."""
+    `layout` (`sharding.DecodeLayout`): weights, rows and KV cache are kept there, so that on
+    a mesh a decode step moves activations, not weights (sharding.py); None leaves placement
+    to XLA."""
     floor_len = prompt_len if floor_len is None else floor_len
+    if layout is not None and layout.weights:  # gathered over fsdp here, once per call
+        graphdef, weights = nnx.split(model)
+        model = nnx.merge(graphdef, layout.put_weights(weights))
     rows_at = layout.put_rows if layout is not None else lambda x: x
     cache_at = layout.put_cache if layout is not None else lambda x: x
     heads_at = layout.put_heads if layout is not None else None

@@ -15,11 +15,13 @@
 * Projections are Megatron-oriented: q/k/v, gate and up split their output features over
   `tensor` (column-parallel), o and down their input features (row-parallel), so that
   attention heads and MLP features stay on one `tensor` shard between the pair.
-* The decode layout (`decode_layout`): the sampler's rows are split over `data` only and copied
-  over `fsdp` and `tensor`, and the KV cache is split over its heads. A decode step then
-  multiplies each chip's own slice of every weight and moves only activations (partial sums of
-  a few rows), where the training layout would gather every weight for every token: see the
-  JAX scaling book, "inference", and benchmarks/RESULTS.md "Pod plans".
+* The decode layout (`decode_layout`): the sampler gathers each weight's `fsdp` shards once
+  per call (keeping its `tensor` split), splits its rows over `data` and `fsdp`, copies them
+  over `tensor`, and splits the KV cache over its heads. A decode step then multiplies each
+  chip's own slice of every weight and moves only activations (partial sums of a few rows),
+  where the training layout gathers every weight for every token: see the JAX scaling book,
+  "inference", and benchmarks/RESULTS.md "Pod plans". The copy costs 1/tensor of the
+  weights per chip while the sampler runs.
 * Global batches are assembled from process-local numpy data with
   `jax.make_array_from_process_local_data`, so the same code runs on several hosts.
 """
@@ -139,7 +141,7 @@ def mesh_of(c: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return make_mesh(c.data, c.fsdp, c.tensor, devices=devices)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
     """`blocks.3.attn.q_proj.base.kernel` (an nnx Variable's trailing `.value` left out)."""
     parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
     return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
@@ -179,7 +181,7 @@ def param_shardings(abstract_params, mesh: Mesh, rules: str | Sequence[tuple[str
     fsdp = mesh.shape["fsdp"]
 
     def one(path, x):
-        name, shape = _path_name(path), tuple(x.shape)
+        name, shape = path_name(path), tuple(x.shape)
         for crx, rx, spec in compiled:
             if crx.search(name):
                 if len(spec) != len(shape):
@@ -207,11 +209,14 @@ def batch_shards(mesh: Mesh) -> int:
 class DecodeLayout:
     """Where the sampler keeps its arrays (module docstring): `rows` for [B, ...] arrays,
     `cache` for the [layers, B, slots, kv heads, head dim] KV cache, `heads` for the
-    attention's q, k and v [B, T, heads, head dim] (split like the cache's heads)."""
+    attention's q, k and v [B, T, heads, head dim] (split like the cache's heads), and
+    `weights`, `(parameter path, spec)` pairs: each weight's training spec without `fsdp`
+    (`decode_weight_specs`), so that the sampler gathers the `fsdp` shards once per call."""
 
     rows: NamedSharding
     cache: NamedSharding
     heads: NamedSharding
+    weights: tuple[tuple[str, P], ...] = ()
 
     def put_rows(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.rows)
@@ -222,18 +227,55 @@ class DecodeLayout:
     def put_cache(self, cache: Any) -> Any:
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.cache), cache)
 
+    def put_weights(self, state: Any) -> Any:
+        """The model's state (`nnx.split`) with every weight in `weights` placed there."""
+        specs, mesh = dict(self.weights), self.rows.mesh
 
-def decode_layout(mesh: Mesh, batch_size: int, n_kv_heads: int) -> DecodeLayout:
-    """Rows over `data` (when it divides `batch_size`), copied over `fsdp` and `tensor`; the
-    cache's kv heads over `tensor` (when it divides them), where a column-parallel projection
-    leaves them. Splitting heads over `fsdp` too made XLA reshuffle the q/k/v weights (an
-    all-to-all of weight slices) instead of reduce-scattering a few rows' partial sums."""
-    rows = _fit(("data",), (batch_size,), mesh)[0]
+        def one(path, x):
+            spec = specs.get(path_name(path))
+            return (
+                x
+                if spec is None
+                else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+            )
+
+        return jax.tree_util.tree_map_with_path(one, state)
+
+
+def decode_weight_specs(shardings: Any) -> tuple[tuple[str, P], ...]:
+    """`(path, spec)` per weight of a pytree of training `NamedSharding`s, `fsdp` and `data`
+    dropped: only the `tensor` splits stay, so each chip holds 1/tensor of every weight."""
+
+    def keep(entry):
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(a for a in axes if a == "tensor")
+        return kept[0] if kept else None
+
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    return tuple(
+        (path_name(path), P(*(keep(e) for e in sh.spec)))
+        for path, sh in flat
+        if isinstance(sh, NamedSharding)
+    )
+
+
+def decode_layout(
+    mesh: Mesh, batch_size: int, n_kv_heads: int, weights: tuple[tuple[str, P], ...] = ()
+) -> DecodeLayout:
+    """Rows over `data` and `fsdp` (the axes that divide `batch_size`), copied over `tensor`;
+    the cache's kv heads over `tensor` (when it divides them), where a column-parallel
+    projection leaves them; `weights` from `decode_weight_specs`. The weights are copied over
+    `fsdp` (gathered once per sampler call), so the `fsdp` shards decode rows of their own:
+    data + tensor parallelism, as MaxText and Tunix sample for RL. Decoding in the training
+    layout instead gathered the `fsdp` shards of every weight for every token
+    (benchmarks/RESULTS.md, "Pod plans")."""
+    rows = _fit((BATCH_AXES,), (batch_size,), mesh)[0]
     heads = _fit(("tensor",), (n_kv_heads,), mesh)[0]
     return DecodeLayout(
         rows=NamedSharding(mesh, P(rows)),
         cache=NamedSharding(mesh, P(None, rows, None, heads, None)),
         heads=NamedSharding(mesh, P(rows, None, heads, None)),
+        weights=weights,
     )
 
 

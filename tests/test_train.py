@@ -164,8 +164,8 @@ def test_one_step_equal_on_1_and_8_devices(data_dir, tmp_path):
         moved, total = proc.stdout.split("moved")[1].split("\n")[0].split("of")
         assert int(moved) == int(total)  # every parameter took a step
         cache_spec = proc.stdout.split("cache layout")[1].strip()
-        # 8 devices: rows over data, the 2 kv heads over tensor
-        spec = "P(None, 'data', None, 'tensor', None)"
+        # 8 devices: rows over data and fsdp, the 2 kv heads over tensor
+        spec = "P(None, ('data', 'fsdp'), None, 'tensor', None)"
         assert cache_spec == ("None" if n_dev == 1 else spec)
         results[n_dev] = np.load(out)
     a, b = results[1], results[8]
