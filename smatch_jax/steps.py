@@ -43,6 +43,7 @@ class StepSettings:
     model_rows: int  # model rows per SequenceMatch batch (0: offline)
     prompt_max: int  # prompts are cut to this many tokens for sampling
     sampling: sampling.SamplingConfig
+    remat: str = "none"  # the train step's forward pass (model.remat)
 
 
 def _step_keys(state: TrainState):
@@ -102,7 +103,7 @@ def make_train_step(
 
         def loss_of(params):
             model = nnx.merge(graphdef, params, frozen)
-            logits = model(lay.input_ids, lay.positions, lay.attn_mask)
+            logits = model(lay.input_ids, lay.positions, lay.attn_mask, remat=st.remat)
             return loss_fn(logits, rows, state.step)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)

@@ -236,6 +236,31 @@ def test_forward_embeddings_and_input_gradients(variant):
     assert (grad_norm_BxT[:, t + 1 :] == 0).all()  # ... and nothing after it
 
 
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_gives_the_same_loss_and_parameter_gradients(remat):
+    """Rematerialisation changes what the backward pass keeps, not what it computes; and it is
+    really there (a checkpoint per block in the traced program)."""
+    s = _setup("llama")
+    graphdef = nnx.graphdef(s.model)
+    B, T = 2, 8
+    ids, pos, mask = _random_ids(s.config, (B, T), 5), _arange(B, T), _causal(B, T)
+
+    def loss(state, policy):
+        return jnp.mean(nnx.merge(graphdef, state)(ids, pos, mask, remat=policy) ** 2)
+
+    grad = lambda policy: jax.jit(jax.value_and_grad(loss), static_argnums=1)(s.state, policy)
+    (l0, g0), (l1, g1) = grad("none"), grad(remat)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(s.state, remat))
+    assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= s.config.n_layers
+    assert "checkpoint" not in str(
+        jax.make_jaxpr(jax.grad(loss), static_argnums=1)(s.state, "none")
+    )
+    with pytest.raises(ValueError, match="remat='all'; use one of"):
+        loss(s.state, "all")
+
+
 def test_fully_masked_query_row_is_zero_with_finite_gradients():
     rng = np.random.default_rng(9)
     q = jnp.asarray(rng.standard_normal((1, 3, 4, 8)), jnp.float32)  # H = 4

@@ -42,6 +42,14 @@ from flax import nnx
 
 from smatch_jax.models.config import ModelConfig
 
+# Rematerialisation policies of a block's forward pass (Transformer.forward_embeddings): what
+# the backward pass keeps ('none': everything, without a checkpoint).
+REMAT = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 _INIT_STD = 0.02  # GPT-2 initialiser: normal(0, 0.02); residual outputs get 0.02 / sqrt(2 L)
 
 
@@ -297,19 +305,39 @@ class Transformer(nnx.Module):
         return x_BxTxD
 
     def forward_embeddings(
-        self, x_BxTxD: jax.Array, positions_BxT: jax.Array, attn_mask_BxTxT: jax.Array
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        attn_mask_BxTxT: jax.Array,
+        remat: str = "none",
     ) -> jax.Array:
-        """Logits [B, T, V+1] float32 from input embeddings (as returned by `embed`)."""
+        """Logits [B, T, V+1] float32 from input embeddings (as returned by `embed`).
+
+        `remat` (`REMAT`): what a gradient keeps of each block's forward pass. 'none' keeps
+        every activation; 'full' only the block's input, recomputing the rest in the backward
+        pass; 'save_dots' also the outputs of its matmuls that have no batch dimension (the
+        projections, not the attention's scores), so only cheap elementwise work is redone."""
+        if remat not in REMAT:
+            raise ValueError(f"remat={remat!r}; use one of {sorted(REMAT)}")
         for block in self.blocks:
-            x_BxTxD, _ = block(x_BxTxD, positions_BxT, attn_mask_BxTxT)
+            if remat == "none":
+                x_BxTxD, _ = block(x_BxTxD, positions_BxT, attn_mask_BxTxT)
+            else:
+                run = nnx.remat(lambda b, x, p, m: b(x, p, m)[0], policy=REMAT[remat])
+                x_BxTxD = run(block, x_BxTxD, positions_BxT, attn_mask_BxTxT)
         return self._logits(x_BxTxD)
 
     def __call__(
-        self, input_ids_BxT: jax.Array, positions_BxT: jax.Array, attn_mask_BxTxT: jax.Array
+        self,
+        input_ids_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        attn_mask_BxTxT: jax.Array,
+        remat: str = "none",
     ) -> jax.Array:
-        """Full pass: logits [B, T, V+1] float32; attn_mask[b, q, k] True if q may see k."""
+        """Full pass: logits [B, T, V+1] float32; attn_mask[b, q, k] True if q may see k.
+        `remat`: see `forward_embeddings`."""
         x_BxTxD = self.embed(input_ids_BxT, positions_BxT)
-        return self.forward_embeddings(x_BxTxD, positions_BxT, attn_mask_BxTxT)
+        return self.forward_embeddings(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat)
 
     def decode(
         self,
