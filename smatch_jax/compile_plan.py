@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from smatch_jax import config as config_lib
-from smatch_jax import noise, objective, run, sampling, sharding, steps
+from smatch_jax import noise, objective, run, sampling, sharding, steps, validate
 from smatch_jax.eval import decoding
 from smatch_jax.models import init_cache, lora
 from smatch_jax.models.config import VOCAB_SIZES, from_preset
@@ -133,7 +134,7 @@ def abstract_run(
 ) -> AbstractRun:
     """`run.setup(config)` as shapes and shardings on a mesh of `devices` (see the module
     docstring)."""
-    c = config_lib.typed(config)
+    c = validate.check_config(config)
     V = resolve_vocab_size(c, vocab_size)
     P, T = resolve_prompt_max(c), c.data.seq_len
     if P >= T:
@@ -216,12 +217,15 @@ def _compile(name: str, lower: Any, *args: Any, **kw: Any) -> Piece:
 def layout(ar: AbstractRun, batch_size: int) -> sharding.DecodeLayout:
     """The sampler's decode layout for `batch_size` rows (what run.setup gives the refill)."""
     n_kv = nnx.merge(ar.graphdef, ar.state.params, ar.frozen).config.n_kv_heads
-    return sharding.decode_layout(ar.mesh, batch_size, n_kv)
+    weights = sharding.decode_weight_specs(jax.tree.map(lambda x: x.sharding, ar.state.params))
+    weights += sharding.decode_weight_specs(jax.tree.map(lambda x: x.sharding, ar.frozen))
+    return sharding.decode_layout(ar.mesh, batch_size, n_kv, weights)
 
 
 def _decode_step(ar: AbstractRun, name: str, batch_size: int, cache_len: int) -> Piece:
-    """One token of the sampler's loop (`model.decode` of one token against the cache), rows
-    and cache in the decode layout, the next-token logits gathered there as the sampler does."""
+    """One token of the sampler's loop (`model.decode` of one token against the cache): weights,
+    rows and cache in the decode layout, the next-token logits gathered there as the sampler
+    does."""
     lay = layout(ar, batch_size)
     B, S = batch_size, cache_len
 
@@ -233,9 +237,19 @@ def _decode_step(ar: AbstractRun, name: str, batch_size: int, cache_len: int) ->
     model = nnx.merge(ar.graphdef, ar.state.params, ar.frozen)
     cache = jax.eval_shape(lambda: init_cache(model.config, B, S))
     cache = jax.tree.map(lambda x: _sds(x.shape, x.dtype, lay.cache), cache)
+    specs = dict(lay.weights)  # the weights as the sampler holds them in its loop
+
+    def placed(tree):
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: _sds(
+                x.shape, x.dtype, NamedSharding(ar.mesh, specs[sharding.path_name(p)])
+            ),
+            tree,
+        )
+
     args = (
-        ar.state.params,
-        ar.frozen,
+        placed(ar.state.params),
+        placed(ar.frozen),
         cache,
         _sds((B, 1), jnp.int32, lay.rows),
         _sds((B, 1), jnp.int32, lay.rows),

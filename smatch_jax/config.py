@@ -126,11 +126,20 @@ class Typed:
 
 
 def typed(config: Mapping[str, Any]) -> Typed:
-    """The typed sections of a ConfigDict or dict (missing fields take their defaults; a
-    problem raises ValueError naming the field; `validate.check_config` lists them all)."""
-    get = lambda name: config.get(name, {})
-    top = TopLevel.from_mapping({k: config[k] for k in ("seed", "distributed") if k in config})
-    parts = {name: cls.from_mapping(get(name)) for name, cls in SECTIONS.items()}
+    """The typed sections of a ConfigDict or dict (missing fields take their defaults). Every
+    problem of every section raises one ValueError, a line each naming the field; cross-section
+    checks are `validate.check_config`'s, which calls this."""
+    top_values = {k: config[k] for k in ("seed", "distributed") if k in config}
+    parts: dict[str, Any] = {}
+    problems: list[str] = []
+    for name, cls in (("", TopLevel), *SECTIONS.items()):
+        try:
+            parts[name] = cls.from_mapping(config.get(name, {}) if name else top_values)
+        except ValueError as e:
+            problems += str(e).splitlines()
+    if problems:
+        raise ValueError("\n".join(problems))
+    top = parts.pop("")
     return Typed(seed=top.seed, distributed=top.distributed, **parts)
 
 

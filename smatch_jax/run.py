@@ -56,8 +56,10 @@ class Run:
         return self.settings.model_rows > 0
 
 
-def setup(config: ml_collections.ConfigDict) -> Run:
-    c = validate.check_config(config)  # every problem, one line each, before any work
+def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = None) -> Run:
+    """The run of `config`; `typed`: `validate.check_config(config)`, when the caller has
+    already checked it (train.py does, before it touches the workdir)."""
+    c = typed or validate.check_config(config)  # every problem, one line each, before any work
     mesh = sharding.mesh_of(c.mesh)
     index, count = sharding.batch_slice(mesh)  # this host's share of every batch
     data = data_lib.build_train_data(
@@ -66,8 +68,13 @@ def setup(config: ml_collections.ConfigDict) -> Run:
     tok = data.tokenizer
     validate.check_tokenizer(tok)
     T, P = c.data.seq_len, data.prompt_max
+    trained = None
+    if c.model.init.startswith("ckpt:"):  # fine-tune a run trained here
+        prior, prior_state = load_trained(c.model.init[5:])
+        model = nnx.merge(prior.graphdef, prior_state.params, prior.frozen)
+        trained = (model, prior.data.tokenizer)
     model = factory.build_model(
-        c.model, vocab_size=tok.vocab_size, seq_len=T, seed=c.seed, tokenizer=tok
+        c.model, vocab_size=tok.vocab_size, seq_len=T, seed=c.seed, tokenizer=tok, trained=trained
     )
     graphdef, params, frozen = nnx.split(model, lora.trainable_filter(c.model.lora_rank > 0), ...)
     optimizer = build_optimizer(c, params, tok.bkspc_id)
@@ -83,7 +90,8 @@ def setup(config: ml_collections.ConfigDict) -> Run:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh
     )
     init_state = lambda: jax.device_put(initial_state(c, params, optimizer, tok.pad_id), state_sh)
-    frozen = jax.device_put(frozen, sharding.param_shardings(frozen, mesh, c.mesh.rules))
+    frozen_sh = sharding.param_shardings(frozen, mesh, c.mesh.rules)
+    frozen = jax.device_put(frozen, frozen_sh)
     rep = sharding.replicated(mesh)
     probs = jnp.asarray(probs)
 
@@ -91,7 +99,9 @@ def setup(config: ml_collections.ConfigDict) -> Run:
         fn = steps.make_train_step(graphdef, frozen, optimizer, loss_fn, probs, st, automaton)
         return fn(state, batch, with_model=with_model)
 
-    layout = sharding.decode_layout(mesh, c.train.batch_size, model.config.n_kv_heads)
+    weights = sharding.decode_weight_specs(state_sh.params)
+    weights += sharding.decode_weight_specs(frozen_sh)
+    layout = sharding.decode_layout(mesh, c.train.batch_size, model.config.n_kv_heads, weights)
 
     def sample(state, batch, frozen):
         return steps.make_refill(graphdef, frozen, st, layout)(state, batch)
@@ -126,6 +136,7 @@ def step_settings(c: config_lib.Typed, tok: Any, prompt_max: int) -> steps.StepS
         model_rows=c.train.model_rows if c.loss.samples_model_rows else 0,
         prompt_max=prompt_max,
         sampling=c.sampling.decoding(c.data.seq_len - prompt_max),
+        remat=c.model.remat,
     )
 
 

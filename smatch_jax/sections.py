@@ -10,7 +10,8 @@ The `Section` base gives every section the same checks:
   type, unknown choice, out of range, and `cross_problems` between fields), one line each,
   naming the fix; the validator collects them over all sections;
 * `from_mapping(values)`: the typed section from a dict or ConfigDict: unknown keys raise with
-  the closest known key, missing ones take their default, problems raise `ValueError`.
+  the closest known key, missing ones take their default, problems raise `ValueError` (one
+  line each). A section is checked once, when it is built.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class Section:
     def __post_init__(self) -> None:
         problems = self.problems_of(dataclasses.asdict(self))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -127,5 +128,5 @@ class Section:
         if unknown:
             prefix = f"{cls.NAME}." if cls.NAME else ""
             names = [f"{prefix}{k}" for k in known]
-            raise ValueError("; ".join(did_you_mean(f"{prefix}{k}", names) for k in unknown))
+            raise ValueError("\n".join(did_you_mean(f"{prefix}{k}", names) for k in unknown))
         return cls(**items)

@@ -37,12 +37,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return train(config, workdir)[1]
 
 
-def _prepare(config, workdir_p: Path, force_resume: bool) -> None:
-    """Checks that need no model or data: the config, the workdir, its saved config."""
-    validate.check_config(config)
+def _prepare(config, workdir_p: Path, force_resume: bool):
+    """Checks that need no model or data: the config, the workdir, its saved config; the
+    typed config."""
+    typed = validate.check_config(config)
     diff = validate.prepare_workdir(workdir_p, config.to_dict(), force=force_resume)
     if diff:
         log.info("config changes from %s: %s", workdir_p / "config.json", diff)
+    return typed
 
 
 def _write_config(config, workdir_p: Path) -> None:
@@ -84,8 +86,7 @@ def train(
     config.json differs from `config` (see `validate.prepare_workdir`).
     """
     workdir_p = Path(workdir)
-    _prepare(config, workdir_p, force_resume)
-    run = setup(config)
+    run = setup(config, _prepare(config, workdir_p, force_resume))
     c = run.typed
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state()))
     validate.check_free_space(workdir_p, state_bytes, c.train.keep_ckpts)

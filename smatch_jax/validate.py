@@ -24,14 +24,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from smatch_jax import config as config_lib
 from smatch_jax.sections import did_you_mean, flatten
 
 log = logging.getLogger(__name__)
 
 # Fields a resumed run may change: run length, cadences, where the data lives, how it is
-# evaluated, the mesh. A
-# resumed run stays bit-identical to an uninterrupted one except for `train.num_steps` (the
-# cosine schedule is recomputed for the new length) and the mesh (equal to float tolerance).
+# evaluated, the mesh, rematerialisation. A resumed run stays bit-identical to an uninterrupted
+# one except for `train.num_steps` (the cosine schedule is recomputed for the new length), the
+# mesh and `model.remat` (equal to float tolerance: XLA may fuse the recomputation otherwise).
 RESUMABLE_CHANGES = (
     "train.num_steps",
     "train.log_every",
@@ -43,6 +44,7 @@ RESUMABLE_CHANGES = (
     "eval.num_samples",
     "eval.temperature",
     "eval.recovery",
+    "model.remat",
     "mesh.data",
     "mesh.fsdp",
     "mesh.tensor",
@@ -61,8 +63,6 @@ class WorkdirError(RuntimeError):
 
 def schema():
     """Every field a config may have, with its default (smatch_jax/config.py)."""
-    from smatch_jax import config as config_lib  # config.py imports the section owners
-
     return config_lib.base_config()
 
 
@@ -91,21 +91,18 @@ def _compatibility_problems(c) -> list[str]:
     return problems
 
 
-def check_config(config: Mapping[str, Any]):
+def check_config(config: Mapping[str, Any]) -> config_lib.Typed:
     """Raise ConfigError listing every problem of `config` (one line each, naming the fix);
     return the typed config (`config.Typed`)."""
-    from smatch_jax import config as config_lib
-
     defaults = flatten(schema())
     problems = [did_you_mean(k, defaults) for k in flatten(config) if k not in defaults]
-    if not problems:
-        top = {k: config[k] for k in ("seed", "distributed") if k in config}
-        problems = config_lib.TopLevel.problems_of(top)
-        for name, cls in config_lib.SECTIONS.items():
-            problems += cls.problems_of(config.get(name, {}))
     typed = None
     if not problems:
-        typed = config_lib.typed(config)
+        try:
+            typed = config_lib.typed(config)  # each section checked once, as it is built
+        except ValueError as e:
+            problems = str(e).splitlines()
+    if typed is not None:
         problems = _compatibility_problems(typed)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
@@ -128,8 +125,6 @@ def check_tokenizer(tok) -> None:
 
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (old, new)} of the leaves that differ (a missing key counts as its default)."""
-    from smatch_jax import config as config_lib
-
     defaults = flatten(schema())
     a, b = flatten(config_lib.upgrade(old)), flatten(new)
     keys = sorted(set(a) | set(b))

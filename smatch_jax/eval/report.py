@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from smatch_jax import metrics, noise
+from smatch_jax import run as run_lib
 from smatch_jax.data import arithmetic
 from smatch_jax.data.rows import RowTooLongError
 from smatch_jax.data.train_data import grammar_spec
@@ -47,8 +48,6 @@ log = logging.getLogger(__name__)
 def load_model(workdir: str, step: int | None = None, split: str | None = None):
     """(run, step, model) of a training workdir at `step` (default: latest); `split`: the
     evaluation split `run.data.eval_split` holds (default: the run's own)."""
-    from smatch_jax import run as run_lib
-
     run, state = run_lib.load_trained(workdir, step, eval_split=split)
     return run, int(state.step), nnx.merge(run.graphdef, state.params, run.frozen)
 

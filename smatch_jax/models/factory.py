@@ -16,7 +16,7 @@ from flax import nnx
 
 from smatch_jax.models import convert, lora
 from smatch_jax.models.config import PRESETS, from_preset
-from smatch_jax.models.transformer import Transformer
+from smatch_jax.models.transformer import REMAT, Transformer
 from smatch_jax.sections import Section
 
 INITS = "'scratch', 'smollm2', 'hf:<dir>', 'ckpt:<workdir>' or 'npz:<file>'"
@@ -33,8 +33,14 @@ class ModelSpec(Section):
     lora_rank: int = 0  # > 0: LoRA adapters of this rank, base weights frozen
     lora_alpha: float = 0.0  # LoRA scale numerator (0: = rank)
     dtype: str = "float32"  # compute dtype
+    # What a gradient keeps of each block's forward pass: 'none', 'full' (recompute the block),
+    # 'save_dots' (keep the projections' outputs); transformer.REMAT. Memory, not results.
+    remat: str = "none"
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"dtype": ("float32", "bfloat16", "float16")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "dtype": ("float32", "bfloat16", "float16"),
+        "remat": tuple(REMAT),
+    }
     RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (("lora_rank", 0, None, True),)
 
     @classmethod
@@ -48,11 +54,18 @@ class ModelSpec(Section):
 
 
 def build_model(
-    spec: ModelSpec, *, vocab_size: int, seq_len: int, seed: int, tokenizer=None
+    spec: ModelSpec,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    seed: int,
+    tokenizer=None,
+    trained: tuple[Transformer, Any] | None = None,
 ) -> Transformer:
     """The model of `spec` for a vocabulary of `vocab_size` and rows of `seq_len` tokens.
 
-    `tokenizer` (optional) must equal the tokenizer of a `ckpt:<workdir>` model.
+    `trained`: `(model, tokenizer)` of the run a `ckpt:<workdir>` init names, restored by the
+    caller (`run.setup`); `tokenizer` (optional) must equal that run's tokenizer.
     """
     init = spec.init
     if init == "scratch":
@@ -65,11 +78,12 @@ def build_model(
     elif init.startswith("hf:"):
         model = convert.load_hf(init[3:], dtype=spec.dtype)
     elif init.startswith("ckpt:"):  # fine-tune a model trained here (e.g. MLE pretraining)
-        from smatch_jax import run as run_lib  # run.py builds models with this module
-
-        run, state = run_lib.load_trained(init[5:])
-        model = nnx.merge(run.graphdef, state.params, run.frozen)
-        theirs = run.data.tokenizer
+        if trained is None:
+            raise ValueError(
+                f"model.init={init!r}: a trained run is restored by run.setup (run.py); "
+                "pass trained=(model, tokenizer)"
+            )
+        model, theirs = trained
         if (
             tokenizer is not None
             and theirs.vocab_size == vocab_size
