@@ -6,8 +6,10 @@
 * `collectives(hlo_text, loop_trips)`: the collectives of the optimised HLO (all-gather,
   all-reduce, reduce-scatter, all-to-all, collective-permute and their async starts), each
   with the bytes of its largest buffer, times the trip count of the loops around it: a
-  while loop's `known_trip_count`, else `loop_trips` (the caller's bound, e.g. the sampler's
-  action budget). Bytes inside loop bodies are also summed apart (`in_loops`).
+  while loop's `known_trip_count`, else N for a condition `i < N` (XLA's own loops, e.g. a
+  windowed matmul over N shards), else `loop_trips` (the caller's bound, e.g. the sampler's
+  action budget). One iteration of the loops of unknown length is also summed apart
+  (`in_loops`: a sampler's bytes per token).
 * `roofline_seconds(...)`: max(flops / peak, bytes / HBM bandwidth) + collective bytes / ICI
   bandwidth, a projection from the chip table (topologies.py), never a measurement. XLA's own
   `optimal_seconds` is not used: it comes out negative on these steps.
@@ -98,7 +100,7 @@ class Collectives:
 
     by_kind: dict[str, float]  # kind -> bytes (all executions)
     count: dict[str, int]  # kind -> instructions in the HLO text
-    in_loops: float  # bytes of the collectives inside loop bodies, per loop iteration
+    in_loops: float  # bytes of one iteration of the loops of unknown length (per token)
 
     @property
     def total(self) -> float:
@@ -122,36 +124,69 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
+_COUNTED = re.compile(r"ROOT %\S+ = pred\[\]\S* compare\(.*%(constant[\w.\-]*)\), direction=LT")
+_CONST = re.compile(r"^\s*%(constant[\w.\-]*) = [su]\d+\[\]\S* constant\((\d+)\)")
+
+
+def _counted_trips(cond: list[str]) -> int | None:
+    """N of a condition `i < N`, N a constant (XLA's own loops, e.g. a windowed matmul that
+    circulates the N shards of an operand); None for any other condition."""
+    consts = {m.group(1): int(m.group(2)) for m in map(_CONST.match, cond) if m}
+    for line in cond:
+        m = _COUNTED.search(line)
+        if m and m.group(1) in consts:
+            return consts[m.group(1)]
+    return None
+
+
 def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
-    """The collectives of an optimised HLO module's text (see the module docstring)."""
+    """The collectives of an optimised HLO module's text (see the module docstring).
+
+    A while loop runs its `known_trip_count`, else N when its condition is `i < N` for a
+    constant N (the loops XLA writes, e.g. windowed matmuls), else `loop_trips`: the loops of
+    unknown length are the program's own (the sampler's), and `in_loops` is the bytes of one
+    of their iterations, XLA's loops inside them included."""
     comps, entry = _computations(hlo_text)
-    mult: dict[str, float] = defaultdict(float)
-    looped: set[str] = set()
-    order = [entry] if entry else list(comps)
-    for name in order:
-        mult[name] = max(mult[name], 1.0)
-    seen: set[str] = set()
-    while order:  # propagate multipliers from callers to callees (the call graph is a DAG)
-        name = order.pop(0)
-        if name in seen or name not in comps:
-            continue
-        seen.add(name)
-        for line in comps[name]:
+    calls: dict[str, list[tuple[str, float, bool]]] = defaultdict(list)  # (callee, trips, ?)
+    for name, lines in comps.items():
+        for line in lines:
             m = _INSTR.match(line)
             if not m:
                 continue
-            factor = 1.0
+            factor, unknown = 1.0, False
             if m.group(3) == "while":
                 t = _TRIPS.search(line)
-                factor = float(t.group(1)) if t else float(loop_trips)
+                cond = re.search(r"condition=%([\w.\-]+)", line)
+                n = int(t.group(1)) if t else _counted_trips(comps.get(cond.group(1), []))
+                unknown = n is None
+                factor = float(loop_trips if n is None else n)
             for group in _CALLEE.findall(line):
                 for callee in group.split(","):
                     callee = callee.strip().lstrip("%")
                     if callee in comps:
-                        mult[callee] = max(mult[callee], mult[name] * factor)
-                        if m.group(3) == "while" or name in looped:
-                            looped.add(callee)
-                        order.append(callee)
+                        calls[name].append((callee, factor, unknown))
+    # Callers before callees (the call graph is a DAG); a computation called from several
+    # places runs the sum of their counts.
+    order: list[str] = []
+    visited: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name not in visited:
+            visited.add(name)
+            for callee, _, _ in calls[name]:
+                visit(callee)
+            order.append(name)
+
+    called = {c for edges in calls.values() for c, _, _ in edges}
+    roots = [entry] if entry else [n for n in comps if n not in called]
+    for r in roots:
+        visit(r)
+    mult: dict[str, float] = defaultdict(float, {r: 1.0 for r in roots})
+    per_trip: dict[str, float] = defaultdict(float)  # runs per iteration of an unknown loop
+    for name in reversed(order):
+        for callee, factor, unknown in calls[name]:
+            mult[callee] += mult[name] * factor
+            per_trip[callee] += mult[name] if unknown else per_trip[name] * factor
     by_kind: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
     in_loops = 0.0
@@ -165,10 +200,9 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
             if kind not in COLLECTIVES or op.endswith("-done"):
                 continue
             b = array_bytes(m.group(2))
-            by_kind[kind] += b * max(mult[name], 1.0)
+            by_kind[kind] += b * mult[name]
             count[kind] += 1
-            if name in looped:
-                in_loops += b
+            in_loops += b * per_trip[name]
     return Collectives(dict(by_kind), dict(count), in_loops)
 
 

@@ -242,6 +242,47 @@ def test_collectives_inside_a_while_body_are_counted_per_trip():
     assert hlo_stats.collectives(hlo).in_loops == gathered  # a loop of unknown length too
 
 
+def test_xla_counted_loops_run_their_count_and_are_not_the_samplers_tokens():
+    """A windowed matmul XLA writes as a loop `i < 4` (circulating 4 shards) runs 4 times,
+    outside the sampler's loop or inside it; only the sampler's loop (unknown length) makes
+    per-token bytes, its inner XLA loop included 4 times."""
+    from smatch_jax import hlo_stats
+
+    hlo = "\n".join(
+        [
+            "%wcond (p: (bf16[64,64], u32[])) -> pred[] {",
+            "  %constant.7 = u32[]{:T(128)} constant(4)",
+            "  %i = u32[] get-tuple-element((bf16[64,64], u32[]) %p), index=1",
+            "  ROOT %c = pred[]{:T(512)} compare(u32[] %i, u32[]{:T(128)} %constant.7), "
+            "direction=LT",
+            "}",
+            "%wbody (p: (bf16[64,64], u32[])) -> (bf16[64,64], u32[]) {",
+            "  %cp = bf16[64,64]{1,0} collective-permute(bf16[64,64]{1,0} %x), "
+            "source_target_pairs={{0,1},{1,0}}",
+            "  ROOT %t = (bf16[64,64], u32[]) tuple(%cp, %i)",
+            "}",
+            "%cond (p: s32[]) -> pred[] {",
+            "  %all = pred[] and(pred[] %a, pred[] %b)",
+            "  ROOT %and = pred[] and(pred[] %all, pred[] %b)",
+            "}",
+            "%body (p: s32[]) -> s32[] {",
+            "  %inner = (bf16[64,64], u32[]) while((bf16[64,64], u32[]) %q), "
+            "condition=%wcond, body=%wbody",
+            "  ROOT %n = s32[] add(s32[] %p, s32[] %p)",
+            "}",
+            "ENTRY %main (w: bf16[64,64]) -> s32[] {",
+            "  %pre = (bf16[64,64], u32[]) while((bf16[64,64], u32[]) %q), "
+            "condition=%wcond, body=%wbody",
+            "  ROOT %while.3 = s32[] while(s32[] %i), condition=%cond, body=%body",
+            "}",
+        ]
+    )
+    c = hlo_stats.collectives(hlo, loop_trips=10)
+    permute = 64 * 64 * 2
+    assert c.in_loops == 4 * permute  # per token: the inner windowed loop, 4 shards
+    assert c.by_kind == {"collective-permute": (4 + 10 * 4) * permute}  # both call sites
+
+
 def test_the_decode_layouts_cache_write_by_select_equals_the_scatter():
     from smatch_jax.models.transformer import _write_rows
 

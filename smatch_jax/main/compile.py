@@ -55,10 +55,14 @@ def _knob(name: str, mem) -> str:
     if name.startswith("train"):
         if mem is not None and mem.args + mem.out - mem.alias > mem.temp:
             return "state dominates: larger mesh.fsdp x mesh.tensor"
-        return "activations dominate: train.batch_size / train.model_rows, mesh.tensor"
+        return (
+            "activations dominate: model.remat='full' (or 'save_dots'), "
+            "train.batch_size / train.model_rows, mesh.tensor"
+        )
+    # The sampler holds 1/mesh.tensor of the weights per chip (sharding.decode_layout).
     if name.startswith("refill"):
-        return "train.batch_size (rows sampled per refill), larger mesh.fsdp x mesh.tensor"
-    return "the evaluation batch (256), larger mesh.fsdp x mesh.tensor"
+        return "train.batch_size (rows sampled per refill), larger mesh.tensor"
+    return "the evaluation batch (256), larger mesh.tensor"
 
 
 def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | None = None):
