@@ -239,26 +239,33 @@ def test_forward_embeddings_and_input_gradients(variant):
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_remat_gives_the_same_loss_and_parameter_gradients(remat):
     """Rematerialisation changes what the backward pass keeps, not what it computes; and it is
-    really there (a checkpoint per block in the traced program)."""
+    really there (a checkpoint per block in the traced program). As in training: LoRA, the
+    adapters differentiated, the frozen base weights an argument of the jitted function."""
+    from smatch_jax.models import lora
+
     s = _setup("llama")
-    graphdef = nnx.graphdef(s.model)
+    model = nnx.merge(*nnx.split(s.model))  # a copy to put adapters on
+    lora.apply_lora(model, rank=2, rngs=nnx.Rngs(3))
+    graphdef, params, frozen = nnx.split(model, lora.trainable_filter(True), ...)
+    params = jax.tree.map(lambda x: x + 0.01, params)  # nonzero adapters: gradients reach both
     B, T = 2, 8
     ids, pos, mask = _random_ids(s.config, (B, T), 5), _arange(B, T), _causal(B, T)
 
-    def loss(state, policy):
-        return jnp.mean(nnx.merge(graphdef, state)(ids, pos, mask, remat=policy) ** 2)
+    def loss(params, frozen, policy):
+        logits = nnx.merge(graphdef, params, frozen)(ids, pos, mask, remat=policy)
+        return jnp.mean(logits**2)
 
-    grad = lambda policy: jax.jit(jax.value_and_grad(loss), static_argnums=1)(s.state, policy)
-    (l0, g0), (l1, g1) = grad("none"), grad(remat)
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=2)
+    (l0, g0), (l1, g1) = grad(params, frozen, "none"), grad(params, frozen, remat)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g0)
-    jaxpr = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(s.state, remat))
-    assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= s.config.n_layers
-    assert "checkpoint" not in str(
-        jax.make_jaxpr(jax.grad(loss), static_argnums=1)(s.state, "none")
+    jaxpr = lambda policy: str(
+        jax.make_jaxpr(jax.grad(loss), static_argnums=2)(params, frozen, policy)
     )
+    assert jaxpr(remat).count("checkpoint") + jaxpr(remat).count("remat") >= s.config.n_layers
+    assert "checkpoint" not in jaxpr("none")
     with pytest.raises(ValueError, match="remat='all'; use one of"):
-        loss(s.state, "all")
+        loss(params, frozen, "all")
 
 
 def test_fully_masked_query_row_is_zero_with_finite_gradients():

@@ -322,9 +322,12 @@ class Transformer(nnx.Module):
         for block in self.blocks:
             if remat == "none":
                 x_BxTxD, _ = block(x_BxTxD, positions_BxT, attn_mask_BxTxT)
-            else:
-                run = nnx.remat(lambda b, x, p, m: b(x, p, m)[0], policy=REMAT[remat])
-                x_BxTxD = run(block, x_BxTxD, positions_BxT, attn_mask_BxTxT)
+            else:  # a pure function of the block's weights: they may come from several traces
+                # (LoRA: trainable adapters under the gradient, the frozen base outside it)
+                graphdef, weights = nnx.split(block)
+                run = lambda w, x, p, m, g=graphdef: nnx.merge(g, w)(x, p, m)[0]
+                run = jax.checkpoint(run, policy=REMAT[remat])
+                x_BxTxD = run(weights, x_BxTxD, positions_BxT, attn_mask_BxTxT)
         return self._logits(x_BxTxD)
 
     def __call__(
