@@ -214,8 +214,8 @@ def sample_traced(
 
     def place(**c):
         """The loop's carry in the decode layout: every [B, ...] array on `rows`, the cache
-        on `cache`. XLA can still split the carried rows over `fsdp` inside the loop and
-        gather weight shards every token (the v5e-32 plan: benchmarks/RESULTS.md)."""
+        on `cache` (left to itself, XLA re-split the carried rows inside the loop: the
+        v5e-32 plan, benchmarks/RESULTS.md)."""
         if layout is None:
             return c
         per_row = lambda v: v.ndim and v.shape[0] == B
