@@ -281,7 +281,7 @@ def compile_pieces(
 
         def train(state, frozen, batch, with_model=with_model):
             fn = steps.make_train_step(
-                ar.graphdef, frozen, ar.optimizer, ar.loss_fn, ar.noise_probs, st
+                ar.graphdef, frozen, ar.optimizer, ar.loss_fn, ar.noise_probs, st, mesh=ar.mesh
             )
             return fn(state, batch, with_model)
 

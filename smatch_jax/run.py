@@ -96,7 +96,9 @@ def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = No
     probs = jnp.asarray(probs)
 
     def train(state, batch, frozen, with_model):
-        fn = steps.make_train_step(graphdef, frozen, optimizer, loss_fn, probs, st, automaton)
+        fn = steps.make_train_step(
+            graphdef, frozen, optimizer, loss_fn, probs, st, automaton, mesh=mesh
+        )
         return fn(state, batch, with_model=with_model)
 
     weights = sharding.decode_weight_specs(state_sh.params)

@@ -200,6 +200,21 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def put_rows(mesh: Mesh, x: jax.Array) -> jax.Array:
+    """`x` (inside jit) with its leading dimension split over `data` x `fsdp` (the axes that
+    divide it) and the rest copied: where a training batch's activations belong."""
+    spec = _fit((BATCH_AXES,) + (None,) * (x.ndim - 1), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def put_logits(mesh: Mesh, x: jax.Array) -> jax.Array:
+    """Logits [B, T, V+1] (inside jit): rows as `put_rows`, positions over `tensor` (when it
+    divides them). The output layer's work is then split over every chip; V + 1 rarely
+    divides, and with the positions copied each `tensor` shard computed every row's logits."""
+    spec = _fit((BATCH_AXES, "tensor", None), x.shape, mesh)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 def batch_shards(mesh: Mesh) -> int:
     """How many slices a training batch is split into (`data` x `fsdp`)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -14,6 +14,7 @@ optimiser state, replay buffer, RNG) and are jitted by the caller with shardings
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -59,8 +60,12 @@ def make_train_step(
     noise_probs: jax.Array,
     st: StepSettings,
     automaton: tuple[Any, int] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ):
-    """`step(state, batch, with_model) -> (state, metrics)`; `with_model` must be static."""
+    """`step(state, batch, with_model) -> (state, metrics)`; `with_model` must be static.
+    `mesh`: the forward pass keeps its activations' rows split over the batch's mesh axes
+    (`sharding.put_rows`, `Transformer.forward_embeddings`' `place`)."""
+    place = None if mesh is None else functools.partial(sharding.put_rows, mesh)
 
     def step(state: TrainState, batch: dict[str, jax.Array], with_model: bool):
         k_noise, k_replay, _ = _step_keys(state)
@@ -71,9 +76,8 @@ def make_train_step(
                 batch["tokens"], m, batch["length"], bkspc_id=st.bkspc_id
             )
             model = nnx.merge(graphdef, state.params, frozen)
-            own = noise.policy_logits(
-                jax.lax.stop_gradient(model(clean.input_ids, clean.positions, clean.attn_mask))
-            )
+            logits = model(clean.input_ids, clean.positions, clean.attn_mask, place=place)
+            own = noise.policy_logits(jax.lax.stop_gradient(logits))
         nz = noise.add_noise(
             k_noise,
             batch["tokens"],
@@ -103,7 +107,9 @@ def make_train_step(
 
         def loss_of(params):
             model = nnx.merge(graphdef, params, frozen)
-            logits = model(lay.input_ids, lay.positions, lay.attn_mask, remat=st.remat)
+            logits = model(lay.input_ids, lay.positions, lay.attn_mask, st.remat, place)
+            if mesh is not None:
+                logits = sharding.put_logits(mesh, logits)
             return loss_fn(logits, rows, state.step)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)

@@ -4,6 +4,7 @@ inside while loops (hlo_stats.py). Specs are checked on abstract meshes; that th
 moves activations and not weights, and the host slices of a v5e-32, on the TPU compiler's
 compile-only devices (no TPU needed)."""
 
+import functools
 import importlib.util
 
 import jax
@@ -128,6 +129,23 @@ def test_decode_weights_keep_only_their_tensor_split():
     eqns = jax.make_jaxpr(lay.put_weights)(arrays).eqns
     placed = [e.params["sharding"].spec for e in eqns if e.primitive.name == "sharding_constraint"]
     assert placed == [specs[k] for k in ("embed", "o", "q")]  # in the pytree's key order
+
+
+def test_the_train_steps_activations_keep_their_rows_split():
+    """Residual stream: rows over data x fsdp; logits: positions over tensor too (V + 1 does
+    not divide). Axes that do not divide a dimension are dropped."""
+    mesh = _mesh(data=2, fsdp=2, tensor=2)
+
+    def specs(fn, x):
+        eqns = jax.make_jaxpr(functools.partial(fn, mesh))(x).eqns
+        return [
+            e.params["sharding"].spec for e in eqns if e.primitive.name == "sharding_constraint"
+        ]
+
+    assert specs(sharding.put_rows, jnp.ones((8, 6, 4))) == [P(("data", "fsdp"), None, None)]
+    assert specs(sharding.put_rows, jnp.ones((2, 6, 4))) == [P("data", None, None)]
+    assert specs(sharding.put_logits, jnp.ones((8, 6, 33))) == [P(("data", "fsdp"), "tensor", None)]
+    assert specs(sharding.put_logits, jnp.ones((8, 5, 33))) == [P(("data", "fsdp"), None, None)]
 
 
 needs_libtpu = pytest.mark.skipif(

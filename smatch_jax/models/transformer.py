@@ -310,8 +310,14 @@ class Transformer(nnx.Module):
         positions_BxT: jax.Array,
         attn_mask_BxTxT: jax.Array,
         remat: str = "none",
+        place: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         """Logits [B, T, V+1] float32 from input embeddings (as returned by `embed`).
+
+        `place` (on a mesh): a sharding constraint for the residual stream [B, T, d], applied
+        before every block and the output layer (the training step keeps rows split over the
+        batch's mesh axes there; left alone, XLA followed the embedding table's feature split
+        and gathered the whole batch's activations on every chip).
 
         `remat` (`REMAT`): what a gradient keeps of each block's forward pass. 'none' keeps
         every activation; 'full' only the block's input, recomputing the rest in the backward
@@ -319,7 +325,9 @@ class Transformer(nnx.Module):
         projections, not the attention's scores), so only cheap elementwise work is redone."""
         if remat not in REMAT:
             raise ValueError(f"remat={remat!r}; use one of {sorted(REMAT)}")
+        place = place or (lambda x: x)
         for block in self.blocks:
+            x_BxTxD = place(x_BxTxD)
             if remat == "none":
                 x_BxTxD, _ = block(x_BxTxD, positions_BxT, attn_mask_BxTxT)
             else:  # a pure function of the block's weights: they may come from several traces
@@ -328,7 +336,7 @@ class Transformer(nnx.Module):
                 run = lambda w, x, p, m, g=graphdef: nnx.merge(g, w)(x, p, m)[0]
                 run = jax.checkpoint(run, policy=REMAT[remat])
                 x_BxTxD = run(weights, x_BxTxD, positions_BxT, attn_mask_BxTxT)
-        return self._logits(x_BxTxD)
+        return self._logits(place(x_BxTxD))
 
     def __call__(
         self,
@@ -336,11 +344,12 @@ class Transformer(nnx.Module):
         positions_BxT: jax.Array,
         attn_mask_BxTxT: jax.Array,
         remat: str = "none",
+        place: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         """Full pass: logits [B, T, V+1] float32; attn_mask[b, q, k] True if q may see k.
-        `remat`: see `forward_embeddings`."""
+        `remat`, `place`: see `forward_embeddings`."""
         x_BxTxD = self.embed(input_ids_BxT, positions_BxT)
-        return self.forward_embeddings(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat)
+        return self.forward_embeddings(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat, place)
 
     def decode(
         self,
