@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -133,7 +134,15 @@ def make_mesh(
         )
     # Auto axes: XLA propagates shardings from the inputs (no sharding-in-types).
     auto = (jax.sharding.AxisType.Auto,) * len(AXES)
-    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=auto, devices=devices)
+    try:
+        return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=auto, devices=devices)
+    except NotImplementedError:
+        # An axis that is no product of whole physical axes (v4-64 is 2x4x4; data 2 x fsdp 2
+        # x tensor 8 needs one of its 4s split): let a physical axis be split.
+        grid = mesh_utils.create_device_mesh(
+            (data, fsdp, tensor), devices, allow_split_physical_axes=True
+        )
+        return Mesh(grid, AXES, axis_types=auto)
 
 
 def mesh_of(c: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -213,6 +213,18 @@ def test_the_sampler_in_the_decode_layout_moves_activations_not_weights():
 
 
 @needs_libtpu
+def test_a_mesh_whose_axes_split_a_physical_axis_is_built():
+    """v4-64 is 2x4x4 chips: data 2 x fsdp 2 x tensor 8 takes a 4 apart (jax.make_mesh
+    refuses it; configs/paper.py's v4 mesh)."""
+    from smatch_jax import topologies
+
+    devices = topologies.compile_devices("v4-64")
+    mesh = sharding.make_mesh(2, 2, 8, devices=devices)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 8}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in devices)
+
+
+@needs_libtpu
 @pytest.mark.parametrize("fsdp, tensor, slices", [(32, 1, 8), (4, 8, 2), (8, 4, 4)])
 def test_each_host_of_a_v5e_32_slice_loads_the_rows_its_chips_hold(
     monkeypatch, fsdp, tensor, slices
