@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from smatch_jax import config as config_lib
 from smatch_jax import noise, objective, run, sampling, sharding, steps, validate
@@ -217,8 +216,7 @@ def _compile(name: str, lower: Any, *args: Any, **kw: Any) -> Piece:
 def layout(ar: AbstractRun, batch_size: int) -> sharding.DecodeLayout:
     """The sampler's decode layout for `batch_size` rows (what run.setup gives the refill)."""
     n_kv = nnx.merge(ar.graphdef, ar.state.params, ar.frozen).config.n_kv_heads
-    weights = sharding.decode_weight_specs(jax.tree.map(lambda x: x.sharding, ar.state.params))
-    weights += sharding.decode_weight_specs(jax.tree.map(lambda x: x.sharding, ar.frozen))
+    weights = sharding.decode_weight_specs(ar.state.params, ar.frozen)
     return sharding.decode_layout(ar.mesh, batch_size, n_kv, weights)
 
 
@@ -237,14 +235,10 @@ def _decode_step(ar: AbstractRun, name: str, batch_size: int, cache_len: int) ->
     model = nnx.merge(ar.graphdef, ar.state.params, ar.frozen)
     cache = jax.eval_shape(lambda: init_cache(model.config, B, S))
     cache = jax.tree.map(lambda x: _sds(x.shape, x.dtype, lay.cache), cache)
-    specs = dict(lay.weights)  # the weights as the sampler holds them in its loop
 
-    def placed(tree):
+    def placed(tree):  # the weights as the sampler holds them in its loop
         return jax.tree_util.tree_map_with_path(
-            lambda p, x: _sds(
-                x.shape, x.dtype, NamedSharding(ar.mesh, specs[sharding.path_name(p)])
-            ),
-            tree,
+            lambda p, x: _sds(x.shape, x.dtype, lay.weight_sharding(p)), tree
         )
 
     args = (

@@ -101,8 +101,7 @@ def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = No
         )
         return fn(state, batch, with_model=with_model)
 
-    weights = sharding.decode_weight_specs(state_sh.params)
-    weights += sharding.decode_weight_specs(frozen_sh)
+    weights = sharding.decode_weight_specs(state_sh.params, frozen_sh)
     layout = sharding.decode_layout(mesh, c.train.batch_size, model.config.n_kv_heads, weights)
 
     def sample(state, batch, frozen):

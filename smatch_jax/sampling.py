@@ -174,7 +174,7 @@ def layout_of(graphdef: Any, params: Any, batch_size: int) -> sharding.DecodeLay
     if not isinstance(sh, jax.sharding.NamedSharding) or sh.mesh.size == 1:
         return None
     n_kv = nnx.merge(graphdef, params).config.n_kv_heads
-    weights = sharding.decode_weight_specs(jax.tree.map(lambda x: x.sharding, params))
+    weights = sharding.decode_weight_specs(params)
     return sharding.decode_layout(sh.mesh, batch_size, n_kv, weights)
 
 

@@ -251,36 +251,43 @@ class DecodeLayout:
     def put_cache(self, cache: Any) -> Any:
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.cache), cache)
 
+    @functools.cached_property
+    def _weight_specs(self) -> dict[str, P]:
+        return dict(self.weights)
+
+    def weight_sharding(self, path) -> NamedSharding | None:
+        """Where the weight at `path` (a key path into a model's `nnx.split` state) is kept,
+        or None when `weights` does not list it."""
+        spec = self._weight_specs.get(path_name(path))
+        return None if spec is None else NamedSharding(self.rows.mesh, spec)
+
     def put_weights(self, state: Any) -> Any:
         """The model's state (`nnx.split`) with every weight in `weights` placed there."""
-        specs, mesh = dict(self.weights), self.rows.mesh
 
         def one(path, x):
-            spec = specs.get(path_name(path))
-            return (
-                x
-                if spec is None
-                else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-            )
+            sh = self.weight_sharding(path)
+            return x if sh is None else jax.lax.with_sharding_constraint(x, sh)
 
         return jax.tree_util.tree_map_with_path(one, state)
 
 
-def decode_weight_specs(shardings: Any) -> tuple[tuple[str, P], ...]:
-    """`(path, spec)` per weight of a pytree of training `NamedSharding`s, `fsdp` and `data`
-    dropped: only the `tensor` splits stay, so each chip holds 1/tensor of every weight."""
+def decode_weight_specs(*trees: Any) -> tuple[tuple[str, P], ...]:
+    """`(path, spec)` per weight of `trees` (pytrees of training `NamedSharding`s, or of
+    arrays / ShapeDtypeStructs carrying them), `fsdp` and `data` dropped: only the `tensor`
+    splits stay, so each chip holds 1/tensor of every weight."""
 
     def keep(entry):
         axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
         kept = tuple(a for a in axes if a == "tensor")
         return kept[0] if kept else None
 
-    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    return tuple(
-        (path_name(path), P(*(keep(e) for e in sh.spec)))
-        for path, sh in flat
-        if isinstance(sh, NamedSharding)
-    )
+    out = []
+    for tree in trees:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            sh = leaf if isinstance(leaf, NamedSharding) else getattr(leaf, "sharding", None)
+            if isinstance(sh, NamedSharding):
+                out.append((path_name(path), P(*(keep(e) for e in sh.spec))))
+    return tuple(out)
 
 
 def decode_layout(
