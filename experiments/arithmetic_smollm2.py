@@ -14,7 +14,8 @@ with ground-truth noise, at noise 0.1 (`--noise 0.05,0.1` adds a level), `--seed
 
 A run costs 0.5-1.5 h on 2 CPU cores, so the sweep spans sessions: each finished run's row is
 appended to `experiments/results/arithmetic_smollm2.json` at once (commit it), and a run whose
-row is already there is skipped, also on a new machine with an empty `--workdir`. The
+row is already there is skipped, also on a new machine with an empty `--workdir`. Two
+processes may share the sweep (`--only NAME` in the second; their rows merge). The
 difficulty and step count were chosen with `--calibrate` on validation questions
 (`arithmetic_smollm2_calibration.md`), never on the test questions.
 """
@@ -22,6 +23,7 @@ difficulty and step count were chosen with `--calibrate` on validation questions
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import re
 import statistics
@@ -307,12 +309,22 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
 
 
 def write(rows: list[dict], t0: float, out: Path) -> str:
-    runs = [r for r in rows if r["method"] in METHODS]
-    run_s = sum(r.get("wall_s", 0.0) for r in runs)
-    header = common.provenance(t0, MODULE, run_s) + f"Runs: {len(runs)} finished.\n"
-    text = summarise(rows, header, out)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=2))
+    """Write the results file from `rows` plus any row another process (`--only`, started
+    beside this one) has written since this one read it; under a lock, so neither is lost."""
+    on_disk = out.with_suffix(".json")
+    with open(on_disk, "a") as lock:  # created empty if missing; locks the file itself
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        theirs = json.loads(on_disk.read_text() or "[]")
+        mine, seen = {r["name"]: r for r in rows}, {r["name"] for r in theirs}
+        rows[:] = [mine.get(r["name"], r) for r in theirs] + [
+            r for r in rows if r["name"] not in seen
+        ]
+        runs = [r for r in rows if r["method"] in METHODS]
+        run_s = sum(r.get("wall_s", 0.0) for r in runs)
+        header = common.provenance(t0, MODULE, run_s) + f"Runs: {len(runs)} finished.\n"
+        text = summarise(rows, header, out)
+        out.with_suffix(".md").write_text(text)
+        on_disk.write_text(json.dumps(rows, indent=2))
     return text
 
 
