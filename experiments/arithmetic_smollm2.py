@@ -308,13 +308,19 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
     return text
 
 
+def committed(out: Path) -> list[dict]:
+    """The rows in the results file (none if it is missing or empty)."""
+    path = out.with_suffix(".json")
+    return json.loads(path.read_text() or "[]") if path.exists() else []
+
+
 def write(rows: list[dict], t0: float, out: Path) -> str:
     """Write the results file from `rows` plus any row another process (`--only`, started
     beside this one) has written since this one read it; under a lock, so neither is lost."""
     on_disk = out.with_suffix(".json")
     with open(on_disk, "a") as lock:  # created empty if missing; locks the file itself
         fcntl.flock(lock, fcntl.LOCK_EX)
-        theirs = json.loads(on_disk.read_text() or "[]")
+        theirs = committed(out)
         mine, seen = {r["name"]: r for r in rows}, {r["name"] for r in theirs}
         rows[:] = [mine.get(r["name"], r) for r in theirs] + [
             r for r in rows if r["name"] not in seen
@@ -354,11 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.calibrate:
         calibrate(root, data_dir, out, t0)
         return
-    rows = (
-        json.loads(out.with_suffix(".json").read_text())
-        if out.with_suffix(".json").exists()
-        else []
-    )
+    rows = committed(out)
     done = {r["name"] for r in rows}
     levels = [float(x) for x in args.noise.split(",")]
     jobs = plan(args.seeds, levels, data_dir)
@@ -373,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(zero_shot(seed, data_dir))
             write(rows, t0, out)
     for i, job in enumerate(jobs):
+        done |= {r["name"] for r in committed(out)}  # another process (--only) may add rows
         if job.name in done:
             print(f"[{i + 1}/{len(jobs)}] {job.name}: committed earlier", flush=True)
             continue

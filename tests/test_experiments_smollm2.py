@@ -59,6 +59,10 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
     assert [r["name"] for r in again][-2:] == trained
     assert (tmp_path / "arithmetic_smollm2.png").exists()
     trained.clear()
+    sm2.main(["--seeds", "2", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path),
+              "--only", "mle_n0_s1"])  # fmt: skip
+    assert trained == ["mle_n0_s1"]
+    trained.clear()
 
     def beside_another_process(jobs, root, fn):  # it finishes bc_n0.1_s1 while this one runs
         path = tmp_path / "arithmetic_smollm2.json"
@@ -66,11 +70,11 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
         return fake_run_all(jobs, root, fn)
 
     monkeypatch.setattr(common, "run_all", beside_another_process)
-    sm2.main(["--seeds", "2", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path),
-              "--only", "mle_n0_s1"])  # fmt: skip
-    assert trained == ["mle_n0_s1"]
+    sm2.main(["--seeds", "2", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)])
+    assert trained == ["sm_gt_n0.1_s1"]  # bc_n0.1_s1's row appeared meanwhile: not trained again
     names = [r["name"] for r in json.loads((tmp_path / "arithmetic_smollm2.json").read_text())]
-    assert names[-2:] == ["bc_n0.1_s1", "mle_n0_s1"] and len(names) == len(set(names)) == 7
+    assert names[-3:] == ["mle_n0_s1", "bc_n0.1_s1", "sm_gt_n0.1_s1"]  # the other's row kept
+    assert len(names) == len(set(names)) == 8
     with pytest.raises(SystemExit, match="names no planned run"):
         sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--only", "mle_n0_s7"])
 
