@@ -9,7 +9,8 @@ The checkpoint holds the whole `TrainState` (params, optimiser state, replay buf
 the data-iterator state, so a restarted run continues exactly where it stopped.
 
 Reliability (README "Reliability"): the config and the workdir are checked before anything is
-built (`smatch_jax.validate`); a workdir of another config is refused unless `force_resume`;
+built (`smatch_jax.validate`); a workdir of another config is refused unless `force_resume`,
+and so is a workdir another process is training in;
 unreadable newest checkpoints are set aside and the previous one is used; outputs written
 after the restored step are purged so that they are written again identically; a
 non-finite loss or gradient is never applied (guard.py).
@@ -86,7 +87,12 @@ def train(
     config.json differs from `config` (see `validate.prepare_workdir`).
     """
     workdir_p = Path(workdir)
-    run = setup(config, _prepare(config, workdir_p, force_resume))
+    typed = _prepare(config, workdir_p, force_resume)
+    with validate.lock_workdir(workdir_p, jax.process_index()):
+        return _train(config, setup(config, typed), workdir_p, stop_after)
+
+
+def _train(config, run: Run, workdir_p: Path, stop_after: int | None):
     c = run.typed
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state()))
     validate.check_free_space(workdir_p, state_bytes, c.train.keep_ckpts)

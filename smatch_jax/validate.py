@@ -9,6 +9,7 @@
   only change how long or how often a run does things (`RESUMABLE_CHANGES`) may change.
 * `check_free_space(path, bytes_per_ckpt, keep)`: refuse to start when one checkpoint does not
   fit on the disk; warn when `keep + 1` do not.
+* `lock_workdir(workdir, process)`: refuse a second process training the same workdir.
 
 The schema is `smatch_jax.config.base_config()`; each section's allowed values and ranges are
 its typed config's (`sections.Section`), checked here all at once.
@@ -16,10 +17,12 @@ its typed config's (`sections.Section`), checked here all at once.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -176,6 +179,36 @@ def prepare_workdir(workdir: str | Path, config: Mapping[str, Any], *, force: bo
         shutil.copy(saved, wd / "config.previous.json")
         log.warning("force_resume: continuing %s with a changed config: %s", wd, refused)
     return diff
+
+
+def lock_workdir(workdir: str | Path, process: int = 0):
+    """Hold `workdir/.train_lock.<process>` for as long as the returned file stays open.
+
+    Two processes training one workdir would interleave its checkpoints and metrics; the
+    second is refused with a WorkdirError naming the first. The lock is the kernel's (flock),
+    so it goes with its process, also on SIGKILL: nothing stale is left to clean up. On a
+    file system without locks it warns and goes on. The hosts of a multi-host run each take
+    their own (`process` = `jax.process_index()`).
+    """
+    f = open(Path(workdir) / f".train_lock.{process}", "a+")  # noqa: SIM115 (held by caller)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise WorkdirError(
+            f"{holder} is training in {workdir}; wait for it to end, stop it (SIGTERM saves a "
+            "checkpoint, and a rerun resumes from it), or choose another --workdir"
+        ) from None
+    except OSError as e:
+        log.warning("cannot lock %s (%s): nothing stops a second run in it", workdir, e)
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    return f
 
 
 def check_free_space(path: str | Path, bytes_per_ckpt: int, keep: int) -> None:

@@ -8,6 +8,9 @@ model: the checks run before anything expensive.
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections import namedtuple
 
 import ml_collections
@@ -164,6 +167,31 @@ def test_workdir_of_another_config_is_refused_with_a_diff(cfg, tmp_path):
     # Forced: accepted, and the old config is kept next to the new one.
     assert validate.prepare_workdir(wd, other.to_dict(), force=True)
     assert json.loads((wd / "config.previous.json").read_text())["seed"] == 0
+
+
+def test_a_workdir_another_process_trains_in_is_refused(cfg, tmp_path):
+    wd = tmp_path / "w"
+    wd.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from smatch_jax import validate; "
+         "f = validate.lock_workdir(sys.argv[1]); print('held', flush=True); time.sleep(300)",
+         str(wd)],
+        cwd=os.path.dirname(os.path.dirname(__file__)), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(validate.WorkdirError) as e:
+            train.train(cfg, str(wd))
+        assert f"pid {holder.pid} on " in str(e.value) and "is training in" in str(e.value)
+        assert "choose another --workdir" in str(e.value)
+        assert not (tmp_path / "data").exists()  # refused before anything was built
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with validate.lock_workdir(wd):  # a killed holder leaves no stale lock
+        with pytest.raises(validate.WorkdirError, match=f"pid {os.getpid()} on "):
+            validate.lock_workdir(wd)
+        validate.lock_workdir(wd, process=1).close()  # another host's lock is its own
 
 
 def test_run_length_and_cadence_may_change_on_resume(cfg, tmp_path):
