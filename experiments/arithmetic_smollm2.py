@@ -68,18 +68,22 @@ def plan(seeds: int, levels: list[float], data_dir: str) -> list[common.Job]:
 
 def step_times(workdir: Path, warmup: int, log_every: int) -> dict[str, float]:
     """Median wall seconds per step (refills included) in the BC warm-up and after it, from
-    metrics.jsonl; the first logged interval of each phase (compilation) is left out."""
+    metrics.jsonl; the first logged interval of each phase (compilation) is left out. And
+    `train_s`: the training time of all the run's invocations (a resumed run's `wall_s` is
+    its last invocation's), evaluations excluded."""
     bc, sm = [], []
+    total, prev = 0.0, 0
     for line in (workdir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         s, v = rec.get("step", 0), rec.get("sec_per_step")
         if v is None:
             continue
+        total, prev = total + v * (s - prev), s
         if log_every < s <= warmup:
             bc.append(v)
         elif s > warmup + log_every:
             sm.append(v)
-    out = {}
+    out = {"train_s": total} if prev else {}
     if bc:
         out["sec_per_step_warmup"] = statistics.median(bc)
     if sm:
@@ -244,7 +248,7 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         rs = [r for n in levels for r in by.get((m, n), [])]
         w = [r["sec_per_step_warmup"] for r in rs if "sec_per_step_warmup" in r]
         a = [r["sec_per_step_after_warmup"] for r in rs if "sec_per_step_after_warmup" in r]
-        wall = [r["wall_s"] / 60 for r in rs if "wall_s" in r]
+        wall = [r["train_s"] / 60 for r in rs if "train_s" in r]
         if rs:
             fmt = lambda v: f"{statistics.median(v):.1f}" if v else "-"
             times.append([labels[m], len(rs), fmt(w), fmt(a), fmt(wall)])
@@ -296,9 +300,10 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         + per(arithmetic.MECHANISM)
         + "\n## Step times (2 CPU cores, this machine)\n\nMedian wall seconds per step "
         "(SequenceMatch: its model rows and the refills included) in the BC warm-up and after "
-        "it, and the whole run (evaluation included), in minutes.\n\n"
+        "it, and the training time of a run (all its invocations, compilation included, evaluation "
+        "not), in minutes. A run's figures are slower when another run shared the cores.\n\n"
         + common.markdown_table(
-            ["method", "runs", "s/step, warm-up", "s/step, after", "run (min)"], times
+            ["method", "runs", "s/step, warm-up", "s/step, after", "training (min)"], times
         )
         + "\n## Every run\n\n"
         + common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag)

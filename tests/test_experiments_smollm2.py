@@ -98,4 +98,7 @@ def test_step_times_leave_out_compilation(tmp_path):
              for s in range(10, 101, 10)]  # fmt: skip
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     t = sm2.step_times(tmp_path, warmup=50, log_every=10)
-    assert t == pytest.approx({"sec_per_step_warmup": 5.0, "sec_per_step_after_warmup": 12.0})
+    # every interval is 10 steps: 2 x 30 + 4 x 5 + 4 x 12 seconds a step
+    assert t == pytest.approx(
+        {"sec_per_step_warmup": 5.0, "sec_per_step_after_warmup": 12.0, "train_s": 1280.0}
+    )
