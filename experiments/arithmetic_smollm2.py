@@ -260,6 +260,7 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         ("eval/mech_deletion_precision", "deletion precision"),
         ("eval/mech_auc_pi_bkspc", "AUC pi(bkspc)"),
         ("eval/mech_auc_neg_v", "AUC -V"),
+        ("sec_per_step_after_warmup", "s/step"),
         ("sm/r_data", "r data"),
         ("sm/r_model", "r model"),
         ("sm/v_mean", "V mean"),
@@ -301,7 +302,8 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         + "\n## Step times (2 CPU cores, this machine)\n\nMedian wall seconds per step "
         "(SequenceMatch: its model rows and the refills included) in the BC warm-up and after "
         "it, and the training time of a run (all its invocations, compilation included, evaluation "
-        "not), in minutes. A run's figures are slower when another run shared the cores.\n\n"
+        "not), in minutes (-: the runs predate that record). A run's figures are slower when "
+        "another run shared the cores: `s/step` in the table below is each run's own.\n\n"
         + common.markdown_table(
             ["method", "runs", "s/step, warm-up", "s/step, after", "training (min)"], times
         )
@@ -331,8 +333,14 @@ def write(rows: list[dict], t0: float, out: Path) -> str:
             r for r in rows if r["name"] not in seen
         ]
         runs = [r for r in rows if r["method"] in METHODS]
-        run_s = sum(r.get("wall_s", 0.0) for r in runs)
-        header = common.provenance(t0, MODULE, run_s) + f"Runs: {len(runs)} finished.\n"
+        run_s = sum(r.get("train_s", r.get("wall_s", 0.0)) for r in runs)
+        what = "training" + (
+            ""
+            if all("train_s" in r for r in runs)
+            else " (for a run that predates the record of training time: the wall time of its "
+            "last invocation, evaluation included)"
+        )
+        header = common.provenance(t0, MODULE, run_s, what) + f"Runs: {len(runs)} finished.\n"
         text = summarise(rows, header, out)
         out.with_suffix(".md").write_text(text)
         on_disk.write_text(json.dumps(rows, indent=2))

@@ -102,3 +102,13 @@ def test_step_times_leave_out_compilation(tmp_path):
     assert t == pytest.approx(
         {"sec_per_step_warmup": 5.0, "sec_per_step_after_warmup": 12.0, "train_s": 1280.0}
     )
+
+
+def test_header_sums_training_time_and_says_when_a_run_predates_it(tmp_path):
+    out = tmp_path / "arithmetic_smollm2"
+    rows = [_row("mle", 0.0, 0, 0.5, train_s=600.0), _row("bc", 0.1, 0, 0.4, train_s=1200.0)]
+    text = sm2.write(rows, 0.0, out)
+    assert "30.0 min of training summed over all runs" in text  # train_s, not wall_s (2 min)
+    rows.append(_row("sm_gt", 0.1, 0, 0.3))  # no train_s: its wall_s (60 s) stands in, named
+    text = sm2.write(rows, 0.0, out)
+    assert "31.0 min of training (for a run that predates the record" in text
