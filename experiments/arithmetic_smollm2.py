@@ -10,7 +10,8 @@ real pretrained LM directly (no pretraining stage): SmolLM2-135M-Instruct from i
 (the `smollm2` asset), LoRA rank 16 on the attention and MLP projections plus the `<bkspc>`
 rows, questions rendered as "Question: ...\\nAnswer: ..." in SmolLM2's tokenizer
 (`configs/arithmetic.py:smollm2`). Methods: MLE, BC (noise + `<bkspc>`) and SequenceMatch
-with ground-truth noise, at noise 0.1 (`--noise 0.05,0.1` adds a level), `--seeds` seeds.
+with ground-truth noise, at noise 0.1 (`--noise 0.05,0.1` adds a level), `--seeds` seeds; then
+one ablation on seed 0 (`ABLATIONS`: SequenceMatch at temperature 0.001).
 
 A run costs 0.5-1.5 h on 2 CPU cores, so the sweep spans sessions: each finished run's row is
 appended to `experiments/results/arithmetic_smollm2.json` at once (commit it), and a run whose
@@ -40,6 +41,12 @@ MODULE = "experiments.arithmetic_smollm2"
 NAME = "arithmetic_smollm2"
 METHODS = {"mle": "mle", "bc": "bc", "sm_gt": "sm_chi2"}  # result key: config variant
 CALIBRATION_STEPS_EVAL = 100  # --calibrate: validation accuracy every this many steps
+# One change from SequenceMatch's defaults, trained after the sweep on seed 0 at noise 0.1 and
+# compared with that seed's SequenceMatch and BC rows (the same questions): the defaults were
+# chosen on models trained from scratch, whose V is 10-14 nats; SmolLM2's is 25-37, and the r^2
+# term it scales was 0.18-0.79 in the sweep's last steps against 0.12-0.16 for the toy models.
+ABLATIONS = {"sm_gt_t0.001": ("SequenceMatch, temperature 0.001", "loss.temperature", 0.001)}
+ABLATION_NOISE, ABLATION_SEED = 0.1, 0
 
 
 def base_config(variant: str, seed: int, data_dir: str):
@@ -50,10 +57,8 @@ def base_config(variant: str, seed: int, data_dir: str):
 
 
 def plan(seeds: int, levels: list[float], data_dir: str) -> list[common.Job]:
-    """Per seed: SequenceMatch and BC at each noise level, then MLE. SequenceMatch comes first
-    so that seed 0's run can be checked on validation questions (are the objective's
-    defaults, tuned on models trained from scratch, right for a pretrained model's logits?)
-    before the other seeds run."""
+    """Per seed: SequenceMatch and BC at each noise level, then MLE; then each of ABLATIONS
+    (seed 0, one config field changed from SequenceMatch's)."""
     runs = []
     for seed in range(seeds):
         for noise in levels:
@@ -63,6 +68,12 @@ def plan(seeds: int, levels: list[float], data_dir: str) -> list[common.Job]:
                 runs.append(common.Job(f"{key}_n{noise:g}_s{seed}", key, c, noise, seed))
         c = base_config("mle", seed, data_dir)
         runs.append(common.Job(f"mle_n0_s{seed}", "mle", c, 0.0, seed))
+    for name, (_, field, value) in ABLATIONS.items():  # after the sweep: seed 0 has its rows
+        c = base_config(METHODS["sm_gt"], ABLATION_SEED, data_dir)
+        c.noise.rate = ABLATION_NOISE
+        section, key = field.split(".")
+        c[section][key] = value
+        runs.append(common.Job(name, name, c, ABLATION_NOISE, ABLATION_SEED))
     return runs
 
 
@@ -228,6 +239,51 @@ def differences(by: dict, noise: float) -> str:
     return "".join(lines)
 
 
+def ablation_section(rows: list[dict]) -> str:
+    """Each ablation beside its seed's SequenceMatch and BC rows (same questions, same noise):
+    one seed, so only the question-sampling interval is known."""
+    same = lambda r: r["noise"] == ABLATION_NOISE and r["seed"] == ABLATION_SEED
+    base = {r["method"]: r for r in rows if r["method"] in ("bc", "sm_gt") and same(r)}
+    abl = [r for r in rows if r["method"] in ABLATIONS and same(r)]
+    if not abl:
+        return ""
+    keys = [
+        ("eval/accuracy_sample", "sample"),
+        ("eval/recovery", "recovery"),
+        ("eval/bkspc_per_sample", "`<bkspc>`/sample"),
+        ("eval/mech_deletion_precision", "deletion precision"),
+        ("eval/mech_deletion_recall", "deletion recall"),
+        ("eval/mech_auc_pi_bkspc", "AUC pi(bkspc)"),
+        ("eval/mech_auc_neg_v", "AUC -V"),
+        ("sm/r2_term", "r^2 term"),
+        ("sec_per_step_after_warmup", "s/step"),
+    ]
+    table = []
+    for label, r in [
+        ("BC (MLE + `<bkspc>`)", base.get("bc")),
+        ("SequenceMatch, temperature 0.01 (default)", base.get("sm_gt")),
+        *[(ABLATIONS[r["method"]][0], r) for r in abl],
+    ]:
+        if r is None:
+            continue
+        lo, hi = r["eval/accuracy_ci_low"], r["eval/accuracy_ci_high"]
+        acc = f"{r['eval/accuracy']:.3f} [{lo:.2f}, {hi:.2f}]"
+        vals = [f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in keys]
+        table.append([label, acc, *vals])
+    return (
+        f"\n## Ablation: the objective's temperature for a pretrained model's logits (seed "
+        f"{ABLATION_SEED}, noise {ABLATION_NOISE:g})\n\nOne field changed from SequenceMatch's "
+        "defaults, trained after the sweep and evaluated on the same test questions as the "
+        "seed's rows above; the headline keeps the defaults, chosen before the sweep. The "
+        "defaults were tuned on models trained from scratch (V of 10-14 nats; r^2 term "
+        "0.12-0.16 at their last step); SmolLM2's V is 25-37 nats. A smaller temperature "
+        "scales the r^2 term down (by 10 at 0.001) and leaves the boundary term (what else "
+        "SequenceMatch adds to BC) as it is. One seed: the interval is the question "
+        "sampling's.\n\n"
+        + common.markdown_table(["setting", "accuracy", *[h for _, h in keys]], table)
+    )
+
+
 def summarise(rows: list[dict], header: str, out: Path) -> str:
     zero = [r for r in rows if r["method"] == "zero_shot"]
     runs = [r for r in rows if r["method"] in METHODS]
@@ -307,6 +363,7 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         + common.markdown_table(
             ["method", "runs", "s/step, warm-up", "s/step, after", "training (min)"], times
         )
+        + ablation_section(rows)
         + "\n## Every run\n\n"
         + common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag)
     )
@@ -332,7 +389,7 @@ def write(rows: list[dict], t0: float, out: Path) -> str:
         rows[:] = [mine.get(r["name"], r) for r in theirs] + [
             r for r in rows if r["name"] not in seen
         ]
-        runs = [r for r in rows if r["method"] in METHODS]
+        runs = [r for r in rows if r["method"] in METHODS or r["method"] in ABLATIONS]
         run_s = sum(r.get("train_s", r.get("wall_s", 0.0)) for r in runs)
         what = "training" + (
             ""

@@ -29,7 +29,14 @@ def test_plan_is_mle_bc_sm_per_seed_on_smollm2():
     jobs = sm2.plan(2, [0.1], "/d")
     assert [j.name for j in jobs] == [
         "sm_gt_n0.1_s0", "bc_n0.1_s0", "mle_n0_s0", "sm_gt_n0.1_s1", "bc_n0.1_s1", "mle_n0_s1",
+        "sm_gt_t0.001",
     ]  # fmt: skip
+    *jobs, abl = jobs
+    sm0 = jobs[0].config
+    assert (abl.seed, abl.noise, abl.method) == (0, 0.1, "sm_gt_t0.001")
+    assert abl.config.loss.temperature == 0.001 != sm0.loss.temperature
+    abl.config.loss.temperature = sm0.loss.temperature  # the one change: otherwise equal
+    assert abl.config.to_dict() == sm0.to_dict()
     for j in jobs:
         c = j.config
         assert c.data.tokenizer == "smollm2" and c.model.init == "smollm2"
@@ -50,14 +57,17 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
 
     def fake_run_all(jobs, root, fn):
         trained.extend(j.name for j in jobs)
-        return [_row(j.method, j.noise, j.seed, 0.4) for j in jobs]
+        return [{**_row(j.method, j.noise, j.seed, 0.4), "name": j.name} for j in jobs]
 
     monkeypatch.setattr(common, "run_all", fake_run_all)
     sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)])
-    assert trained == ["sm_gt_n0.1_s0", "bc_n0.1_s0"]  # MLE seed 0 and zero-shot: committed
+    assert trained == ["sm_gt_n0.1_s0", "bc_n0.1_s0", "sm_gt_t0.001"]  # MLE s0, zero-shot: rows
     again = json.loads((tmp_path / "arithmetic_smollm2.json").read_text())
-    assert [r["name"] for r in again][-2:] == trained
+    assert [r["name"] for r in again][-3:] == trained
     assert (tmp_path / "arithmetic_smollm2.png").exists()
+    md = (tmp_path / "arithmetic_smollm2.md").read_text()
+    assert "| SequenceMatch, temperature 0.001 | 0.400 [0.34, 0.46] |" in md  # beside its seed's
+    assert "| SequenceMatch, temperature 0.01 (default) | 0.400 [0.34, 0.46] |" in md
     trained.clear()
     sm2.main(["--seeds", "2", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path),
               "--only", "mle_n0_s1"])  # fmt: skip
@@ -74,7 +84,7 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
     assert trained == ["sm_gt_n0.1_s1"]  # bc_n0.1_s1's row appeared meanwhile: not trained again
     names = [r["name"] for r in json.loads((tmp_path / "arithmetic_smollm2.json").read_text())]
     assert names[-3:] == ["mle_n0_s1", "bc_n0.1_s1", "sm_gt_n0.1_s1"]  # the other's row kept
-    assert len(names) == len(set(names)) == 8
+    assert len(names) == len(set(names)) == 9
     with pytest.raises(SystemExit, match="names no planned run"):
         sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--only", "mle_n0_s7"])
 
