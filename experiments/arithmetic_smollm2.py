@@ -277,9 +277,9 @@ def ablation_section(rows: list[dict]) -> str:
         "seed's rows above; the headline keeps the defaults, chosen before the sweep. The "
         "defaults were tuned on models trained from scratch (V of 10-14 nats; r^2 term "
         "0.12-0.16 at their last step); SmolLM2's V is 25-37 nats. A smaller temperature "
-        "scales the r^2 term down (by 10 at 0.001) and leaves the boundary term (what else "
-        "SequenceMatch adds to BC) as it is. One seed: the interval is the question "
-        "sampling's.\n\n"
+        "weighs the r^2 term less (a tenth at 0.001; the term's value also depends on how the "
+        "logits move) and leaves the linear terms, BC plus the boundary term, as they are. "
+        "One seed: the interval is the question sampling's.\n\n"
         + common.markdown_table(["setting", "accuracy", *[h for _, h in keys]], table)
     )
 
