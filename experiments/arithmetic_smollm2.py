@@ -13,7 +13,7 @@ rows, questions rendered as "Question: ...\\nAnswer: ..." in SmolLM2's tokenizer
 with ground-truth noise, at noise 0.1 (`--noise 0.05,0.1` adds a level), `--seeds` seeds; then
 one ablation on seed 0 (`ABLATIONS`: SequenceMatch at temperature 0.001).
 
-A run costs 0.5-1.5 h on 2 CPU cores, so the sweep spans sessions: each finished run's row is
+A run costs 0.5-2 h on 2 CPU cores, so the sweep spans sessions: each finished run's row is
 appended to `experiments/results/arithmetic_smollm2.json` at once (commit it), and a run whose
 row is already there is skipped, also on a new machine with an empty `--workdir`. Two
 processes may share the sweep (`--only NAME` in the second; their rows merge). The
