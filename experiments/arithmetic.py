@@ -267,7 +267,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
     ]
     diag_rows = []
     for r in sorted(results, key=lambda r: (r["noise"], r["method"], r["seed"])):
-        vals = [f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in diag_keys]
+        vals = [common.cell(r, k) for k, _ in diag_keys]
         diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
     mechanism = "".join(
         f"\n**{head}**\n\n" + method_table(by, levels, key) for key, head in MECHANISM

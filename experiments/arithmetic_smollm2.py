@@ -260,7 +260,7 @@ def ablation_section(rows: list[dict]) -> str:
     ]
     table = []
     for label, r in [
-        ("BC (MLE + `<bkspc>`)", base.get("bc")),
+        (arithmetic.METHODS["bc"][0], base.get("bc")),
         ("SequenceMatch, temperature 0.01 (default)", base.get("sm_gt")),
         *[(ABLATIONS[r["method"]][0], r) for r in abl],
     ]:
@@ -268,7 +268,7 @@ def ablation_section(rows: list[dict]) -> str:
             continue
         lo, hi = r["eval/accuracy_ci_low"], r["eval/accuracy_ci_high"]
         acc = f"{r['eval/accuracy']:.3f} [{lo:.2f}, {hi:.2f}]"
-        vals = [f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in keys]
+        vals = [common.cell(r, k) for k, _ in keys]
         table.append([label, acc, *vals])
     return (
         f"\n## Ablation: the objective's temperature for a pretrained model's logits (seed "
@@ -323,7 +323,7 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
     ]
     diag = []
     for r in sorted(runs, key=lambda r: (r["noise"], r["method"], r["seed"])):
-        vals = [f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in diag_keys]
+        vals = [common.cell(r, k) for k, _ in diag_keys]
         diag.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
     per = lambda pairs: "".join(
         f"\n**{head}**\n\n" + arithmetic.method_table(by, levels, key) for key, head in pairs

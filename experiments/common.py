@@ -195,6 +195,11 @@ def measured(rs: list[dict] | None, key: str) -> list[float]:
     return [v for v in vals if v is not None and math.isfinite(v)]
 
 
+def cell(r: dict, key: str) -> str:
+    """One run's `key` for a table: 3 significant figures, "-" where nothing was measured."""
+    return f"{r[key]:.3g}" if measured([r], key) else "-"
+
+
 OUT_HELP = (
     "where the results files go (default: <workdir>/results, so that running an experiment "
     "leaves the checkout clean; pass --out experiments/results to update the committed files)"

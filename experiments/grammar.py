@@ -152,7 +152,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
             r["method"],
             f"{r['noise']:g}",
             r["seed"],
-            *[f"{r[k]:.3g}" if common.measured([r], k) else "-" for k, _ in diag_keys],
+            *[common.cell(r, k) for k, _ in diag_keys],
         ]
         for r in sorted(results, key=lambda r: (r["noise"], r["method"], r["seed"]))
     ]
