@@ -11,7 +11,10 @@
   split over, or None. An axis whose size does not divide the dimension is dropped from that
   dimension (the 32,001 rows of a Llama vocabulary with `<bkspc>` split over nothing).
   Parameters no rule matches (norms, LoRA adapters) are split over `fsdp` on their largest
-  divisible dimension, or copied when small.
+  divisible dimension, or copied when small. The blocks of a scanned model
+  (`blocks.attn.q_proj.kernel [L, ...]`, `model.scan_layers`) carry a leading layer axis that
+  no mesh axis splits: the rule applies to the dimensions after it, so each layer is sharded
+  as in the unrolled model and the scan gathers one layer's `fsdp` shards at a time.
 * Projections are Megatron-oriented: q/k/v, gate and up split their output features over
   `tensor` (column-parallel), o and down their input features (row-parallel), so that
   attention heads and MLP features stay on one `tensor` shard between the pair.
@@ -45,6 +48,8 @@ from smatch_jax.sections import Section
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # rows of a training batch; `tensor` shards hold the same rows
 MIN_SHARD_SIZE = 2**14  # unmatched parameters with fewer elements are replicated
+# A scanned model's block weights (`blocks.` then a name, not a layer number): [L, ...].
+_STACKED = re.compile(r"(?:^|\.)blocks\.(?!\d+(?:\.|$))")
 
 Spec = tuple  # one entry per dimension: None, an axis name, or a tuple of axis names
 
@@ -189,8 +194,7 @@ def param_shardings(abstract_params, mesh: Mesh, rules: str | Sequence[tuple[str
     compiled = [(re.compile(rx), rx, spec) for rx, spec in (*extra, *RULES)]
     fsdp = mesh.shape["fsdp"]
 
-    def one(path, x):
-        name, shape = path_name(path), tuple(x.shape)
+    def spec_of(name: str, shape: tuple[int, ...]) -> P:
         for crx, rx, spec in compiled:
             if crx.search(name):
                 if len(spec) != len(shape):
@@ -198,8 +202,14 @@ def param_shardings(abstract_params, mesh: Mesh, rules: str | Sequence[tuple[str
                         f"sharding rule {rx!r} has {len(spec)} entries for {name} of shape "
                         f"{shape}; give one per dimension"
                     )
-                return NamedSharding(mesh, _fit(spec, shape, mesh))
-        return NamedSharding(mesh, _default_spec(shape, fsdp))
+                return _fit(spec, shape, mesh)
+        return _default_spec(shape, fsdp)
+
+    def one(path, x):
+        name, shape = path_name(path), tuple(x.shape)
+        if _STACKED.search(name):  # the layer axis stays whole
+            return NamedSharding(mesh, P(None, *spec_of(name, shape[1:])))
+        return NamedSharding(mesh, spec_of(name, shape))
 
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 

@@ -17,6 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from smatch_jax.models import smollm2_135m
+from smatch_jax.models.attention import rope_rotate
 from smatch_jax.models.convert import (
     add_bkspc_row,
     load_gguf_llama,
@@ -27,7 +28,6 @@ from smatch_jax.models.convert import (
     permute_rope_rows,
     unpermute_rope_rows,
 )
-from smatch_jax.models.transformer import rope_rotate
 
 ATOL = 2e-5
 GPT2 = dict(vocab_size=23, n_embd=32, n_layer=2, n_head=4, n_positions=16, n_inner=48)

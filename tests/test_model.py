@@ -26,7 +26,7 @@ from smatch_jax.models import (
     smollm2_135m,
     tiny,
 )
-from smatch_jax.models.transformer import masked_attention
+from smatch_jax.models.attention import masked_attention
 
 ATOL = 2e-5
 VARIANTS = {

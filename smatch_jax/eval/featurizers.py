@@ -201,9 +201,7 @@ def transformer_hidden(model, ids_BxT: jax.Array, lens_B: jax.Array) -> jax.Arra
     positions_BxT = jnp.broadcast_to(jnp.arange(T), ids_BxT.shape)
     causal_TxT = jnp.tril(jnp.ones((T, T), bool))
     mask_BxTxT = causal_TxT[None] & (jnp.arange(T)[None, None, :] < lens_B[:, None, None])
-    x = model.embed(ids_BxT, positions_BxT)
-    for block in model.blocks:
-        x, _ = block(x, positions_BxT, mask_BxTxT)
+    x = model.hidden(model.embed(ids_BxT, positions_BxT), positions_BxT, mask_BxTxT)
     return model.final_norm(x).astype(jnp.float32)
 
 

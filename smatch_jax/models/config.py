@@ -38,6 +38,15 @@ class ModelConfig:
     use_bias: bool = True  # biases in linear layers and LayerNorm (gpt2 True, llama False)
     dtype: str = "float32"  # compute dtype of activations, e.g. 'float32' or 'bfloat16'
     param_dtype: str = "float32"  # storage dtype of parameters
+    # The blocks' weights stacked on a leading layer axis and run under `jax.lax.scan`: one
+    # block is traced and compiled instead of `n_layers` (transformer.py). Same function and
+    # same initial weights as the unrolled layout; the param tree differs (`blocks.attn...`
+    # [L, ...] instead of `blocks.{i}.attn...`), and `transformer.relayout` converts.
+    scan_layers: bool = False
+    # Blocks per iteration of the layer scan (`jax.lax.scan(unroll=...)`): the same function
+    # for any value. The pod plan compiles at 2 beside 1 to count one block's cost (XLA's
+    # cost analysis counts a loop body once: compile_plan.py).
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from smatch_jax.models.transformer import Transformer
+from smatch_jax.models.transformer import Transformer, layer_list, set_layers
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMBEDDING_PATHS = ("tok_embed", "lm_head")
@@ -67,13 +67,14 @@ def apply_lora(
     if unknown:
         raise ValueError(f"unknown LoRA targets {unknown}; choose from {DEFAULT_TARGETS}")
     alpha = float(rank if alpha is None else alpha)
-    for block in model.blocks:
+    blocks = layer_list(model)  # scanned layers: wrapped one by one, then stacked again,
+    for block in blocks:  # so that both layouts draw the same adapters from `rngs`
         for parent in (block.attn, block.mlp):
             for name in targets:
                 base = getattr(parent, name, None)
                 if isinstance(base, nnx.Linear):
                     setattr(parent, name, LoRALinear(base, rank=rank, alpha=alpha, rngs=rngs))
-    return model
+    return set_layers(model, blocks)
 
 
 def trainable_filter(lora: bool) -> nnx.filterlib.Filter:
@@ -113,7 +114,8 @@ def masked_updates(mask) -> optax.GradientTransformation:
 
 def merge_lora(model: Transformer) -> Transformer:
     """Folds every adapter into its base kernel and unwraps it, in place; returns the model."""
-    for block in model.blocks:
+    blocks = layer_list(model)
+    for block in blocks:
         for parent in (block.attn, block.mlp):
             for name in DEFAULT_TARGETS:
                 mod = getattr(parent, name, None)
@@ -122,4 +124,4 @@ def merge_lora(model: Transformer) -> Transformer:
                     k = mod.base.kernel
                     k[...] = (k[...] + mod.scale * (a @ b)).astype(k[...].dtype)
                     setattr(parent, name, mod.base)
-    return model
+    return set_layers(model, blocks)

@@ -11,10 +11,9 @@ halves, and dimension i (i < D/2) is rotated together with dimension i + D/2 at 
 ``theta ** (-2i / D)``. (Meta / GGUF checkpoints interleave pairs (2i, 2i+1) instead; their
 q/k projection weights must be permuted on import.)
 
-Attention never builds a causal mask: the caller passes ``attn_mask[b, q, k]`` (True when query
-q may attend key k), because the SequenceMatch backspace layout needs non-causal-looking masks.
-Scores and softmax are in float32 with scale 1/sqrt(head_dim). A fully-masked query row gets
-all-zero attention weights, so its attention output is zero (no NaN, in values or gradients).
+Attention (attention.py) never builds a causal mask: the caller passes ``attn_mask[b, q, k]``
+(True when query q may attend key k), because the SequenceMatch backspace layout needs
+non-causal-looking masks.
 
 The output layer has V + 1 rows (the last is `<bkspc>`); logits are returned in float32.
 
@@ -28,19 +27,29 @@ cache and returns an updated one without mutating the module. Param tree (nnx.st
     final_norm.{scale, bias}                lm_head.kernel [d, V+1]      (untied only)
 
 Kernels are [in, out] (nnx.Linear); biases and LayerNorm biases exist only when `use_bias`.
+
+Scanned layers (`ModelConfig.scan_layers`): `blocks` is ONE `Block` whose every weight has a
+leading layer axis (`blocks.attn.q_proj.kernel [L, d, h]`), and the forward pass and the
+cached decode run it under `jax.lax.scan`, so XLA traces and compiles one block instead of L
+(MaxText's `scan_layers`). The weights are those of the unrolled model built from the same
+seed, stacked (`stack_blocks`); `relayout` converts a model between the two layouts, and the
+importers (`convert/`) and LoRA build either. Rematerialisation applies to the scanned body.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from smatch_jax.models.attention import INIT_STD, Attention, KVCache, init_cache, linear
 from smatch_jax.models.config import ModelConfig
+
+__all__ = ["REMAT", "Block", "KVCache", "Transformer", "init_cache", "relayout"]
 
 # Rematerialisation policies of a block's forward pass (Transformer.forward_embeddings): what
 # the backward pass keeps ('none': everything, without a checkpoint).
@@ -49,103 +58,6 @@ REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-_INIT_STD = 0.02  # GPT-2 initialiser: normal(0, 0.02); residual outputs get 0.02 / sqrt(2 L)
-
-
-class KVCache(NamedTuple):
-    """Per-layer keys and values of all cache slots, stacked over layers."""
-
-    k: jax.Array  # [L, B, S, Hkv, D] keys (RoPE already applied for llama)
-    v: jax.Array  # [L, B, S, Hkv, D] values
-
-
-def init_cache(
-    config: ModelConfig, batch_size: int, max_len: int, dtype: jnp.dtype | str | None = None
-) -> KVCache:
-    """An all-zero cache of `max_len` slots per row; `dtype` defaults to the compute dtype."""
-    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
-    shape = (config.n_layers, batch_size, max_len, config.n_kv_heads, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
-def rope_rotate(x_BxTxHxD: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, HF rotate_half convention (dims i and i + D/2 form a pair)."""
-    half = x_BxTxHxD.shape[-1] // 2
-    inv_freq_F = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angle_BxTxF = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_F
-    cos_BxTx1xF = jnp.cos(angle_BxTxF)[:, :, None, :]
-    sin_BxTx1xF = jnp.sin(angle_BxTxF)[:, :, None, :]
-    x1 = x_BxTxHxD[..., :half].astype(jnp.float32)
-    x2 = x_BxTxHxD[..., half:].astype(jnp.float32)
-    out = jnp.concatenate(
-        [x1 * cos_BxTx1xF - x2 * sin_BxTx1xF, x2 * cos_BxTx1xF + x1 * sin_BxTx1xF], axis=-1
-    )
-    return out.astype(x_BxTxHxD.dtype)
-
-
-def masked_attention(
-    q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, mask_BxTxS: jax.Array
-) -> jax.Array:
-    """Grouped-query attention with an explicit boolean mask; returns [B, T, H, D].
-
-    Query head h uses kv head h // (H // K) (HF `repeat_kv` order). Masked scores are set to
-    float32 min before the softmax and their weights are then zeroed, so a fully-masked row
-    yields zero weights and a zero output.
-    """
-    B, T, H, D = q_BxTxHxD.shape
-    K = k_BxSxKxD.shape[2]
-    q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-    scores_BxKxGxTxS = jnp.einsum(
-        "btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD, preferred_element_type=jnp.float32
-    ) / math.sqrt(D)
-    mask_Bx1x1xTxS = mask_BxTxS[:, None, None, :, :]
-    scores_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1)
-    probs_BxKxGxTxS = jnp.where(mask_Bx1x1xTxS, probs_BxKxGxTxS, 0.0).astype(v_BxSxKxD.dtype)
-    out_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", probs_BxKxGxTxS, v_BxSxKxD)
-    return out_BxTxKxGxD.reshape(B, T, H, D)
-
-
-def _write_rows(
-    cache_LxBxSxKxD: jax.Array,
-    layer: int,
-    new_BxNxKxD: jax.Array,
-    index_B: jax.Array,
-    by_select: bool = False,
-) -> jax.Array:
-    """Writes row b of `new` into slots [index[b], index[b] + N) of row b of cache layer `layer`.
-
-    One scatter of the new slots into the stacked cache of all layers, so that inside the
-    sampler's while_loop XLA updates the buffer in place (no per-step copy or transpose of the
-    cache). Starts are clamped to [0, S - N] like `lax.dynamic_update_slice`.
-    `by_select` (one new token, decoding on a mesh): a select over the layer's slots instead
-    of a scatter, which XLA's partitioner split over the idle `fsdp` chips and then gathered
-    the whole cache back, every token.
-    """
-    B, S = cache_LxBxSxKxD.shape[1:3]
-    N = new_BxNxKxD.shape[1]
-    if by_select and N == 1:
-        hit_Bx1xS = jnp.arange(S) == jnp.clip(index_B, 0, S - 1)[:, None, None]
-        new = new_BxNxKxD.astype(cache_LxBxSxKxD.dtype)  # [B, 1, K, D]: broadcast over slots
-        layer_BxSxKxD = jnp.where(hit_Bx1xS[:, 0, :, None, None], new, cache_LxBxSxKxD[layer])
-        return cache_LxBxSxKxD.at[layer].set(layer_BxSxKxD)
-    slots_BxN = jnp.clip(index_B, 0, S - N)[:, None] + jnp.arange(N)
-    return cache_LxBxSxKxD.at[layer, jnp.arange(B)[:, None], slots_BxN].set(
-        new_BxNxKxD.astype(cache_LxBxSxKxD.dtype), indices_are_sorted=True, unique_indices=True
-    )
-
-
-def _linear(config: ModelConfig, d_in: int, d_out: int, rngs: nnx.Rngs, std: float) -> nnx.Linear:
-    return nnx.Linear(
-        d_in,
-        d_out,
-        use_bias=config.use_bias,
-        dtype=config.compute_dtype,
-        param_dtype=config.params_dtype,
-        kernel_init=nnx.initializers.normal(std),
-        rngs=rngs,
-    )
 
 
 def _norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | nnx.RMSNorm:
@@ -160,67 +72,16 @@ def _norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm | nnx.RMSNorm:
     return nnx.RMSNorm(config.d_model, **kwargs)
 
 
-class Attention(nnx.Module):
-    """Multi-head / grouped-query self-attention with an explicit mask and optional cache."""
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        d, hd = config.d_model, config.head_dim
-        out_std = _INIT_STD / math.sqrt(2 * config.n_layers)
-        self.q_proj = _linear(config, d, config.n_heads * hd, rngs, _INIT_STD)
-        self.k_proj = _linear(config, d, config.n_kv_heads * hd, rngs, _INIT_STD)
-        self.v_proj = _linear(config, d, config.n_kv_heads * hd, rngs, _INIT_STD)
-        self.o_proj = _linear(config, config.n_heads * hd, d, rngs, out_std)
-
-    def __call__(
-        self,
-        x_BxTxD: jax.Array,
-        positions_BxT: jax.Array,
-        mask_BxTxS: jax.Array,
-        cache_kv: tuple[jax.Array, jax.Array] | None = None,
-        cache_index_B: jax.Array | None = None,
-        layer: int = 0,
-        place_heads: Callable[[jax.Array], jax.Array] | None = None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """Without a cache S = T (self-attention over x); with one, writes K/V then attends.
-
-        `cache_kv` is the (k, v) pair of the whole stacked cache [L, B, S, K, D]; this block's
-        K/V go to `layer`, and the updated pair is returned. `place_heads` (decoding on a mesh)
-        puts q, k and v [B, T, heads, D] where the cache keeps its heads, so that attention
-        is local to each chip's heads (sharding.DecodeLayout).
-        """
-        cfg = self.config
-        B, T, _ = x_BxTxD.shape
-        q_BxTxHxD = self.q_proj(x_BxTxD).reshape(B, T, cfg.n_heads, cfg.head_dim)
-        k_BxTxKxD = self.k_proj(x_BxTxD).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v_BxTxKxD = self.v_proj(x_BxTxD).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-        if cfg.family == "llama":
-            q_BxTxHxD = rope_rotate(q_BxTxHxD, positions_BxT, cfg.rope_theta)
-            k_BxTxKxD = rope_rotate(k_BxTxKxD, positions_BxT, cfg.rope_theta)
-        if place_heads is not None:
-            q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = map(place_heads, (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD))
-        new_cache_kv = None
-        if cache_kv is not None:
-            new_cache_kv = tuple(
-                _write_rows(c, layer, new, cache_index_B, place_heads is not None)
-                for c, new in zip(cache_kv, (k_BxTxKxD, v_BxTxKxD), strict=True)
-            )
-            k_BxTxKxD, v_BxTxKxD = new_cache_kv[0][layer], new_cache_kv[1][layer]  # [B, S, K, D]
-        out_BxTxHxD = masked_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, mask_BxTxS)
-        out_BxTxD = self.o_proj(out_BxTxHxD.reshape(B, T, cfg.n_heads * cfg.head_dim))
-        return out_BxTxD, new_cache_kv
-
-
 class MLP(nnx.Module):
     """gpt2: down(gelu_tanh(up(x))); llama (SwiGLU): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.gated = config.family == "llama"
-        out_std = _INIT_STD / math.sqrt(2 * config.n_layers)
+        out_std = INIT_STD / math.sqrt(2 * config.n_layers)
         if self.gated:
-            self.gate_proj = _linear(config, config.d_model, config.d_ff, rngs, _INIT_STD)
-        self.up_proj = _linear(config, config.d_model, config.d_ff, rngs, _INIT_STD)
-        self.down_proj = _linear(config, config.d_ff, config.d_model, rngs, out_std)
+            self.gate_proj = linear(config, config.d_model, config.d_ff, rngs, INIT_STD)
+        self.up_proj = linear(config, config.d_model, config.d_ff, rngs, INIT_STD)
+        self.down_proj = linear(config, config.d_ff, config.d_model, rngs, out_std)
 
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
         if self.gated:
@@ -263,12 +124,73 @@ class Block(nnx.Module):
         return x_BxTxD, new_cache_kv
 
 
+def _scan_blocks(step, carry, xs, config: ModelConfig):
+    """`carry` through `step(carry, layer's slice of xs) -> carry` for every layer, under
+    `jax.lax.scan`. With `config.scan_unroll = k > 1` (the pod plan's cost twin) one iteration
+    runs k blocks, each reading its layer's slice by its own dynamic index as the scan does
+    (the scan's own `unroll` slices k layers at once, which XLA copied out: not the program
+    whose cost is wanted); the last `n_layers % k` blocks run after the loop."""
+    n, k = config.n_layers, config.scan_unroll
+    if k == 1:
+        return jax.lax.scan(lambda c, x: (step(c, x), None), carry, xs)[0]
+    layer = lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), xs)
+
+    def body(i, carry):
+        for j in range(k):
+            carry = step(carry, layer(i * k + j))
+        return carry
+
+    carry = jax.lax.fori_loop(0, n // k, body, carry)
+    for i in range(n - n % k, n):
+        carry = step(carry, layer(i))
+    return carry
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One `Block` holding the weights of `blocks` stacked on a leading layer axis (the
+    scanned layout; works on abstract blocks under `nnx.eval_shape` too)."""
+    graphdef, _ = nnx.split(blocks[0])
+    states = [nnx.state(b) for b in blocks]
+    return nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+
+
+def unstack_blocks(stacked: Block, n_layers: int) -> list[Block]:
+    """The `n_layers` blocks of a stacked `Block` (copies: change them, then `stack_blocks`)."""
+    graphdef, state = nnx.split(stacked)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], state)) for i in range(n_layers)]
+
+
+def layer_list(model: Transformer) -> list[Block]:
+    """The model's blocks in order, in either layout (copies when scanned)."""
+    if model.config.scan_layers:
+        return unstack_blocks(model.blocks, model.config.n_layers)
+    return list(model.blocks)
+
+
+def set_layers(model: Transformer, blocks: list[Block]) -> Transformer:
+    """Puts `blocks` into `model` in its layout; returns the model."""
+    model.blocks = stack_blocks(blocks) if model.config.scan_layers else nnx.List(blocks)
+    return model
+
+
+def relayout(model: Transformer, scan_layers: bool) -> Transformer:
+    """`model` with its blocks in the scanned (True) or unrolled (False) layout: the same
+    function and weights (the model itself when it is in that layout already)."""
+    if model.config.scan_layers == scan_layers:
+        return model
+    blocks = layer_list(model)
+    model.config = dataclasses.replace(model.config, scan_layers=scan_layers)
+    for block in blocks:  # the same graph as a model built in this layout
+        block.attn.config = model.config
+    return set_layers(model, blocks)
+
+
 class Transformer(nnx.Module):
     """Decoder-only transformer returning float32 logits over V + 1 actions."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        embed_init = nnx.initializers.normal(_INIT_STD)
+        embed_init = nnx.initializers.normal(INIT_STD)
         embed_kwargs = dict(
             dtype=config.compute_dtype,
             param_dtype=config.params_dtype,
@@ -281,7 +203,8 @@ class Transformer(nnx.Module):
             if config.family == "gpt2"
             else None
         )
-        self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.n_layers)])
+        blocks = [Block(config, rngs=rngs) for _ in range(config.n_layers)]
+        self.blocks = stack_blocks(blocks) if config.scan_layers else nnx.List(blocks)
         self.final_norm = _norm(config, rngs)
         self.lm_head = (
             None
@@ -292,7 +215,7 @@ class Transformer(nnx.Module):
                 use_bias=False,
                 dtype=config.compute_dtype,
                 param_dtype=config.params_dtype,
-                kernel_init=nnx.initializers.normal(_INIT_STD),
+                kernel_init=nnx.initializers.normal(INIT_STD),
                 rngs=rngs,
             )
         )
@@ -325,18 +248,34 @@ class Transformer(nnx.Module):
         projections, not the attention's scores), so only cheap elementwise work is redone."""
         if remat not in REMAT:
             raise ValueError(f"remat={remat!r}; use one of {sorted(REMAT)}")
+        return self._logits(self.hidden(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat, place))
+
+    def hidden(
+        self,
+        x_BxTxD: jax.Array,
+        positions_BxT: jax.Array,
+        attn_mask_BxTxT: jax.Array,
+        remat: str = "none",
+        place: Callable[[jax.Array], jax.Array] | None = None,
+    ) -> jax.Array:
+        """The residual stream [B, T, d] after the last block (before `final_norm`); `remat`,
+        `place`: see `forward_embeddings`."""
         place = place or (lambda x: x)
+
+        def run(weights, x_BxTxD, graphdef):  # one block, a pure function of its weights
+            return nnx.merge(graphdef, weights)(place(x_BxTxD), positions_BxT, attn_mask_BxTxT)[0]
+
+        if remat != "none":  # weights may come from several traces (LoRA: trainable adapters
+            # under the gradient, the frozen base outside it): checkpoint a pure function
+            run = jax.checkpoint(run, policy=REMAT[remat], static_argnums=(2,))
+        if self.config.scan_layers:
+            graphdef, weights = nnx.split(self.blocks)
+            step = lambda x, w: run(w, x, graphdef)
+            return _scan_blocks(step, x_BxTxD, weights, self.config)
         for block in self.blocks:
-            x_BxTxD = place(x_BxTxD)
-            if remat == "none":
-                x_BxTxD, _ = block(x_BxTxD, positions_BxT, attn_mask_BxTxT)
-            else:  # a pure function of the block's weights: they may come from several traces
-                # (LoRA: trainable adapters under the gradient, the frozen base outside it)
-                graphdef, weights = nnx.split(block)
-                run = lambda w, x, p, m, g=graphdef: nnx.merge(g, w)(x, p, m)[0]
-                run = jax.checkpoint(run, policy=REMAT[remat])
-                x_BxTxD = run(weights, x_BxTxD, positions_BxT, attn_mask_BxTxT)
-        return self._logits(place(x_BxTxD))
+            graphdef, weights = nnx.split(block)
+            x_BxTxD = run(weights, x_BxTxD, graphdef)
+        return x_BxTxD
 
     def __call__(
         self,
@@ -371,10 +310,21 @@ class Transformer(nnx.Module):
         """
         x_BxKxD = self.embed(input_ids_BxK, positions_BxK)
         kv = (cache.k, cache.v)
-        for layer, block in enumerate(self.blocks):
-            x_BxKxD, kv = block(
-                x_BxKxD, positions_BxK, attn_mask_BxKxS, kv, cache_index_B, layer, place_heads
-            )
+        args = (positions_BxK, attn_mask_BxKxS)
+        if self.config.scan_layers:  # the cache rides in the carry, written at a traced layer
+            graphdef, weights = nnx.split(self.blocks)
+
+            def step(carry, weights_and_layer):
+                x_BxKxD, kv = carry
+                weights, layer = weights_and_layer
+                block = nnx.merge(graphdef, weights)
+                return block(x_BxKxD, *args, kv, cache_index_B, layer, place_heads)
+
+            layers = jnp.arange(self.config.n_layers, dtype=jnp.int32)
+            x_BxKxD, kv = _scan_blocks(step, (x_BxKxD, kv), (weights, layers), self.config)
+        else:
+            for layer, block in enumerate(self.blocks):
+                x_BxKxD, kv = block(x_BxKxD, *args, kv, cache_index_B, layer, place_heads)
         return self._logits(x_BxKxD), KVCache(k=kv[0], v=kv[1])
 
     def _logits(self, x_BxTxD: jax.Array) -> jax.Array:

@@ -3,6 +3,8 @@
 Every loader produces a `ModelConfig` and a flat dict of float32 numpy arrays keyed by our param
 names (``"blocks.3.attn.q_proj.kernel"``, see `transformer.py`), then `model_from_params` puts
 them into an NNX model cast to `param_dtype`. Kernels are transposed to our [in, out] layout.
+The names are always the unrolled layout's, one per layer; `model_from_params` stacks them
+when the config asks for scanned layers (`scan_layers`), and `model_params` unstacks.
 
 The `<bkspc>` row. Pretrained vocabularies have V rows; we append row V (the `<bkspc>` action)
 to the token embedding and, when untied, to the output layer with `add_bkspc_row`. The default
@@ -69,14 +71,36 @@ def _name(path: tuple) -> str:
     return ".".join(str(getattr(k, "key", k)) for k in path)
 
 
+_STACKED = "blocks."  # a scanned model's block weights: `blocks.<name>` [L, ...]
+
+
 def model_params(model: Transformer) -> Params:
-    """The model's parameters as a flat dict of numpy arrays keyed by dotted param names."""
+    """The model's parameters as a flat dict of numpy arrays keyed by dotted param names, one
+    per layer (`blocks.{i}.<name>`) in either layout."""
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return {_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    out = {}
+    for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]:
+        name, v = _name(p), np.asarray(v)
+        if model.config.scan_layers and name.startswith(_STACKED):
+            rest = name.removeprefix(_STACKED)
+            out.update({f"blocks.{i}.{rest}": v[i] for i in range(v.shape[0])})
+        else:
+            out[name] = v
+    return out
+
+
+def _layer_shapes(config: ModelConfig, name: str, shape: tuple) -> dict[str, tuple]:
+    """The unrolled names and shapes of one parameter of the model (a stacked block weight
+    is `n_layers` of them)."""
+    if config.scan_layers and name.startswith(_STACKED):
+        rest = name.removeprefix(_STACKED)
+        return {f"blocks.{i}.{rest}": tuple(shape[1:]) for i in range(config.n_layers)}
+    return {name: tuple(shape)}
 
 
 def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray]) -> Transformer:
-    """A `Transformer` whose parameters are `params` cast to `config.param_dtype`.
+    """A `Transformer` whose parameters are `params` (unrolled names, `model_params`) cast to
+    `config.param_dtype`, in the layout `config.scan_layers` names.
 
     The model is built abstractly (`nnx.eval_shape`, no random init), then every parameter is
     replaced; raises ValueError listing missing, unexpected and wrongly-shaped names.
@@ -84,7 +108,9 @@ def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray]) -> 
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     pure = nnx.to_pure_dict(state)
-    expected = {_name(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]}
+    expected = {}
+    for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]:
+        expected.update(_layer_shapes(config, _name(p), v.shape))
     missing = sorted(set(expected) - set(params))
     unexpected = sorted(set(params) - set(expected))
     bad = sorted(
@@ -98,9 +124,14 @@ def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray]) -> 
             f"unexpected {unexpected}, shape mismatches {bad}"
         )
     dtype = config.params_dtype
-    new = jax.tree_util.tree_map_with_path(
-        lambda p, _: jnp.asarray(np.asarray(params[_name(p)]), dtype), pure
-    )
+
+    def value(path, x):
+        names = _layer_shapes(config, _name(path), x.shape)
+        if len(names) == 1 and _name(path) in names:
+            return jnp.asarray(np.asarray(params[_name(path)]), dtype)
+        return jnp.stack([jnp.asarray(np.asarray(params[n]), dtype) for n in names])
+
+    new = jax.tree_util.tree_map_with_path(value, pure)
     nnx.replace_by_pure_dict(state, new)
     nnx.update(model, state)
     abstract = [
@@ -125,8 +156,13 @@ def apply_specs(tensors: Mapping[str, np.ndarray], specs: list[Spec], ignored, w
     return {ours: fn(*(tensors[s] for s in srcs)) for ours, srcs, fn in specs}
 
 
-def with_dtypes(config: ModelConfig, dtype: str, param_dtype: str | None) -> ModelConfig:
-    return dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype or dtype)
+def with_dtypes(
+    config: ModelConfig, dtype: str, param_dtype: str | None, scan_layers: bool = False
+) -> ModelConfig:
+    """`config` with the compute and storage dtypes and the layer layout of the model to build."""
+    return dataclasses.replace(
+        config, dtype=dtype, param_dtype=param_dtype or dtype, scan_layers=scan_layers
+    )
 
 
 def transpose(w: np.ndarray) -> np.ndarray:

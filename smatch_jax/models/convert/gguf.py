@@ -118,12 +118,14 @@ def smollm2(
     dtype: str = "float32",
     param_dtype: str | None = None,
     bkspc_init: str = "mean",
+    scan_layers: bool = False,
 ) -> Transformer:
     """SmolLM2-135M-Instruct from the `smollm2` asset GGUF (or `path`), with a `<bkspc>` row.
 
-    `dtype` is the compute dtype; `param_dtype` defaults to `dtype`.
+    `dtype` is the compute dtype; `param_dtype` defaults to `dtype`; `scan_layers`: the
+    blocks' layout (`ModelConfig.scan_layers`).
     """
     from smatch_jax import assets
 
     config, params = load_gguf_llama(path or assets.path("smollm2"), bkspc_init=bkspc_init)
-    return model_from_params(with_dtypes(config, dtype, param_dtype), params)
+    return model_from_params(with_dtypes(config, dtype, param_dtype, scan_layers), params)

@@ -174,7 +174,9 @@ def load_hf(
     dtype: str = "float32",
     param_dtype: str | None = None,
     bkspc_init: str = "mean",
+    scan_layers: bool = False,
 ) -> Transformer:
-    """A `Transformer` from a local HF gpt2 / llama checkpoint directory, with a `<bkspc>` row."""
+    """A `Transformer` from a local HF gpt2 / llama checkpoint directory, with a `<bkspc>` row,
+    its blocks in the layout `scan_layers` names."""
     config, params = load_hf_params(directory, bkspc_init=bkspc_init)
-    return model_from_params(with_dtypes(config, dtype, param_dtype), params)
+    return model_from_params(with_dtypes(config, dtype, param_dtype, scan_layers), params)

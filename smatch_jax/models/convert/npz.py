@@ -38,18 +38,19 @@ def save_npz(model: Transformer, path: str | os.PathLike, vocab: Sequence[str]) 
     """Writes the model's float32 parameters, config and `vocab` (the text of every token id);
     returns the content hash to pin as `model.init_sha256`."""
     arrays = {k: np.asarray(v, np.float32) for k, v in model_params(model).items()}
-    arrays["__config__"] = np.frombuffer(
-        json.dumps(dataclasses.asdict(model.config), sort_keys=True).encode(), np.uint8
-    )
+    config = dataclasses.asdict(model.config)
+    del config["scan_layers"], config["scan_unroll"]  # a layout: the file loads into either
+    arrays["__config__"] = np.frombuffer(json.dumps(config, sort_keys=True).encode(), np.uint8)
     arrays["__vocab__"] = np.frombuffer(json.dumps(list(vocab)).encode(), np.uint8)
     np.savez(path, **arrays)
     return content_sha256(arrays)
 
 
 def load_npz(
-    path: str | os.PathLike, *, sha256: str = "", dtype: str = "float32"
+    path: str | os.PathLike, *, sha256: str = "", dtype: str = "float32", scan_layers: bool = False
 ) -> tuple[Transformer, list[str]]:
-    """(model, vocab) of a file written by `save_npz`; with `sha256`, the content must match."""
+    """(model, vocab) of a file written by `save_npz`, its blocks in the layout `scan_layers`
+    names; with `sha256`, the content must match."""
     with np.load(path) as f:
         arrays = {k: f[k] for k in f.files}
     missing = [k for k in _META if k not in arrays]
@@ -63,5 +64,5 @@ def load_npz(
         )
     cfg = json.loads(arrays.pop("__config__").tobytes().decode())
     vocab = json.loads(arrays.pop("__vocab__").tobytes().decode())
-    config = ModelConfig(**{**cfg, "dtype": dtype, "param_dtype": dtype})
+    config = ModelConfig(**{**cfg, "dtype": dtype, "param_dtype": dtype}, scan_layers=scan_layers)
     return model_from_params(config, arrays), vocab
