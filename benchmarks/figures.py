@@ -12,6 +12,7 @@ Figure 6 (scaling over devices) lives in `benchmarks/scaling.py` (it needs subpr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import resource
 import time
@@ -244,8 +245,11 @@ def real_step_setup(size: h.Size, model_rows: int | None = None):
     n = np.full(B, (3 * T) // 4, np.int32)
     plain = np.where(np.arange(T)[None] < n[:, None], plain, PAD)
     batch = {"tokens": jnp.asarray(plain), "prompt_len": jnp.asarray(m), "length": jnp.asarray(n)}
-    train_step = steps.make_train_step(graphdef, frozen, opt, loss_fn, probs, st)
-    refill = steps.make_refill(graphdef, frozen, st)
+    tables = steps.NoiseTables(probs)
+    train_step = functools.partial(
+        steps.make_train_step(graphdef, opt, loss_fn, st), frozen=frozen, tables=tables
+    )
+    refill = functools.partial(steps.make_refill(graphdef, st), frozen=frozen)
     return model, state, batch, train_step, refill
 
 

@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.init = f"hf:{LLAMA_DIR}"  # Llama-2-7B (Hugging Face directory)
     c.model.lora_rank, c.model.lora_alpha = 16, 32.0  # LoRA on the frozen base
     c.model.dtype = "bfloat16"  # compute and storage of the converted weights
+    c.model.scan_layers = True  # one block compiled, not 32 (benchmarks/RESULTS.md, pod plans)
     c.data.tokenizer = f"bpe:{LLAMA_DIR}/tokenizer.json"  # the model's own tokenizer
     c.train.num_steps = 2000
     c.optim.lr = 2e-4

@@ -1,34 +1,39 @@
 """A run built abstractly and compiled for a TPU topology on a CPU host: the pod plan.
 
-`abstract_run(config, devices)` builds what `run.setup` builds, as shapes only: the model by
-`nnx.eval_shape`, the state by `jax.eval_shape`, each leaf a `ShapeDtypeStruct` carrying the
-`NamedSharding` `run.setup` would give it on a mesh of `devices` (e.g. the compile-only devices
-of `topologies.compile_devices('v5e-32')`). No weight is allocated and no data is read; the
+`abstract_run(config, devices)` is `run.build`, the builder `run.setup` trains with, on a
+model made of shapes (`nnx.eval_shape`) and a mesh of `devices` (e.g. the compile-only devices
+of `topologies.compile_devices('v5e-32')`): the same jitted train step and refill, with the
+same argument order, shardings and donation. No weight is allocated and no data is read; the
 vocabulary comes from `vocab_size` or the pretrained preset (`models/config.py: VOCAB_SIZES`),
 the sampler's prompt width from `data.prompt_max` (text: `data.prompt_tokens`).
 
-`compile_pieces(ar)` lowers and compiles the run's jitted pieces with `steps.make_train_step`
-and `steps.make_refill`, the functions training uses:
+`compile_pieces(ar)` lowers and compiles:
 
 * `train_mle`: the train step without model rows (BC warm-up, MLE, BC);
 * `train_sm`: the train step with `train.model_rows` rows from the replay buffer;
 * `refill`: the sampler over the data batch's prompts, into the replay buffer;
-* `eval_decode`: the evaluation's greedy decoding of 256 prompts (eval/decoding.py);
+* `eval_decode`: the evaluation's greedy decoding of 256 prompts: `sampling.sample_jit`, the
+  function `sampling.sample` calls, with the arguments it passes (eval/decoding.py);
 * `decode_step_refill`, `decode_step_eval`: one token of the sampler's loop, alone (below).
 
-The non-trainable weights (`frozen`: the base model under LoRA) are an argument of every
-piece, sharded by the parameter rules, as in `run.setup`.
+Loops: XLA's `cost_analysis` counts a while-loop body once. Two kinds of loop are counted here:
 
-Loops: XLA's `cost_analysis` counts a while-loop body once. The sampler's loop runs at most
-`A` (= its action budget) times, so flops and bytes accessed of `refill` and `eval_decode` are
-their reported figures plus `(A - 1)` times those of one decode step compiled alone with the
-same weight layout (`decode_step_*`); collectives inside the loop body of the compiled HLO are
-counted `A` times (`hlo_stats.collectives`).
+* the layer scan (`model.scan_layers`): each piece is compiled a second time with two blocks
+  per iteration of the scan (`ModelConfig.scan_unroll=2`, the same function); the difference
+  is one block's flops and bytes, added `n_layers - 1` times (checked against an unrolled
+  compile in tests/test_compile.py);
+* the sampler's token loop runs at most `A` (= its action budget) times, so the figures of
+  `refill` and `eval_decode` add `(A - 1)` times those of one decode step compiled alone with
+  the same weight layout (`decode_step_*`).
+
+Collectives inside loops are multiplied by their trip counts from the compiled HLO
+(`hlo_stats.collectives`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import time
 import types
@@ -41,30 +46,45 @@ import ml_collections
 from flax import nnx
 
 from smatch_jax import config as config_lib
-from smatch_jax import noise, objective, run, sampling, sharding, steps, validate
+from smatch_jax import hlo_stats, run, sampling, sharding, steps, validate
 from smatch_jax.eval import decoding
 from smatch_jax.models import init_cache, lora
 from smatch_jax.models.config import VOCAB_SIZES, from_preset
 from smatch_jax.models.transformer import Transformer
 
 EVAL_BATCH = 256  # rows per evaluation decoding call (eval/accuracy.py's batch_size)
+PIECES = (
+    "train_mle",
+    "train_sm",
+    "refill",
+    "decode_step_refill",
+    "eval_decode",
+    "decode_step_eval",
+)
+_LOOP_BODY = {"refill": "decode_step_refill", "eval_decode": "decode_step_eval"}
 
 
 @dataclasses.dataclass
 class AbstractRun:
-    """A run's shapes and shardings, and what its compiled pieces close over."""
+    """`run.build` of a config on shapes, and what the plan needs besides."""
 
-    typed: config_lib.Typed
-    mesh: Any
-    graphdef: Any
-    frozen: Any  # ShapeDtypeStructs with shardings (the non-trainable weights)
-    state: steps.TrainState  # ShapeDtypeStructs with shardings
-    settings: steps.StepSettings
-    optimizer: Any
-    loss_fn: Any
-    noise_probs: jax.Array
+    built: run.Built
+    tables: steps.NoiseTables  # ShapeDtypeStructs, replicated
     vocab_size: int
     model_bytes: int  # all weights (trainable and frozen), in their storage dtype
+    twin: Callable[[], AbstractRun]  # the same build, two blocks per iteration of the scan
+
+    @property
+    def typed(self) -> config_lib.Typed:
+        return self.built.typed
+
+    @property
+    def mesh(self) -> Any:
+        return self.built.mesh
+
+    @property
+    def settings(self) -> steps.StepSettings:
+        return self.built.settings
 
 
 def _preset_of(spec) -> str:
@@ -97,8 +117,8 @@ def resolve_prompt_max(c: config_lib.Typed) -> int:
     )
 
 
-def abstract_model(c: config_lib.Typed, vocab_size: int) -> Transformer:
-    """The run's model as shapes (`nnx.eval_shape`): preset shape, LoRA, dtypes.
+def abstract_model(c: config_lib.Typed, vocab_size: int, scan_unroll: int = 1) -> Transformer:
+    """The run's model as shapes (`nnx.eval_shape`): preset shape, layout, LoRA, dtypes.
 
     A pretrained model (`hf:`, `smollm2`, ...) is stored in `model.dtype` (the converters
     cast it), a scratch model in float32, as `factory.build_model` does."""
@@ -110,6 +130,8 @@ def abstract_model(c: config_lib.Typed, vocab_size: int) -> Transformer:
         max_positions=max(c.data.seq_len, 8),
         dtype=spec.dtype,
         param_dtype=param_dtype,
+        scan_layers=spec.scan_layers,
+        scan_unroll=scan_unroll,
     )
 
     def build() -> Transformer:
@@ -122,49 +144,46 @@ def abstract_model(c: config_lib.Typed, vocab_size: int) -> Transformer:
     return nnx.eval_shape(build)
 
 
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
+def _sds(shape, dtype, sh=None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
 
 def abstract_run(
-    config: ml_collections.ConfigDict, devices: list[Any], *, vocab_size: int | None = None
+    config: ml_collections.ConfigDict,
+    devices: list[Any],
+    *,
+    vocab_size: int | None = None,
+    tokenizer: Any = None,
+    scan_unroll: int = 1,
 ) -> AbstractRun:
-    """`run.setup(config)` as shapes and shardings on a mesh of `devices` (see the module
-    docstring)."""
+    """`run.build(config)` as shapes and shardings on a mesh of `devices` (module docstring).
+    `tokenizer`: the ids the steps use (`bkspc_id`, `eos_id`, `pad_id`; default a stand-in
+    with the vocabulary's size: the ids change no shape)."""
     c = validate.check_config(config)
-    V = resolve_vocab_size(c, vocab_size)
+    if c.noise.kind == "errors" or (c.noise.kind == "model" and c.data.task == "grammar"):
+        raise ValueError(
+            f"noise.kind={c.noise.kind!r} on the {c.data.task} task draws from its prefix "
+            "automaton, which an abstract build does not make; plan the run with "
+            "noise.kind='random' (the same shapes but the automaton's table)"
+        )
+    V = tokenizer.vocab_size if tokenizer is not None else resolve_vocab_size(c, vocab_size)
     P, T = resolve_prompt_max(c), c.data.seq_len
     if P >= T:
         raise ValueError(f"data.prompt_max={P} leaves no room for actions in data.seq_len={T}")
-    # A stand-in tokenizer: only the ids the compiled steps use (their values change no shape).
-    tok = types.SimpleNamespace(vocab_size=V, bkspc_id=V, eos_id=1, pad_id=0, special_ids=(0, 1))
+    tok = tokenizer or types.SimpleNamespace(vocab_size=V, bkspc_id=V, eos_id=1, pad_id=0)
     mesh = sharding.mesh_of(c.mesh, devices=devices)
-    model = abstract_model(c, V)
-    graphdef, params, frozen = nnx.split(model, lora.trainable_filter(c.model.lora_rank > 0), ...)
-    optimizer = run.build_optimizer(c, params, tok.bkspc_id)
-    state = jax.eval_shape(lambda p: run.initial_state(c, p, optimizer, tok.pad_id), params)
-    state_sh = run.state_shardings(state, optimizer, mesh, c.mesh.rules)
-    frozen_sh = sharding.param_shardings(frozen, mesh, c.mesh.rules)
-    leaves = jax.tree.leaves(params) + jax.tree.leaves(frozen)
+    built = run.build(c, abstract_model(c, V, scan_unroll), tok, P, mesh)
+    leaves = jax.tree.leaves(built.params) + jax.tree.leaves(built.frozen)
+    tables = steps.NoiseTables(_sds((V,), jnp.float32, sharding.replicated(mesh)))
     return AbstractRun(
-        typed=c,
-        mesh=mesh,
-        graphdef=graphdef,
-        frozen=_with_shardings(frozen, frozen_sh),
-        state=_with_shardings(state, state_sh),
-        settings=run.step_settings(c, tok, P),
-        optimizer=optimizer,
-        loss_fn=objective.make_loss_fn(c.loss, eos_id=tok.eos_id),
-        noise_probs=jnp.asarray(noise.random_noise_probs(V, tok.special_ids)),
+        built=built,
+        tables=tables,
         vocab_size=V,
         model_bytes=sum(x.size * x.dtype.itemsize for x in leaves),
+        twin=functools.partial(
+            abstract_run, config, devices, vocab_size=vocab_size, tokenizer=tokenizer, scan_unroll=2
+        ),
     )
-
-
-def _sds(shape, dtype, sh) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
 
 
 def data_batch(ar: AbstractRun) -> dict[str, jax.ShapeDtypeStruct]:
@@ -178,61 +197,74 @@ def data_batch(ar: AbstractRun) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
-@dataclasses.dataclass
-class Piece:
-    """One compiled function and the number of times its loop body runs (1: no loop).
-
-    XLA's TPU compiler refuses a program whose temporaries exceed the chip's HBM: then
-    `compiled` is None, `error` is its message and `needed_bytes` the bytes it asked for."""
-
-    name: str
-    compiled: Any
-    loop_trips: int = 1
-    step_name: str = ""  # the piece holding one loop iteration compiled alone
-    seconds: float = 0.0  # lowering and compilation
-    error: str = ""
-    needed_bytes: int = 0
+def frozen_abstract(ar: AbstractRun) -> Any:
+    """The frozen weights as ShapeDtypeStructs with their shardings (as `setup` places them)."""
+    return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), ar.built.frozen, ar.built.frozen_sh)
 
 
-_NEEDED = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+def lower_train_step(ar: AbstractRun, with_model: bool) -> Any:
+    """The train step as `run.setup`'s `train_step` calls it, lowered."""
+    b = ar.built
+    return b.program.train_step.lower(
+        b.abstract, data_batch(ar), frozen_abstract(ar), ar.tables, with_model=with_model
+    )
 
 
-def _compile(name: str, lower: Any, *args: Any, **kw: Any) -> Piece:
-    """`lower(*args).compile()` as a Piece; an out-of-HBM refusal is recorded, not raised."""
-    t0 = time.time()
-    try:
-        compiled = lower(*args).compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        m = _NEEDED.search(str(e))
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-        needed = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
-        msg = str(e).splitlines()[0][:300]
-        return Piece(name, None, seconds=time.time() - t0, error=msg, needed_bytes=needed, **kw)
-    return Piece(name, compiled, seconds=time.time() - t0, **kw)
+def lower_refill(ar: AbstractRun) -> Any:
+    """The replay refill as `run.setup`'s `refill` calls it, lowered."""
+    b = ar.built
+    return b.program.refill.lower(b.abstract, data_batch(ar), frozen_abstract(ar))
+
+
+def eval_decoding_config(ar: AbstractRun) -> sampling.SamplingConfig:
+    """The evaluation's headline decoding (eval/decoding.py) for the run's action budget."""
+    return decoding.decoding_config(decoding.HEADLINE, ar.settings.sampling.max_new_tokens)
+
+
+def lower_eval_decode(ar: AbstractRun) -> Any:
+    """`sampling.sample_jit` with the arguments `sampling.sample` gives it during evaluation:
+    the whole model's state, 256 prompts and their lengths (uncommitted numpy: copied), a
+    key."""
+    b, st = ar.built, ar.settings
+    model = nnx.merge(b.graphdef, b.abstract.params, frozen_abstract(ar))
+    graphdef, weights = nnx.split(model)
+    layout = sampling.layout_of(graphdef, weights, EVAL_BATCH)
+    rep = sharding.replicated(ar.mesh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    B, P = EVAL_BATCH, st.prompt_max
+    args = (
+        graphdef,
+        weights,
+        _sds((B, P), jnp.int32, rep),
+        _sds((B,), jnp.int32, rep),
+        _sds(key.shape, key.dtype, rep),
+        _sds((B,), jnp.int32, rep),
+    )
+    kw = dict(cfg=eval_decoding_config(ar), eos_id=st.eos_id, pad_id=st.pad_id, layout=layout)
+    return sampling.sample_jit.lower(*args, **kw)
 
 
 def layout(ar: AbstractRun, batch_size: int) -> sharding.DecodeLayout:
-    """The sampler's decode layout for `batch_size` rows (what run.setup gives the refill)."""
-    n_kv = nnx.merge(ar.graphdef, ar.state.params, ar.frozen).config.n_kv_heads
-    weights = sharding.decode_weight_specs(ar.state.params, ar.frozen)
-    return sharding.decode_layout(ar.mesh, batch_size, n_kv, weights)
+    """The sampler's decode layout for `batch_size` rows (what run.build gives the refill)."""
+    b = ar.built
+    weights = sharding.decode_weight_specs(b.abstract.params, b.frozen_sh)
+    return sharding.decode_layout(ar.mesh, batch_size, b.model_config.n_kv_heads, weights)
 
 
-def _decode_step(ar: AbstractRun, name: str, batch_size: int, cache_len: int) -> Piece:
+def lower_decode_step(ar: AbstractRun, batch_size: int, cache_len: int) -> Any:
     """One token of the sampler's loop (`model.decode` of one token against the cache): weights,
-    rows and cache in the decode layout, the next-token logits gathered there as the sampler
+    rows and cache in the decode layout, the next-token logits placed there as the sampler
     does."""
+    b = ar.built
     lay = layout(ar, batch_size)
     B, S = batch_size, cache_len
 
     def step(params, frozen, cache, tok, pos, mask, write_at):
-        model = nnx.merge(ar.graphdef, params, frozen)
+        model = nnx.merge(b.graphdef, params, frozen)
         logits, cache = model.decode(tok, pos, mask, cache, write_at, lay.put_heads)
         return lay.put_rows(logits), lay.put_cache(cache)
 
-    model = nnx.merge(ar.graphdef, ar.state.params, ar.frozen)
+    model = nnx.merge(b.graphdef, b.abstract.params, b.frozen)
     cache = jax.eval_shape(lambda: init_cache(model.config, B, S))
     cache = jax.tree.map(lambda x: _sds(x.shape, x.dtype, lay.cache), cache)
 
@@ -242,86 +274,123 @@ def _decode_step(ar: AbstractRun, name: str, batch_size: int, cache_len: int) ->
         )
 
     args = (
-        placed(ar.state.params),
-        placed(ar.frozen),
+        placed(b.abstract.params),
+        placed(b.frozen),
         cache,
         _sds((B, 1), jnp.int32, lay.rows),
         _sds((B, 1), jnp.int32, lay.rows),
         _sds((B, 1, S), jnp.bool_, lay.rows),
         _sds((B,), jnp.int32, lay.rows),
     )
-    return _compile(name, jax.jit(step).lower, *args)
+    return jax.jit(step).lower(*args)
+
+
+def lowerings(ar: AbstractRun) -> dict[str, Callable[[], Any]]:
+    """Per piece (`PIECES`, those the run has), a thunk that lowers it."""
+    st, c = ar.settings, ar.typed
+    S_eval = st.prompt_max + eval_decoding_config(ar).max_new_tokens
+    out = {"train_mle": lambda: lower_train_step(ar, False)}
+    if st.model_rows:
+        S = st.prompt_max + st.sampling.max_new_tokens
+        out |= {
+            "train_sm": lambda: lower_train_step(ar, True),
+            "refill": lambda: lower_refill(ar),
+            "decode_step_refill": lambda: lower_decode_step(ar, c.train.batch_size, S),
+        }
+    out |= {
+        "eval_decode": lambda: lower_eval_decode(ar),
+        "decode_step_eval": lambda: lower_decode_step(ar, EVAL_BATCH, S_eval),
+    }
+    return out
+
+
+@dataclasses.dataclass
+class Piece:
+    """One compiled function's figures per chip (the executable itself is not kept).
+
+    XLA's TPU compiler refuses a program whose temporaries exceed the chip's HBM: then
+    `error` is its message, `needed_bytes` the bytes it asked for, and no figures are set.
+    `cost`: flops and bytes of one call with every layer counted (the layer scan's body
+    `n_layers` times) but the sampler's token loop once; `loop_trips` is that loop's bound
+    and `step_name` the piece that holds one of its iterations."""
+
+    name: str
+    memory: hlo_stats.Memory | None = None
+    cost: dict[str, float] | None = None
+    xla_cost: dict[str, float] | None = None  # as XLA reports it (loop bodies once)
+    collectives: hlo_stats.Collectives | None = None
+    loop_trips: int = 1
+    step_name: str = ""
+    donated_bytes: int = 0  # argument bytes whose buffers the outputs reuse (donation)
+    seconds: float = 0.0  # lowering and compilation (both compiles of a scanned model)
+    error: str = ""
+    needed_bytes: int = 0
+
+
+_NEEDED = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def _compile(lower: Callable[[], Any]) -> tuple[Any, str, int]:
+    """`(compiled, '', 0)`, or `(None, message, needed bytes)` when XLA refuses it for HBM."""
+    try:
+        return lower().compile(), "", 0
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        m = _NEEDED.search(str(e))
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        needed = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
+        return None, str(e).splitlines()[0][:300], needed
 
 
 def compile_pieces(
-    ar: AbstractRun, on_piece: Callable[[Piece], None] | None = None
+    ar: AbstractRun,
+    on_piece: Callable[[Piece], None] | None = None,
+    only: tuple[str, ...] | None = None,
 ) -> dict[str, Piece]:
-    """Lower and compile the run's pieces for the mesh's devices (module docstring);
-    `on_piece` is called with each as it is compiled (progress)."""
-    st, c = ar.settings, ar.typed
-    rep = sharding.replicated(ar.mesh)
-    state_sh = jax.tree.map(lambda x: x.sharding, ar.state)
-    batch = data_batch(ar)
+    """Lower and compile the run's pieces (`only`: these) for the mesh's devices (module
+    docstring); `on_piece` is called with each as it is compiled (progress)."""
+    n_layers = ar.built.model_config.n_layers
+    scanned = ar.built.model_config.scan_layers and n_layers > 1
+    A = {
+        "refill": ar.settings.sampling.n_actions,
+        "eval_decode": eval_decoding_config(ar).n_actions,
+    }
+    thunks = lowerings(ar)
+    twins = None
     out: dict[str, Piece] = {}
-
-    def put(piece: Piece) -> None:
-        out[piece.name] = piece
+    for name, lower in thunks.items():
+        if only is not None and name not in only and name not in _needed_by(only):
+            continue
+        t0 = time.time()
+        compiled, error, needed = _compile(lower)
+        piece = Piece(name, loop_trips=A.get(name, 1), step_name=_LOOP_BODY.get(name, ""))
+        if compiled is None:
+            piece.error, piece.needed_bytes = error, needed
+        else:
+            piece.memory = hlo_stats.memory(compiled)
+            piece.xla_cost = hlo_stats.cost(compiled)
+            piece.collectives = hlo_stats.collectives(compiled.as_text(), piece.loop_trips)
+            piece.donated_bytes = piece.memory.alias
+            piece.cost = dict(piece.xla_cost)
+            del compiled  # free the executable before the next compile
+            if scanned:  # the layer scan's body once more: one block's cost
+                if twins is None:
+                    twins = lowerings(ar.twin())
+                twin, _, _ = _compile(twins[name])
+                if twin is not None:
+                    two = hlo_stats.cost(twin)
+                    del twin
+                    blocks = 1 + n_layers % 2  # an odd count runs one block outside the loop
+                    for k, v in piece.xla_cost.items():
+                        piece.cost[k] = v + (n_layers - 1) * (two[k] - v) / blocks
+        piece.seconds = time.time() - t0
+        out[name] = piece
         if on_piece is not None:
             on_piece(piece)
-
-    for with_model in (False, True):
-        if with_model and not st.model_rows:
-            continue
-
-        def train(state, frozen, batch, with_model=with_model):
-            fn = steps.make_train_step(
-                ar.graphdef, frozen, ar.optimizer, ar.loss_fn, ar.noise_probs, st, mesh=ar.mesh
-            )
-            return fn(state, batch, with_model)
-
-        jitted = jax.jit(train, out_shardings=(state_sh, rep))
-        name = "train_sm" if with_model else "train_mle"
-        put(_compile(name, jitted.lower, ar.state, ar.frozen, batch))
-    A = st.sampling.n_actions
-    if st.model_rows:
-
-        def refill(state, frozen, batch):
-            lay = layout(ar, c.train.batch_size)
-            return steps.make_refill(ar.graphdef, frozen, st, lay)(state, batch)
-
-        jitted = jax.jit(refill, out_shardings=(state_sh, rep))
-        kw = dict(loop_trips=A, step_name="decode_step_refill")
-        put(_compile("refill", jitted.lower, ar.state, ar.frozen, batch, **kw))
-        S = st.prompt_max + st.sampling.max_new_tokens
-        put(_decode_step(ar, "decode_step_refill", c.train.batch_size, S))
-    cfg = decoding.decoding_config(decoding.HEADLINE, st.sampling.max_new_tokens)
-
-    eval_layout = layout(ar, EVAL_BATCH)  # sampling.sample's layout_of the run's weights
-
-    def eval_decode(params, frozen, prompts, prompt_len, key):
-        model = nnx.merge(ar.graphdef, params, frozen)
-        return sampling.sample_traced(
-            model,
-            prompts,
-            prompt_len,
-            key,
-            cfg=cfg,
-            eos_id=st.eos_id,
-            pad_id=st.pad_id,
-            layout=eval_layout,
-        )
-
-    P = st.prompt_max
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    args = (
-        ar.state.params,
-        ar.frozen,
-        _sds((EVAL_BATCH, P), jnp.int32, rep),  # numpy prompts: uncommitted, replicated
-        _sds((EVAL_BATCH,), jnp.int32, rep),
-        _sds(key.shape, key.dtype, rep),
-    )
-    kw = dict(loop_trips=cfg.n_actions, step_name="decode_step_eval")
-    put(_compile("eval_decode", jax.jit(eval_decode).lower, *args, **kw))
-    S = P + cfg.max_new_tokens
-    put(_decode_step(ar, "decode_step_eval", EVAL_BATCH, S))
     return out
+
+
+def _needed_by(only: tuple[str, ...]) -> set[str]:
+    """The loop-body pieces that the pieces in `only` need for their figures."""
+    return {_LOOP_BODY[n] for n in only if n in _LOOP_BODY}

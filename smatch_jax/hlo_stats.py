@@ -5,11 +5,14 @@
 * `cost(compiled)`: `cost_analysis()` flops and bytes accessed (a loop body counted once).
 * `collectives(hlo_text, loop_trips)`: the collectives of the optimised HLO (all-gather,
   all-reduce, reduce-scatter, all-to-all, collective-permute and their async starts), each
-  with the bytes of its largest buffer, times the trip count of the loops around it: a
-  while loop's `known_trip_count`, else N for a condition `i < N` (XLA's own loops, e.g. a
-  windowed matmul over N shards), else `loop_trips` (the caller's bound, e.g. the sampler's
-  action budget). One iteration of the loops of unknown length is also summed apart
-  (`in_loops`: a sampler's bytes per token).
+  transfer once with the bytes of its largest buffer, times the trip count of the loops
+  around it: a while loop's `known_trip_count`, else N for a condition `i < N` (XLA's own
+  loops, e.g. a windowed matmul over N shards), else `loop_trips` (the caller's bound, e.g.
+  the sampler's action budget). One iteration of the loops of unknown length is also summed
+  apart (`in_loops`: a sampler's bytes per token). XLA's TPU compiler splits one transfer
+  into a start and continuation steps inside several fused computations, each a copy of the
+  collective with the same `channel_id` and the full result shape: a channel is one
+  transfer, counted once, at the largest trip count of the places it appears.
 * `roofline_seconds(...)`: max(flops / peak, bytes / HBM bandwidth) + collective bytes / ICI
   bandwidth, a projection from the chip table (topologies.py), never a measurement. XLA's own
   `optimal_seconds` is not used: it comes out negative on these steps.
@@ -43,6 +46,7 @@ _CALLEE = re.compile(
     r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?(%[\w.\-]+(?:, ?%[\w.\-]+)*)"
 )
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 
 
 @dataclasses.dataclass
@@ -96,10 +100,10 @@ def array_bytes(shape: str) -> int:
 
 @dataclasses.dataclass
 class Collectives:
-    """Collective bytes per chip, by kind, with loop bodies counted per trip."""
+    """Collective bytes per chip, by kind, each transfer once, loop bodies counted per trip."""
 
     by_kind: dict[str, float]  # kind -> bytes (all executions)
-    count: dict[str, int]  # kind -> instructions in the HLO text
+    count: dict[str, int]  # kind -> transfers in the HLO text (channels)
     in_loops: float  # bytes of one iteration of the loops of unknown length (per token)
 
     @property
@@ -187,11 +191,10 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
         for callee, factor, unknown in calls[name]:
             mult[callee] += mult[name] * factor
             per_trip[callee] += mult[name] if unknown else per_trip[name] * factor
-    by_kind: dict[str, float] = defaultdict(float)
-    count: dict[str, int] = defaultdict(int)
-    in_loops = 0.0
+    # One transfer per channel: (kind, bytes, runs, runs per unknown-loop iteration).
+    transfers: dict[Any, tuple[str, float, float, float]] = {}
     for name, lines in comps.items():
-        for line in lines:
+        for i, line in enumerate(lines):
             m = _INSTR.match(line)
             if not m:
                 continue
@@ -199,10 +202,22 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
             kind = op.removesuffix("-start")
             if kind not in COLLECTIVES or op.endswith("-done"):
                 continue
-            b = array_bytes(m.group(2))
-            by_kind[kind] += b * mult[name]
-            count[kind] += 1
-            in_loops += b * per_trip[name]
+            channel = _CHANNEL.search(line)
+            key = ("channel", int(channel.group(1))) if channel else (name, i)
+            seen = transfers.get(key, (kind, 0.0, 0.0, 0.0))
+            transfers[key] = (
+                kind,
+                max(seen[1], array_bytes(m.group(2))),
+                max(seen[2], mult[name]),
+                max(seen[3], per_trip[name]),
+            )
+    by_kind: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    in_loops = 0.0
+    for kind, b, runs, per_token in transfers.values():
+        by_kind[kind] += b * runs
+        count[kind] += 1
+        in_loops += b * per_token
     return Collectives(dict(by_kind), dict(count), in_loops)
 
 

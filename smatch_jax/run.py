@@ -1,20 +1,29 @@
-"""A run's compiled pieces, built once from its config: `setup`, and `load_trained` to restore
-a finished run (for evaluation, sampling, or fine-tuning from it).
+"""A run's compiled pieces, built once from its config: `setup`, `build` (what `setup` and the
+pod plan share), and `load_trained` to restore a finished run (for evaluation, sampling, or
+fine-tuning from it).
 
-`Run` holds the typed config, the data, the mesh, the state's shapes and shardings (the
-initial `TrainState` is built on demand by `init_state`, on the host until then), and the
-jitted train step and replay refill (steps.py). Both donate the state they are given (its
-buffers become the new state's: one copy of the state on the devices, not two), so a state
-passed to them must not be used again. The frozen weights (the base model under LoRA) are
-sharded by the same rules as the parameters and passed to every call, not baked into the
-compiled programs. Nothing here loops; train.py does.
+One builder, two callers (MaxText's pattern: one function makes the jitted step and its
+signature for `train.py` and `train_compile.py`):
+
+* `setup(config)`: the run that trains: data, weights, the initial state, and the jitted
+  pieces of `build`, with the frozen weights and the noise tables bound;
+* `compile_plan.abstract_run(config, devices)`: the same `build` on a model made of shapes
+  and on a TPU topology's compile-only devices, so the plan compiles the very program that
+  trains, shardings and donation included (tests/test_compile.py lowers both and compares).
+
+`build` gives the `Program`: the train step and the replay refill (steps.py), jitted with the
+state's shardings. Both donate the state they are given (its buffers become the new state's:
+one copy of the state on the devices, not two), so a state passed to them must not be used
+again. The frozen weights (the base model under LoRA) and the noise tables are arguments,
+sharded by the parameter rules and copied respectively, not constants baked into the
+programs. Nothing here loops; train.py does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +38,67 @@ from smatch_jax import checkpointing, noise, objective, replay, sharding, steps,
 from smatch_jax import config as config_lib
 from smatch_jax.data import train_data as data_lib
 from smatch_jax.models import factory, lora
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The run's jitted pieces (steps.py) with their shardings; each donates `state`.
+
+    `train_step(state, batch, frozen, tables, *, with_model) -> (state, metrics)`;
+    `refill(state, batch, frozen) -> (state, stats)`. `lower` them with arrays or with
+    `ShapeDtypeStruct`s carrying shardings (the pod plan)."""
+
+    train_step: Any
+    refill: Any
+    donated: bool = True
+
+
+@dataclasses.dataclass
+class Built:
+    """What `build` makes of a config and a model (real or abstract)."""
+
+    typed: config_lib.Typed
+    mesh: Any
+    graphdef: Any
+    params: Any  # the trainable weights as given (arrays, or ShapeDtypeStructs)
+    frozen: Any  # the non-trainable weights as given (the base model under LoRA)
+    frozen_sh: Any  # their shardings
+    abstract: steps.TrainState  # the state's ShapeDtypeStructs with shardings
+    optimizer: optax.GradientTransformation
+    settings: steps.StepSettings
+    model_config: Any  # the model's ModelConfig
+    program: Program
+
+
+def build(c: config_lib.Typed, model: Any, tok: Any, prompt_max: int, mesh: Any) -> Built:
+    """The run's pieces from its typed config, its model (built or `nnx.eval_shape`d), the
+    tokenizer's ids (`bkspc_id`, `eos_id`, `pad_id`), the sampler's prompt width and the mesh;
+    shared by `setup` and the pod plan."""
+    graphdef, params, frozen = nnx.split(model, lora.trainable_filter(c.model.lora_rank > 0), ...)
+    optimizer = build_optimizer(c, params, tok.bkspc_id)
+    st = step_settings(c, tok, prompt_max)
+    abstract = jax.eval_shape(lambda p: initial_state(c, p, optimizer, tok.pad_id), params)
+    state_sh = state_shardings(abstract, optimizer, mesh, c.mesh.rules)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh
+    )
+    frozen_sh = sharding.param_shardings(frozen, mesh, c.mesh.rules)
+    loss_fn = objective.make_loss_fn(c.loss, eos_id=tok.eos_id)
+    train = steps.make_train_step(graphdef, optimizer, loss_fn, st, mesh=mesh)
+    weights = sharding.decode_weight_specs(state_sh.params, frozen_sh)
+    layout = sharding.decode_layout(mesh, c.train.batch_size, model.config.n_kv_heads, weights)
+    refill = steps.make_refill(graphdef, st, layout)
+    out = (state_sh, sharding.replicated(mesh))
+    program = Program(
+        train_step=jax.jit(
+            train, static_argnames="with_model", donate_argnums=0, out_shardings=out
+        ),
+        refill=jax.jit(refill, donate_argnums=0, out_shardings=out),
+    )
+    return Built(
+        c, mesh, graphdef, params, frozen, frozen_sh, abstract, optimizer, st, model.config,
+        program,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -46,6 +116,8 @@ class Run:
     graphdef: Any
     frozen: Any  # the non-trainable weights, sharded
     settings: steps.StepSettings
+    program: Program  # the jitted pieces, without the frozen weights and tables bound
+    tables: steps.NoiseTables  # the noise's arrays, on the devices
 
     def abstract_state(self) -> Any:
         """Shapes, dtypes and shardings of the state (what a checkpoint restores into)."""
@@ -56,10 +128,22 @@ class Run:
         return self.settings.model_rows > 0
 
 
+def noise_tables(c: config_lib.Typed, data: data_lib.TrainData) -> steps.NoiseTables:
+    """The noise's arrays: its distribution and, for the noise kinds that use one,
+    the task's prefix automaton ('model' noise on such a task: the policy's own errors)."""
+    probs = noise.noise_probs(c.noise.kind, data.train_rows, data.tokenizer)
+    automaton = None
+    if c.noise.kind in ("errors", "model") and data.automaton is not None:
+        table, start = data.automaton
+        automaton = (jnp.asarray(table, jnp.int32), jnp.asarray(start, jnp.int32))
+    return steps.NoiseTables(jnp.asarray(probs, jnp.float32), automaton)
+
+
 def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = None) -> Run:
     """The run of `config`; `typed`: `validate.check_config(config)`, when the caller has
     already checked it (train.py does, before it touches the workdir)."""
     c = typed or validate.check_config(config)  # every problem, one line each, before any work
+    enable_compilation_cache(c.train.compilation_cache)
     mesh = sharding.mesh_of(c.mesh)
     index, count = sharding.batch_slice(mesh)  # this host's share of every batch
     data = data_lib.build_train_data(
@@ -67,56 +151,49 @@ def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = No
     )
     tok = data.tokenizer
     validate.check_tokenizer(tok)
-    T, P = c.data.seq_len, data.prompt_max
     trained = None
     if c.model.init.startswith("ckpt:"):  # fine-tune a run trained here
         prior, prior_state = load_trained(c.model.init[5:])
         model = nnx.merge(prior.graphdef, prior_state.params, prior.frozen)
         trained = (model, prior.data.tokenizer)
     model = factory.build_model(
-        c.model, vocab_size=tok.vocab_size, seq_len=T, seed=c.seed, tokenizer=tok, trained=trained
-    )
-    graphdef, params, frozen = nnx.split(model, lora.trainable_filter(c.model.lora_rank > 0), ...)
-    optimizer = build_optimizer(c, params, tok.bkspc_id)
-    probs = noise.noise_probs(c.noise.kind, data.train_rows, tok)
-    # 'model' noise on a task with an automaton: the policy's own errors (rejected tokens only)
-    automaton = data.automaton if c.noise.kind in ("errors", "model") else None
-    st = step_settings(c, tok, P)
-    loss_fn = objective.make_loss_fn(c.loss, eos_id=tok.eos_id)
-    params = jax.device_get(params)  # on the host until init_state (a restore needs none)
-    abstract = jax.eval_shape(lambda p: initial_state(c, p, optimizer, tok.pad_id), params)
-    state_sh = state_shardings(abstract, optimizer, mesh, c.mesh.rules)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh
-    )
-    init_state = lambda: jax.device_put(initial_state(c, params, optimizer, tok.pad_id), state_sh)
-    frozen_sh = sharding.param_shardings(frozen, mesh, c.mesh.rules)
-    frozen = jax.device_put(frozen, frozen_sh)
-    rep = sharding.replicated(mesh)
-    probs = jnp.asarray(probs)
+        c.model, vocab_size=tok.vocab_size, seq_len=c.data.seq_len, seed=c.seed, tokenizer=tok,
+        trained=trained,
+    )  # fmt: skip
+    b = build(c, model, tok, data.prompt_max, mesh)
+    del model
+    params = jax.device_get(b.params)  # on the host until init_state (a restore needs none)
+    state_sh = jax.tree.map(lambda x: x.sharding, b.abstract)
+    init_state = lambda: jax.device_put(initial_state(c, params, b.optimizer, tok.pad_id), state_sh)
+    frozen = jax.device_put(b.frozen, b.frozen_sh)
+    tables = jax.device_put(noise_tables(c, data), sharding.replicated(mesh))
+    train_fn, refill_fn = b.program.train_step, b.program.refill
 
-    def train(state, batch, frozen, with_model):
-        fn = steps.make_train_step(
-            graphdef, frozen, optimizer, loss_fn, probs, st, automaton, mesh=mesh
-        )
-        return fn(state, batch, with_model=with_model)
+    def train_step(state, batch, *, with_model):
+        return train_fn(state, batch, frozen, tables, with_model=with_model)
 
-    weights = sharding.decode_weight_specs(state_sh.params, frozen_sh)
-    layout = sharding.decode_layout(mesh, c.train.batch_size, model.config.n_kv_heads, weights)
+    def refill(state, batch):
+        return refill_fn(state, batch, frozen)
 
-    def sample(state, batch, frozen):
-        return steps.make_refill(graphdef, frozen, st, layout)(state, batch)
-
-    jit = functools.partial(jax.jit, donate_argnums=0, out_shardings=(state_sh, rep))
-    train_step = functools.partial(jit(train, static_argnames="with_model"), frozen=frozen)
-    refill = functools.partial(jit(sample), frozen=frozen)
     return Run(
-        config, c, data, mesh, abstract, init_state, train_step, refill, graphdef, frozen, st
-    )
+        config, c, data, mesh, b.abstract, init_state, train_step, refill, b.graphdef, frozen,
+        b.settings, b.program, tables,
+    )  # fmt: skip
 
 
-# The parts of `setup` that the abstract build (compile_plan.py) shares: they work on arrays
-# and on ShapeDtypeStructs alike.
+def enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in `path` (`train.compilation_cache`): the compiled
+    train step, refill and samplers of a restarted run are read from it (keyed by the
+    program, the devices and the compiler), not compiled again. A directory already set
+    (`JAX_COMPILATION_CACHE_DIR`) is kept; '' turns the cache off. JAX caches what took at
+    least `jax_persistent_cache_min_compile_time_secs` (1 s) to compile."""
+    if not path:
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+
+
+# The parts of `build` that work on arrays and on ShapeDtypeStructs alike.
 
 
 def build_optimizer(

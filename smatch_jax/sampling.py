@@ -153,7 +153,10 @@ def _choose(key, logits_BxA, state_len, floor_len, cfg: SamplingConfig, ids, ban
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "eos_id", "pad_id", "layout"))
-def _sample(graphdef, params, prompts, prompt_len, key, floor_len, *, cfg, eos_id, pad_id, layout):
+def sample_jit(
+    graphdef, params, prompts, prompt_len, key, floor_len, *, cfg, eos_id, pad_id, layout
+):
+    """The jitted sampler `sample` calls (the pod plan lowers it with the same arguments)."""
     model = nnx.merge(graphdef, params)
     return sample_traced(
         model,
@@ -359,7 +362,7 @@ def sample(
     if floor_len.shape != prompt_len.shape or bool(jnp.any(floor_len > prompt_len)):
         raise ValueError("floor_len must be [B] with floor_len <= prompt_len")
     layout = layout_of(model, params, prompts.shape[0])
-    return _sample(
+    return sample_jit(
         model,
         params,
         prompts,

@@ -8,7 +8,10 @@
   sampler and pushes the action rows into the replay buffer.
 
 Both are pure functions of a `TrainState` (a pytree, checkpointed whole: parameters,
-optimiser state, replay buffer, RNG) and are jitted by the caller with shardings.
+optimiser state, replay buffer, RNG), of the non-trainable weights `frozen` (the base model
+under LoRA) and, for the train step, of the noise's `NoiseTables`: arguments, never constants
+baked into the program, so that the pod plan compiles the very program that trains
+(run.py `build_program` jits both, for training and for the plan alike).
 """
 
 from __future__ import annotations
@@ -33,6 +36,15 @@ class TrainState(NamedTuple):
     key: jax.Array  # uint32 key data (jax.random.key_data), so checkpoints are plain arrays
 
 
+class NoiseTables(NamedTuple):
+    """The data-dependent arrays of the noise (noise.py): arguments of the train step."""
+
+    probs: jax.Array  # float32 [V]: the noise distribution over the base vocabulary
+    # The task's prefix automaton for noise kinds 'errors' / 'model': (table int32 [S, V] of
+    # next states, -1 rejected; start state int32 []), or None
+    automaton: tuple[jax.Array, jax.Array] | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
     """Static settings of the compiled step (hashable)."""
@@ -54,20 +66,23 @@ def _step_keys(state: TrainState):
 
 def make_train_step(
     graphdef,
-    frozen,
     optimizer: optax.GradientTransformation,
     loss_fn,
-    noise_probs: jax.Array,
     st: StepSettings,
-    automaton: tuple[Any, int] | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ):
-    """`step(state, batch, with_model) -> (state, metrics)`; `with_model` must be static.
-    `mesh`: the forward pass keeps its activations' rows split over the batch's mesh axes
-    (`sharding.put_rows`, `Transformer.forward_embeddings`' `place`)."""
+    """`step(state, batch, frozen, tables, with_model) -> (state, metrics)`; `with_model` must
+    be static. `mesh`: the forward pass keeps its activations' rows split over the batch's
+    mesh axes (`sharding.put_rows`, `Transformer.forward_embeddings`' `place`)."""
     place = None if mesh is None else functools.partial(sharding.put_rows, mesh)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], with_model: bool):
+    def step(
+        state: TrainState,
+        batch: dict[str, jax.Array],
+        frozen: Any,
+        tables: NoiseTables,
+        with_model: bool,
+    ):
         k_noise, k_replay, _ = _step_keys(state)
         m = batch["prompt_len"]
         own = None
@@ -83,14 +98,14 @@ def make_train_step(
             batch["tokens"],
             m,
             batch["length"],
-            noise_probs=noise_probs,
+            noise_probs=tables.probs,
             bkspc_id=st.bkspc_id,
             noise_rate=st.noise.rate,
             max_burst=st.noise.max_burst,
             mask_noise_actions=st.noise.mask_noise_actions,
             exclude_target=st.noise.exclude_target,
             pad_id=st.pad_id,
-            automaton=automaton,
+            automaton=tables.automaton,
             position_logits=own,
         )
         tokens, prompt_len, length, aw = nz.tokens, m, nz.length, nz.action_weight
@@ -148,11 +163,12 @@ def sampler_prompts(batch: dict[str, jax.Array], prompt_max: int, pad_id: int):
     return jnp.where(keep, toks, pad_id), batch["prompt_len"]
 
 
-def make_refill(graphdef, frozen, st: StepSettings, layout: sharding.DecodeLayout | None = None):
-    """`refill(state, batch) -> (state, stats)`: sample from the data prompts, push rows;
-    the sampler decodes in `layout` (sharding.decode_layout; None: wherever XLA puts it)."""
+def make_refill(graphdef, st: StepSettings, layout: sharding.DecodeLayout | None = None):
+    """`refill(state, batch, frozen) -> (state, stats)`: sample from the data prompts, push
+    rows; the sampler decodes in `layout` (sharding.decode_layout; None: wherever XLA puts
+    it)."""
 
-    def refill(state: TrainState, batch: dict[str, jax.Array]):
+    def refill(state: TrainState, batch: dict[str, jax.Array], frozen: Any):
         _, _, k_sample = _step_keys(state)
         prompts, m = sampler_prompts(batch, st.prompt_max, st.pad_id)
         model = nnx.merge(graphdef, state.params, frozen)

@@ -5,8 +5,11 @@
   the only hardware figures the compile program (`main/compile.py`) uses.
 * `TOPOLOGIES`: MaxText-style names (`v5e-32`, `v4-64`, ...) -> the topology string of
   `jax.experimental.topologies.get_topology_desc` (`v5e:4x8`), its chip config (`megacore`
-  for v4 and v5p: one device per chip, both TensorCores) and chips per host. The names and
-  shapes follow MaxText's `accelerator_to_spec_map.py` (read for reference, not copied).
+  for v4 and v5p: one device per chip, both TensorCores), chips per host, and which axes
+  wrap around (a torus: the full v5e-256 and v6e-256 pods on their two axes, v4 and v5p
+  slices of 4x4x4 chips and more on all three; smaller slices are meshes). The names, shapes
+  and wraparound follow MaxText's `accelerator_to_spec_map.py` (its `wrap` field; read for
+  reference, not copied).
 * `compile_devices(name, num_slices)`: the topology's compile-only devices (needs the
   `libtpu` wheel, requirements-tpu.txt; no TPU is needed).
 * `pin_cpu_without_tpu()`: sets `JAX_PLATFORMS=cpu` on a host without TPU chips, so that an
@@ -65,9 +68,20 @@ class Topology:
     chip_config_name: str  # 'default' (one device per TensorCore) or 'megacore'
     chips_per_host_bounds: tuple[int, int, int]
     chips: int  # chips (= devices: one per chip) per slice
+    wrap: tuple[bool, bool, bool] = (False, False, False)  # wraparound links per axis (torus)
 
 
-def _t(name: str, kind: str, shape: str, chips: int, megacore: bool = False) -> Topology:
+_TORUS_2D, _TORUS_3D = (True, True, False), (True, True, True)
+
+
+def _t(
+    name: str,
+    kind: str,
+    shape: str,
+    chips: int,
+    megacore: bool = False,
+    wrap: tuple[bool, bool, bool] = (False, False, False),
+) -> Topology:
     prefix = "v5" if kind == "v5p" else kind  # libtpu names v5p 'v5'
     return Topology(
         name,
@@ -76,6 +90,7 @@ def _t(name: str, kind: str, shape: str, chips: int, megacore: bool = False) -> 
         "megacore" if megacore else "default",
         (2, 2, 1),
         chips,
+        wrap,
     )
 
 
@@ -88,18 +103,18 @@ TOPOLOGIES: dict[str, Topology] = {
         _t("v5e-16", "v5e", "4x4", 16),
         _t("v5e-32", "v5e", "4x8", 32),
         _t("v5e-64", "v5e", "8x8", 64),
-        _t("v5e-256", "v5e", "16x16", 256),
+        _t("v5e-256", "v5e", "16x16", 256, wrap=_TORUS_2D),
         _t("v4-8", "v4", "2x2x1", 4, megacore=True),
         _t("v4-16", "v4", "2x2x2", 8, megacore=True),
         _t("v4-32", "v4", "2x2x4", 16, megacore=True),
         _t("v4-64", "v4", "2x4x4", 32, megacore=True),
-        _t("v4-128", "v4", "4x4x4", 64, megacore=True),
+        _t("v4-128", "v4", "4x4x4", 64, megacore=True, wrap=_TORUS_3D),
         _t("v5p-8", "v5p", "2x2x1", 4, megacore=True),
         _t("v5p-64", "v5p", "2x4x4", 32, megacore=True),
-        _t("v5p-128", "v5p", "4x4x4", 64, megacore=True),
+        _t("v5p-128", "v5p", "4x4x4", 64, megacore=True, wrap=_TORUS_3D),
         _t("v6e-4", "v6e", "2x2", 4),
         _t("v6e-32", "v6e", "4x8", 32),
-        _t("v6e-256", "v6e", "16x16", 256),
+        _t("v6e-256", "v6e", "16x16", 256, wrap=_TORUS_2D),
     )
 }
 
@@ -128,8 +143,10 @@ def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-def compile_devices(name: str, num_slices: int = 1) -> list[Any]:
-    """The compile-only devices of `num_slices` slices of topology `name` (no TPU needed)."""
+def compile_devices(name: str, num_slices: int = 1, wraparound: bool = True) -> list[Any]:
+    """The compile-only devices of `num_slices` slices of topology `name` (no TPU needed);
+    `wraparound=False` drops the torus links (how every slice was built before they were
+    known: benchmarks/RESULTS.md compares the two)."""
     if not libtpu_available():
         raise LibtpuMissingError(
             "compiling for a TPU topology needs the TPU compiler: "
@@ -146,6 +163,7 @@ def compile_devices(name: str, num_slices: int = 1) -> list[Any]:
         chip_config_name=t.chip_config_name,
         chips_per_host_bounds=t.chips_per_host_bounds,
         num_slices=num_slices,
+        wrap=t.wrap if wraparound else (False, False, False),
     )
     devices = list(desc.devices)
     if len(devices) != t.chips * num_slices:

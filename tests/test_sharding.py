@@ -272,6 +272,98 @@ def test_collectives_inside_a_while_body_are_counted_per_trip():
     assert hlo_stats.collectives(hlo).in_loops == gathered  # a loop of unknown length too
 
 
+def test_a_transfer_split_over_fused_computations_is_counted_once():
+    """XLA's TPU compiler splits one all-gather into a start and continuation steps, each a
+    copy of the collective (same `channel_id`, full result shape) in its own fused
+    computation: one transfer. Inside a 32-trip layer loop it runs 32 times; a collective
+    without a channel is its own transfer."""
+    from smatch_jax import hlo_stats
+
+    ag = "bf16[4096,32001]{1,0} all-gather(bf16[1024,32001]{1,0} %p), channel_id=7, dimensions={0}"
+    lg = (
+        "bf16[8,4096,16]{2,1,0} all-gather(bf16[2,4096,16]{2,1,0} %q), channel_id=9, dimensions={0}"
+    )
+    hlo = "\n".join(
+        [
+            "%fused_start (p: bf16[1024,32001]) -> bf16[4096,32001] {",
+            f"  ROOT %all-gather.1 = {ag}",
+            "}",
+            "%fused_step.1 (p: bf16[1024,32001]) -> bf16[4096,32001] {",
+            f"  ROOT %all-gather.2 = {ag}",
+            "}",
+            "%fused_step.2 (p: bf16[1024,32001]) -> bf16[4096,32001] {",
+            f"  ROOT %all-gather.3 = {ag}",
+            "}",
+            "%layer_start (q: bf16[2,4096,16]) -> bf16[8,4096,16] {",
+            f"  ROOT %all-gather.4 = {lg}",
+            "}",
+            "%layer_done (q: bf16[2,4096,16]) -> bf16[8,4096,16] {",
+            f"  ROOT %all-gather.5 = {lg}",
+            "}",
+            "%cond (p: s32[]) -> pred[] {",
+            "  ROOT %lt = pred[] compare(s32[] %p, s32[] %p), direction=LT",
+            "}",
+            "%body (p: s32[]) -> s32[] {",
+            "  %a = bf16[8,4096,16]{2,1,0} fusion(bf16[2,4096,16]{2,1,0} %q), kind=kCustom, "
+            "calls=%layer_start",
+            "  %b = bf16[8,4096,16]{2,1,0} fusion(bf16[2,4096,16]{2,1,0} %q), kind=kCustom, "
+            "calls=%layer_done",
+            "  ROOT %n = s32[] add(s32[] %p, s32[] %p)",
+            "}",
+            "ENTRY %main (w: bf16[1024,32001]) -> s32[] {",
+            "  %s = bf16[4096,32001]{1,0} fusion(%w), kind=kCustom, calls=%fused_start",
+            "  %t = bf16[4096,32001]{1,0} fusion(%w), kind=kCustom, calls=%fused_step.1",
+            "  %u = bf16[4096,32001]{1,0} fusion(%w), kind=kCustom, calls=%fused_step.2",
+            "  %ar = f32[64,1000]{1,0} all-reduce(f32[64,1000]{1,0} %x), to_apply=%add",
+            "  ROOT %while.3 = s32[] while(s32[] %i), condition=%cond, body=%body, "
+            'backend_config={"known_trip_count":{"n":"32"}}',
+            "}",
+        ]
+    )
+    c = hlo_stats.collectives(hlo)
+    head, layer = 4096 * 32001 * 2, 8 * 4096 * 16 * 2
+    assert c.by_kind == {"all-gather": head + 32 * layer, "all-reduce": 64 * 1000 * 4}
+    assert c.count == {"all-gather": 2, "all-reduce": 1}
+    assert c.in_loops == 0  # the layer loop has a known length: not a sampler's token loop
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+@pytest.mark.parametrize("scan", [False, True])
+def test_weight_all_gathers_of_a_real_compile_equal_the_weight_bytes(scan):
+    """A tiny Llama's forward pass under FSDP over 4 chips of v5e:2x2 (compile-only): XLA
+    gathers every kernel once, in both layer layouts, and the counted all-gather bytes equal
+    the kernels' bytes computed from their shapes (XLA writes each gather several times over:
+    counting every copy gave 2.7x that, unrolled)."""
+    from smatch_jax import hlo_stats, topologies
+
+    mesh = sharding.make_mesh(1, 4, 1, devices=topologies.compile_devices("v5e:2x2"))
+    cfg = ModelConfig(
+        family="llama", vocab_size=255, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
+        d_ff=384, max_positions=64, use_bias=False, tie_embeddings=False, dtype="bfloat16",
+        param_dtype="bfloat16", scan_layers=scan,
+    )  # fmt: skip
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    sh = sharding.param_shardings(params, mesh, rules=r"norm\.scale$=_")  # norms copied
+    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, sh)
+    B, T = 16, 32
+    rows = sharding.batch_sharding(mesh)
+
+    def forward(p, x):
+        pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+        place = functools.partial(sharding.put_rows, mesh)
+        return nnx.merge(graphdef, p).forward_embeddings(x, pos, mask, place=place)
+
+    x = jax.ShapeDtypeStruct((B, T, 128), jnp.bfloat16, sharding=rows)
+    text = jax.jit(forward, out_shardings=rows).lower(args, x).compile().as_text()
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    kernels = sum(
+        v.size * v.dtype.itemsize for p, v in flat if sharding.path_name(p)[-6:] == "kernel"
+    )
+    assert kernels == (3 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384) + 128 * 256) * 2
+    assert hlo_stats.collectives(text).by_kind == {"all-gather": kernels}
+
+
 def test_xla_counted_loops_run_their_count_and_are_not_the_samplers_tokens():
     """A windowed matmul XLA writes as a loop `i < 4` (circulating 4 shards) runs 4 times,
     outside the sampler's loop or inside it; only the sampler's loop (unknown length) makes
@@ -314,7 +406,7 @@ def test_xla_counted_loops_run_their_count_and_are_not_the_samplers_tokens():
 
 
 def test_the_decode_layouts_cache_write_by_select_equals_the_scatter():
-    from smatch_jax.models.transformer import _write_rows
+    from smatch_jax.models.attention import _write_rows
 
     rng = np.random.default_rng(0)
     cache = jnp.asarray(rng.normal(size=(3, 4, 6, 2, 5)), jnp.float32)  # [L, B, S, K, D]

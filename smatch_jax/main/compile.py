@@ -3,6 +3,8 @@
     python -m smatch_jax.main.compile --config=configs/paper.py:arithmetic_sm --topology=v5e-32
     python -m smatch_jax.main.compile --config=configs/paper.py:text_sm,v4 --topology=v4-64 \\
         --json=plan.json [--num_slices=2] [--vocab_size=32000] [--config.train.batch_size=32]
+    python -m smatch_jax.main.compile --config=configs/paper.py:arithmetic_mle \\
+        --topology=v5e-32 --pieces=train_mle
 
 The run is built abstractly (no weights, no data: `compile_plan.abstract_run`) on the
 topology's compile-only devices (`topologies.py`; needs requirements-tpu.txt, no TPU) with
@@ -10,8 +12,11 @@ the config's mesh, and its jitted pieces are compiled by XLA's TPU compiler. One
 piece: bytes per chip against the chip's HBM (FITS / DOES NOT FIT, and the knob to turn),
 flops and HBM bytes per chip, collective bytes per chip, and a roofline time. Loop pieces
 (`refill`, `eval_decode`) count their loop body A times (the sampler's action budget, an upper
-bound: rows stop at eos). The last line projects a SequenceMatch step (train step with model
-rows + refill / sampling.sample_every) over the MLE step of the same data batch.
+bound: rows stop at eos), and a scanned model's pieces count its block once per layer
+(`compile_plan.py`). The last line projects a SequenceMatch step (train step with model rows
++ refill / sampling.sample_every) over the MLE step of the same data batch. `--pieces`
+compiles only the pieces it names (`compile_plan.PIECES`; a loop piece brings the decode step
+it is costed with).
 
 Every time printed is a PROJECTION from the chip table (max(flops / peak, bytes / HBM
 bandwidth) + collective bytes / ICI bandwidth), not a measurement; XLA's `optimal_seconds`
@@ -20,7 +25,6 @@ is not used (it is negative on these steps).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -34,7 +38,7 @@ from ml_collections import config_flags
 def _define_flags() -> None:
     """The program's flags, defined only when it runs: importing this module (the tests call
     `build_report`) must not clash with the training program's `--config` flag."""
-    global _CONFIG, _TOPOLOGY, _SLICES, _JSON, _VOCAB
+    global _CONFIG, _TOPOLOGY, _SLICES, _JSON, _VOCAB, _PIECES, _WRAP
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "experiment config file[:variant]", lock_config=True
     )
@@ -44,7 +48,19 @@ def _define_flags() -> None:
     _VOCAB = flags.DEFINE_integer(
         "vocab_size", None, "vocabulary size (default: the pretrained preset's, VOCAB_SIZES)"
     )
+    _PIECES = flags.DEFINE_list(
+        "pieces", None, "compile only these pieces (default all): " + ",".join(_piece_names())
+    )
+    _WRAP = flags.DEFINE_boolean(
+        "wraparound", True, "the slice's torus links where it has them (false: a mesh)"
+    )
     flags.mark_flags_as_required(["config", "topology"])
+
+
+def _piece_names() -> tuple[str, ...]:
+    from smatch_jax import compile_plan
+
+    return compile_plan.PIECES
 
 
 GIB = 1 << 30
@@ -65,24 +81,38 @@ def _knob(name: str, mem) -> str:
     return "the evaluation batch (256), larger mesh.tensor"
 
 
-def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | None = None):
-    """The report (a JSON-able dict) of `config` compiled for `topology`."""
+def build_report(
+    config,
+    topology: str,
+    num_slices: int = 1,
+    vocab_size: int | None = None,
+    pieces: tuple[str, ...] | None = None,
+    wraparound: bool = True,
+):
+    """The report (a JSON-able dict) of `config` compiled for `topology` (`pieces`: only
+    these, names of `compile_plan.PIECES`; `wraparound=False`: without torus links)."""
     from smatch_jax import compile_plan, hlo_stats, topologies
 
     topo = topologies.get(topology)
+    unknown = sorted(set(pieces or ()) - set(compile_plan.PIECES))
+    if unknown:
+        raise ValueError(f"--pieces names {unknown}; choose from {','.join(compile_plan.PIECES)}")
     chip = topo.chip
     t0 = time.time()
-    devices = topologies.compile_devices(topology, num_slices)
+    devices = topologies.compile_devices(topology, num_slices, wraparound)
     ar = compile_plan.abstract_run(config, devices, vocab_size=vocab_size)
     done = lambda p: print(
         f"compiled {p.name} in {p.seconds:.0f} s" + (" (does not fit)" if p.error else ""),
         file=sys.stderr,
         flush=True,
     )
-    pieces = compile_plan.compile_pieces(ar, on_piece=done)
+    compiled = compile_plan.compile_pieces(ar, on_piece=done, only=pieces)
     compile_s = time.time() - t0
     rows = {}
-    for name, p in pieces.items():
+    for name, p in compiled.items():
+        if pieces is not None and name not in pieces:
+            continue  # compiled for another piece's loop body only
+        donated = name.startswith("train") or name == "refill"  # run.Program: state donated
         if p.error:  # XLA refused it: its temporaries alone exceed the HBM
             rows[name] = {
                 "peak_bytes_per_chip": p.needed_bytes,
@@ -94,16 +124,14 @@ def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | N
                 "optimal_seconds": None,
                 "collective_bytes": None,
                 "loop_trips": p.loop_trips,
+                "donated": donated,
                 "compile_seconds": p.seconds,
             }
             continue
-        mem = hlo_stats.memory(p.compiled)
-        cst = hlo_stats.cost(p.compiled)
-        step = pieces.get(p.step_name)
-        if step is not None and step.compiled is not None:  # the loop body: XLA counts it once
-            one = hlo_stats.cost(step.compiled)
-            cst = {k: cst[k] + (p.loop_trips - 1) * one[k] for k in cst}
-        coll = hlo_stats.collectives(p.compiled.as_text(), p.loop_trips)
+        mem, cst, coll = p.memory, dict(p.cost), p.collectives
+        step = compiled.get(p.step_name)
+        if step is not None and step.cost is not None:  # the token loop: XLA counts it once
+            cst = {k: cst[k] + (p.loop_trips - 1) * step.cost[k] for k in cst}
         secs = hlo_stats.roofline_seconds(cst["flops"], cst["bytes"], coll.total, chip)
         fits = mem.peak <= chip.hbm_bytes
         rows[name] = {
@@ -121,16 +149,17 @@ def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | N
             },
             "flops": cst["flops"],
             "bytes_accessed": cst["bytes"],
+            "xla_flops": p.xla_cost["flops"],  # XLA's own count: every loop body once
             "optimal_seconds": secs,  # the roofline projection (XLA's is unusable)
             "collective_bytes": coll.total,
             "collectives": {k: {"bytes": v, "ops": coll.count[k]} for k, v in coll.by_kind.items()},
             "loop_trips": p.loop_trips,
-            "loop_body_costed": step is not None and step.compiled is not None,
+            "loop_body_costed": step is not None and step.cost is not None,
+            "donated": donated,
             "compile_seconds": p.seconds,
         }
         if name in ("refill", "eval_decode"):
             rows[name]["collective_bytes_per_token"] = coll.in_loops
-        pieces[name] = dataclasses.replace(p, compiled=None)  # free the executable
     c = ar.typed
     secs = {k: v["optimal_seconds"] for k, v in rows.items()}
     sm = None
@@ -140,6 +169,7 @@ def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | N
     return {
         "topology": topo.name,
         "topology_name": topo.topology_name,
+        "wraparound": [w and wraparound for w in topo.wrap],
         "num_slices": num_slices,
         "chips": topo.chips * num_slices,
         "chip": {
@@ -151,6 +181,8 @@ def build_report(config, topology: str, num_slices: int = 1, vocab_size: int | N
         },
         "mesh": dict(ar.mesh.shape),
         "vocab_size": ar.vocab_size,
+        "scan_layers": c.model.scan_layers,
+        "n_layers": ar.built.model_config.n_layers,
         "pieces": rows,
         "sm_over_mle_projected": sm,
         "sample_every": c.sampling.sample_every,
@@ -227,7 +259,10 @@ def main(argv: list[str]) -> None:
 
     try:  # a bad config is a ConfigError (a ValueError) from abstract_run
         t0 = time.time()
-        r = build_report(_CONFIG.value, _TOPOLOGY.value, _SLICES.value, _VOCAB.value)
+        pieces = tuple(_PIECES.value) if _PIECES.value else None
+        r = build_report(
+            _CONFIG.value, _TOPOLOGY.value, _SLICES.value, _VOCAB.value, pieces, _WRAP.value
+        )
     except (ValueError, topologies.LibtpuMissingError) as e:
         raise SystemExit(f"error: {e}") from None
     r["wall_seconds"] = time.time() - t0
