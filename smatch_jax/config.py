@@ -56,6 +56,10 @@ class TrainConfig(Section):
     keep_ckpts: int = 3  # checkpoints kept
     nonfinite: str = "stop"  # non-finite loss/gradient: 'stop' the run or 'skip' the update
     max_skips: int = 10  # 'skip': stop anyway after this many skipped updates
+    # JAX's persistent compilation cache: a restarted run (after a preemption) loads its
+    # compiled steps from here instead of compiling them again; a local path or a gs:// URL
+    # ('' : off). Trusted: whoever can write to it can run code in this process.
+    compilation_cache: str = "~/.cache/smatch_jax/xla"
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"nonfinite": ("stop", "skip")}
     RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (

@@ -86,13 +86,14 @@ def train(
     clean return), for tests of resumption. `force_resume` continues a workdir whose
     config.json differs from `config` (see `validate.prepare_workdir`).
     """
+    t_start = time.time()
     workdir_p = Path(workdir)
     typed = _prepare(config, workdir_p, force_resume)
     with validate.lock_workdir(workdir_p, jax.process_index()):
-        return _train(config, setup(config, typed), workdir_p, stop_after)
+        return _train(config, setup(config, typed), workdir_p, stop_after, t_start)
 
 
-def _train(config, run: Run, workdir_p: Path, stop_after: int | None):
+def _train(config, run: Run, workdir_p: Path, stop_after: int | None, t_start: float):
     c = run.typed
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state()))
     validate.check_free_space(workdir_p, state_bytes, c.train.keep_ckpts)
@@ -111,7 +112,7 @@ def _train(config, run: Run, workdir_p: Path, stop_after: int | None):
     sm_on = run.sm_on()
     warmup, sample_every = c.loss.bc_warmup_steps, c.sampling.sample_every
     last: dict[str, float] = {}
-    t_last, tokens_since = time.time(), 0
+    t_last, tokens_since, first_step_s, unlogged = time.time(), 0, None, None
     try:
         step = step_last = int(state.step)
         stop_step = n if stop_after is None else step + stop_after
@@ -122,6 +123,10 @@ def _train(config, run: Run, workdir_p: Path, stop_after: int | None):
                 state, sample_stats = run.refill(state, batch)
                 sampled = {k: float(v) for k, v in jax.device_get(sample_stats).items()}
             state, met = run.train_step(state, batch, with_model=with_model)
+            if first_step_s is None:  # building, compiling (or loading: the cache), one step
+                jax.block_until_ready(met["loss"])
+                first_step_s = unlogged = time.time() - t_start
+                log.info("first step done %.1f s after the start", first_step_s)
             step += 1
             nonfinite.push(step, met)
             if step % c.train.log_every == 0 or step == n:
@@ -131,6 +136,8 @@ def _train(config, run: Run, workdir_p: Path, stop_after: int | None):
                 if c.train.nonfinite == "skip":
                     met["train/skipped_updates"] = nonfinite.skipped
                 met["host/rss_mb"] = metrics.host_rss_mb() or 0.0
+                if unlogged is not None:  # in the first log of this invocation
+                    met["host/first_step_s"], unlogged = unlogged, None
                 tokens_since += int(met.pop("tokens")) * c.train.log_every
                 now = time.time()
                 met["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)

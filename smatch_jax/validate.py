@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.ckpt_every",
     "train.keep_ckpts",
+    "train.compilation_cache",
     "data.data_dir",
     "eval.decodings",
     "eval.num_samples",

@@ -7,6 +7,14 @@ compile test (tests/test_compile.py) uses libtpu's compile-only devices, which n
 platform. This runs before any test module imports jax.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# One compilation cache for the session's workers and the programs they start (not the user's
+# ~/.cache): a program compiled by one test is loaded by the next. Removed at the end.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="smatch_jax_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -32,7 +32,8 @@ from smatch_jax import run as run_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 N_STEPS = 16
-TIMING_KEYS = {"time", "tokens_per_s", "sec_per_step", "host/rss_mb"}  # wall-clock quantities
+# wall-clock quantities
+TIMING_KEYS = {"time", "tokens_per_s", "sec_per_step", "host/rss_mb", "host/first_step_s"}
 
 # Runs smatch_jax.main; with KILL_IN_SAVE=s it SIGKILLs itself right after the asynchronous
 # save of step s has started, i.e. while that checkpoint is being written. With
