@@ -18,22 +18,25 @@ the sampler's prompt width from `data.prompt_max` (text: `data.prompt_tokens`).
 
 Loops: XLA's `cost_analysis` counts a while-loop body once. Two kinds of loop are counted here:
 
-* the layer scan (`model.scan_layers`): each piece is compiled a second time with two blocks
-  per iteration of the scan (`ModelConfig.scan_unroll=2`, the same function); the difference
-  is one block's flops and bytes, added `n_layers - 1` times (checked against an unrolled
-  compile in tests/test_compile.py);
+* the layer scan (`model.scan_layers`): the flops and bytes of each piece are those of two
+  probes, the same run with 1 and with 2 unrolled layers, extended linearly to `n_layers`
+  (`c1 + (n_layers - 1) (c2 - c1)`: exact for unrolled programs, and within 2% of the
+  unrolled plan's flops and bytes, tests/test_compile.py). Memory and collectives are the
+  scanned program's own. (A probe with two blocks per iteration of the scan gave the flops
+  as well, but XLA copied its stacked weights out and counted 2-4x the bytes per layer.)
 * the sampler's token loop runs at most `A` (= its action budget) times, so the figures of
   `refill` and `eval_decode` add `(A - 1)` times those of one decode step compiled alone with
   the same weight layout (`decode_step_*`).
 
 Collectives inside loops are multiplied by their trip counts from the compiled HLO
-(`hlo_stats.collectives`).
+(`hlo_stats.collectives`). The programs compile two at a time (XLA's compiler is mostly
+single-threaded, and releases the GIL).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import functools
 import re
 import time
 import types
@@ -72,7 +75,7 @@ class AbstractRun:
     tables: steps.NoiseTables  # ShapeDtypeStructs, replicated
     vocab_size: int
     model_bytes: int  # all weights (trainable and frozen), in their storage dtype
-    twin: Callable[[], AbstractRun]  # the same build, two blocks per iteration of the scan
+    probe: Callable[[int], AbstractRun]  # the same build with k unrolled layers
 
     @property
     def typed(self) -> config_lib.Typed:
@@ -117,21 +120,25 @@ def resolve_prompt_max(c: config_lib.Typed) -> int:
     )
 
 
-def abstract_model(c: config_lib.Typed, vocab_size: int, scan_unroll: int = 1) -> Transformer:
-    """The run's model as shapes (`nnx.eval_shape`): preset shape, layout, LoRA, dtypes.
+def abstract_model(
+    c: config_lib.Typed, vocab_size: int, n_layers: int | None = None
+) -> Transformer:
+    """The run's model as shapes (`nnx.eval_shape`): preset shape, layout, LoRA, dtypes;
+    `n_layers`: that many unrolled layers instead (a cost probe).
 
     A pretrained model (`hf:`, `smollm2`, ...) is stored in `model.dtype` (the converters
     cast it), a scratch model in float32, as `factory.build_model` does."""
     spec = c.model
     param_dtype = "float32" if spec.init == "scratch" else spec.dtype
+    probe = {} if n_layers is None else dict(n_layers=n_layers)
     mc = from_preset(
         _preset_of(spec),
         vocab_size=vocab_size,
         max_positions=max(c.data.seq_len, 8),
         dtype=spec.dtype,
         param_dtype=param_dtype,
-        scan_layers=spec.scan_layers,
-        scan_unroll=scan_unroll,
+        scan_layers=spec.scan_layers and n_layers is None,
+        **probe,
     )
 
     def build() -> Transformer:
@@ -154,11 +161,12 @@ def abstract_run(
     *,
     vocab_size: int | None = None,
     tokenizer: Any = None,
-    scan_unroll: int = 1,
+    n_layers: int | None = None,
 ) -> AbstractRun:
     """`run.build(config)` as shapes and shardings on a mesh of `devices` (module docstring).
     `tokenizer`: the ids the steps use (`bkspc_id`, `eos_id`, `pad_id`; default a stand-in
-    with the vocabulary's size: the ids change no shape)."""
+    with the vocabulary's size: the ids change no shape); `n_layers`: a cost probe with that
+    many unrolled layers."""
     c = validate.check_config(config)
     if c.noise.kind == "errors" or (c.noise.kind == "model" and c.data.task == "grammar"):
         raise ValueError(
@@ -172,7 +180,7 @@ def abstract_run(
         raise ValueError(f"data.prompt_max={P} leaves no room for actions in data.seq_len={T}")
     tok = tokenizer or types.SimpleNamespace(vocab_size=V, bkspc_id=V, eos_id=1, pad_id=0)
     mesh = sharding.mesh_of(c.mesh, devices=devices)
-    built = run.build(c, abstract_model(c, V, scan_unroll), tok, P, mesh)
+    built = run.build(c, abstract_model(c, V, n_layers), tok, P, mesh)
     leaves = jax.tree.leaves(built.params) + jax.tree.leaves(built.frozen)
     tables = steps.NoiseTables(_sds((V,), jnp.float32, sharding.replicated(mesh)))
     return AbstractRun(
@@ -180,8 +188,8 @@ def abstract_run(
         tables=tables,
         vocab_size=V,
         model_bytes=sum(x.size * x.dtype.itemsize for x in leaves),
-        twin=functools.partial(
-            abstract_run, config, devices, vocab_size=vocab_size, tokenizer=tokenizer, scan_unroll=2
+        probe=lambda k: abstract_run(
+            config, devices, vocab_size=vocab_size, tokenizer=tokenizer, n_layers=k
         ),
     )
 
@@ -311,8 +319,8 @@ class Piece:
     XLA's TPU compiler refuses a program whose temporaries exceed the chip's HBM: then
     `error` is its message, `needed_bytes` the bytes it asked for, and no figures are set.
     `cost`: flops and bytes of one call with every layer counted (the layer scan's body
-    `n_layers` times) but the sampler's token loop once; `loop_trips` is that loop's bound
-    and `step_name` the piece that holds one of its iterations."""
+    `layers_counted` times) but the sampler's token loop once; `loop_trips` is that loop's
+    bound and `step_name` the piece that holds one of its iterations."""
 
     name: str
     memory: hlo_stats.Memory | None = None
@@ -321,7 +329,8 @@ class Piece:
     collectives: hlo_stats.Collectives | None = None
     loop_trips: int = 1
     step_name: str = ""
-    donated_bytes: int = 0  # argument bytes whose buffers the outputs reuse (donation)
+    layers_counted: int = 1  # a scanned model: n_layers once its probes compiled, else 1
+    donated: bool = False  # an argument's buffers become the outputs' (run.Program: state)
     seconds: float = 0.0  # lowering and compilation (both compiles of a scanned model)
     error: str = ""
     needed_bytes: int = 0
@@ -330,65 +339,89 @@ class Piece:
 _NEEDED = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
 
 
-def _compile(lower: Callable[[], Any]) -> tuple[Any, str, int]:
-    """`(compiled, '', 0)`, or `(None, message, needed bytes)` when XLA refuses it for HBM."""
+def _donates(lowered: Any) -> bool:
+    """Whether a lowered program gives an argument's buffers to its outputs (donation)."""
+    text = lowered.as_text()
+    return "tf.aliasing_output" in text or "jax.buffer_donor" in text
+
+
+def _compile(lower: Callable[[], Any]) -> tuple[Any, str, int, bool]:
+    """`(compiled, '', 0, donates)`, or `(None, message, needed bytes, donates)` when XLA
+    refuses it for HBM."""
+    lowered = lower()
+    donates = _donates(lowered)
     try:
-        return lower().compile(), "", 0
+        return lowered.compile(), "", 0, donates
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         m = _NEEDED.search(str(e))
         scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
         needed = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
-        return None, str(e).splitlines()[0][:300], needed
+        return None, str(e).splitlines()[0][:300], needed, donates
+
+
+def _figures(name: str, lower: Callable[[], Any], loop_trips: int) -> Piece:
+    """Compile one program and keep its figures (not the executable)."""
+    t0 = time.time()
+    compiled, error, needed, donates = _compile(lower)
+    piece = Piece(name, loop_trips=loop_trips, step_name=_LOOP_BODY.get(name, ""))
+    piece.donated = donates
+    if compiled is None:
+        piece.error, piece.needed_bytes = error, needed
+    else:
+        piece.memory = hlo_stats.memory(compiled)
+        piece.xla_cost = hlo_stats.cost(compiled)
+        piece.cost = dict(piece.xla_cost)
+        piece.collectives = hlo_stats.collectives(compiled.as_text(), loop_trips)
+    piece.seconds = time.time() - t0
+    return piece
 
 
 def compile_pieces(
     ar: AbstractRun,
     on_piece: Callable[[Piece], None] | None = None,
     only: tuple[str, ...] | None = None,
+    workers: int = 2,
 ) -> dict[str, Piece]:
-    """Lower and compile the run's pieces (`only`: these) for the mesh's devices (module
-    docstring); `on_piece` is called with each as it is compiled (progress)."""
+    """Lower and compile the run's pieces (`only`: these) for the mesh's devices, `workers`
+    programs at a time (module docstring); `on_piece` is called with each piece as it is
+    done (progress)."""
     n_layers = ar.built.model_config.n_layers
     scanned = ar.built.model_config.scan_layers and n_layers > 1
     A = {
         "refill": ar.settings.sampling.n_actions,
         "eval_decode": eval_decoding_config(ar).n_actions,
     }
-    thunks = lowerings(ar)
-    twins = None
+    names = [n for n in lowerings(ar) if only is None or n in only or n in _needed_by(only)]
+    runs = {"": ar} | ({"1": ar.probe(1), "2": ar.probe(2)} if scanned else {})
+    jobs = {(n, k): lowerings(r)[n] for n in names for k, r in runs.items()}
     out: dict[str, Piece] = {}
-    for name, lower in thunks.items():
-        if only is not None and name not in only and name not in _needed_by(only):
-            continue
-        t0 = time.time()
-        compiled, error, needed = _compile(lower)
-        piece = Piece(name, loop_trips=A.get(name, 1), step_name=_LOOP_BODY.get(name, ""))
-        if compiled is None:
-            piece.error, piece.needed_bytes = error, needed
-        else:
-            piece.memory = hlo_stats.memory(compiled)
-            piece.xla_cost = hlo_stats.cost(compiled)
-            piece.collectives = hlo_stats.collectives(compiled.as_text(), piece.loop_trips)
-            piece.donated_bytes = piece.memory.alias
-            piece.cost = dict(piece.xla_cost)
-            del compiled  # free the executable before the next compile
-            if scanned:  # the layer scan's body once more: one block's cost
-                if twins is None:
-                    twins = lowerings(ar.twin())
-                twin, _, _ = _compile(twins[name])
-                if twin is not None:
-                    two = hlo_stats.cost(twin)
-                    del twin
-                    blocks = 1 + n_layers % 2  # an odd count runs one block outside the loop
-                    for k, v in piece.xla_cost.items():
-                        piece.cost[k] = v + (n_layers - 1) * (two[k] - v) / blocks
-        piece.seconds = time.time() - t0
-        out[name] = piece
-        if on_piece is not None:
-            on_piece(piece)
-    return out
+    done: dict[tuple[str, str], Piece] = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        futures = {}
+        for (name, kind), lower in jobs.items():  # lowered here, compiled in the pool
+            lowered = lower()
+            futures[pool.submit(_figures, name, lambda x=lowered: x, A.get(name, 1))] = (
+                name,
+                kind,
+            )
+        for future in concurrent.futures.as_completed(futures):
+            done[futures[future]] = future.result()
+            name = futures[future][0]
+            if all((name, k) in done for k in runs):
+                out[name] = piece = done[(name, "")]
+                piece.seconds = sum(done[(name, k)].seconds for k in runs)
+                one, two = (done.get((name, k)) for k in ("1", "2"))
+                if piece.cost is not None:
+                    piece.layers_counted = n_layers if not scanned else 1
+                if scanned and piece.cost and one and two and one.cost and two.cost:
+                    for k in piece.cost:  # c1 + (L - 1)(c2 - c1): every layer counted
+                        piece.cost[k] = one.cost[k] + (n_layers - 1) * (two.cost[k] - one.cost[k])
+                    piece.layers_counted = n_layers
+                if on_piece is not None:
+                    on_piece(piece)
+    return {n: out[n] for n in names}
 
 
 def _needed_by(only: tuple[str, ...]) -> set[str]:

@@ -50,7 +50,6 @@ class Program:
 
     train_step: Any
     refill: Any
-    donated: bool = True
 
 
 @dataclasses.dataclass

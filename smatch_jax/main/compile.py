@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sys
 import time
 
@@ -112,7 +113,6 @@ def build_report(
     for name, p in compiled.items():
         if pieces is not None and name not in pieces:
             continue  # compiled for another piece's loop body only
-        donated = name.startswith("train") or name == "refill"  # run.Program: state donated
         if p.error:  # XLA refused it: its temporaries alone exceed the HBM
             rows[name] = {
                 "peak_bytes_per_chip": p.needed_bytes,
@@ -124,7 +124,7 @@ def build_report(
                 "optimal_seconds": None,
                 "collective_bytes": None,
                 "loop_trips": p.loop_trips,
-                "donated": donated,
+                "donated": p.donated,
                 "compile_seconds": p.seconds,
             }
             continue
@@ -155,7 +155,8 @@ def build_report(
             "collectives": {k: {"bytes": v, "ops": coll.count[k]} for k, v in coll.by_kind.items()},
             "loop_trips": p.loop_trips,
             "loop_body_costed": step is not None and step.cost is not None,
-            "donated": donated,
+            "layers_counted": p.layers_counted,  # n_layers unless a scanned probe failed
+            "donated": p.donated,  # the state's buffers reused (run.Program donates it)
             "compile_seconds": p.seconds,
         }
         if name in ("refill", "eval_decode"):
@@ -255,8 +256,13 @@ def format_report(r: dict) -> str:
 def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    import jax
+
     from smatch_jax import topologies
 
+    # Executables for compile-only devices cannot be loaded back from JAX's persistent cache
+    # (JAX_COMPILATION_CACHE_DIR): writing them would only spend time and disk.
+    jax.config.update("jax_enable_compilation_cache", False)
     try:  # a bad config is a ConfigError (a ValueError) from abstract_run
         t0 = time.time()
         pieces = tuple(_PIECES.value) if _PIECES.value else None
@@ -266,8 +272,10 @@ def main(argv: list[str]) -> None:
     except (ValueError, topologies.LibtpuMissingError) as e:
         raise SystemExit(f"error: {e}") from None
     r["wall_seconds"] = time.time() - t0
+    r["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux
     print(format_report(r))
-    print(f"wall time {r['wall_seconds']:.0f} s")
+    rss = _gib(r["host_peak_rss_bytes"])
+    print(f"wall time {r['wall_seconds']:.0f} s, host memory peak {rss} GiB")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
             json.dump(r, f, indent=2)

@@ -43,10 +43,6 @@ class ModelConfig:
     # same initial weights as the unrolled layout; the param tree differs (`blocks.attn...`
     # [L, ...] instead of `blocks.{i}.attn...`), and `transformer.relayout` converts.
     scan_layers: bool = False
-    # Blocks per iteration of the layer scan (`jax.lax.scan(unroll=...)`): the same function
-    # for any value. The pod plan compiles at 2 beside 1 to count one block's cost (XLA's
-    # cost analysis counts a loop body once: compile_plan.py).
-    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -124,26 +124,10 @@ class Block(nnx.Module):
         return x_BxTxD, new_cache_kv
 
 
-def _scan_blocks(step, carry, xs, config: ModelConfig):
-    """`carry` through `step(carry, layer's slice of xs) -> carry` for every layer, under
-    `jax.lax.scan`. With `config.scan_unroll = k > 1` (the pod plan's cost twin) one iteration
-    runs k blocks, each reading its layer's slice by its own dynamic index as the scan does
-    (the scan's own `unroll` slices k layers at once, which XLA copied out: not the program
-    whose cost is wanted); the last `n_layers % k` blocks run after the loop."""
-    n, k = config.n_layers, config.scan_unroll
-    if k == 1:
-        return jax.lax.scan(lambda c, x: (step(c, x), None), carry, xs)[0]
-    layer = lambda i: jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), xs)
-
-    def body(i, carry):
-        for j in range(k):
-            carry = step(carry, layer(i * k + j))
-        return carry
-
-    carry = jax.lax.fori_loop(0, n // k, body, carry)
-    for i in range(n - n % k, n):
-        carry = step(carry, layer(i))
-    return carry
+def _scan_blocks(step, carry, xs):
+    """`carry` through `step(carry, one layer's slice of xs) -> carry` for every layer, under
+    `jax.lax.scan`: one block traced and compiled."""
+    return jax.lax.scan(lambda c, x: (step(c, x), None), carry, xs)[0]
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -271,7 +255,7 @@ class Transformer(nnx.Module):
         if self.config.scan_layers:
             graphdef, weights = nnx.split(self.blocks)
             step = lambda x, w: run(w, x, graphdef)
-            return _scan_blocks(step, x_BxTxD, weights, self.config)
+            return _scan_blocks(step, x_BxTxD, weights)
         for block in self.blocks:
             graphdef, weights = nnx.split(block)
             x_BxTxD = run(weights, x_BxTxD, graphdef)
@@ -321,7 +305,7 @@ class Transformer(nnx.Module):
                 return block(x_BxKxD, *args, kv, cache_index_B, layer, place_heads)
 
             layers = jnp.arange(self.config.n_layers, dtype=jnp.int32)
-            x_BxKxD, kv = _scan_blocks(step, (x_BxKxD, kv), (weights, layers), self.config)
+            x_BxKxD, kv = _scan_blocks(step, (x_BxKxD, kv), (weights, layers))
         else:
             for layer, block in enumerate(self.blocks):
                 x_BxKxD, kv = block(x_BxKxD, *args, kv, cache_index_B, layer, place_heads)

@@ -39,7 +39,7 @@ def save_npz(model: Transformer, path: str | os.PathLike, vocab: Sequence[str]) 
     returns the content hash to pin as `model.init_sha256`."""
     arrays = {k: np.asarray(v, np.float32) for k, v in model_params(model).items()}
     config = dataclasses.asdict(model.config)
-    del config["scan_layers"], config["scan_unroll"]  # a layout: the file loads into either
+    del config["scan_layers"]  # a layout, not the weights: the file loads into either
     arrays["__config__"] = np.frombuffer(json.dumps(config, sort_keys=True).encode(), np.uint8)
     arrays["__vocab__"] = np.frombuffer(json.dumps(list(vocab)).encode(), np.uint8)
     np.savez(path, **arrays)
