@@ -39,7 +39,7 @@ from ml_collections import config_flags
 def _define_flags() -> None:
     """The program's flags, defined only when it runs: importing this module (the tests call
     `build_report`) must not clash with the training program's `--config` flag."""
-    global _CONFIG, _TOPOLOGY, _SLICES, _JSON, _VOCAB, _PIECES, _WRAP
+    global _CONFIG, _TOPOLOGY, _SLICES, _JSON, _VOCAB, _PIECES, _WRAP, _THREADS
     _CONFIG = config_flags.DEFINE_config_file(
         "config", None, "experiment config file[:variant]", lock_config=True
     )
@@ -54,6 +54,9 @@ def _define_flags() -> None:
     )
     _WRAP = flags.DEFINE_boolean(
         "wraparound", True, "the slice's torus links where it has them (false: a mesh)"
+    )
+    _THREADS = flags.DEFINE_integer(
+        "threads", 2, "programs compiled at a time (each can take GBs of host memory)"
     )
     flags.mark_flags_as_required(["config", "topology"])
 
@@ -89,6 +92,7 @@ def build_report(
     vocab_size: int | None = None,
     pieces: tuple[str, ...] | None = None,
     wraparound: bool = True,
+    threads: int = 2,
 ):
     """The report (a JSON-able dict) of `config` compiled for `topology` (`pieces`: only
     these, names of `compile_plan.PIECES`; `wraparound=False`: without torus links)."""
@@ -107,7 +111,7 @@ def build_report(
         file=sys.stderr,
         flush=True,
     )
-    compiled = compile_plan.compile_pieces(ar, on_piece=done, only=pieces)
+    compiled = compile_plan.compile_pieces(ar, on_piece=done, only=pieces, workers=threads)
     compile_s = time.time() - t0
     rows = {}
     for name, p in compiled.items():
@@ -267,7 +271,13 @@ def main(argv: list[str]) -> None:
         t0 = time.time()
         pieces = tuple(_PIECES.value) if _PIECES.value else None
         r = build_report(
-            _CONFIG.value, _TOPOLOGY.value, _SLICES.value, _VOCAB.value, pieces, _WRAP.value
+            _CONFIG.value,
+            _TOPOLOGY.value,
+            _SLICES.value,
+            _VOCAB.value,
+            pieces,
+            _WRAP.value,
+            _THREADS.value,
         )
     except (ValueError, topologies.LibtpuMissingError) as e:
         raise SystemExit(f"error: {e}") from None
