@@ -51,9 +51,7 @@ from flax import nnx
 from smatch_jax import config as config_lib
 from smatch_jax import hlo_stats, run, sampling, sharding, steps, validate
 from smatch_jax.eval import decoding
-from smatch_jax.models import init_cache, lora
-from smatch_jax.models.config import VOCAB_SIZES, from_preset
-from smatch_jax.models.transformer import Transformer
+from smatch_jax.models import factory, init_cache
 
 EVAL_BATCH = 256  # rows per evaluation decoding call (eval/accuracy.py's batch_size)
 PIECES = (
@@ -90,24 +88,6 @@ class AbstractRun:
         return self.built.settings
 
 
-def _preset_of(spec) -> str:
-    return "smollm2_135m" if spec.init == "smollm2" else spec.preset
-
-
-def resolve_vocab_size(c: config_lib.Typed, vocab_size: int | None = None) -> int:
-    """`vocab_size`, else the vocabulary the pretrained weights of `model.preset` come with."""
-    if vocab_size:
-        return vocab_size
-    preset = _preset_of(c.model)
-    if c.model.init != "scratch" and preset in VOCAB_SIZES:
-        return VOCAB_SIZES[preset]
-    raise ValueError(
-        f"the vocabulary size of model.init={c.model.init!r}, model.preset={preset!r} is not "
-        f"known without its tokenizer; pass --vocab_size (pretrained presets: "
-        f"{sorted(VOCAB_SIZES)})"
-    )
-
-
 def resolve_prompt_max(c: config_lib.Typed) -> int:
     """The sampler's prompt width without reading the data."""
     if c.data.prompt_max:
@@ -118,37 +98,6 @@ def resolve_prompt_max(c: config_lib.Typed) -> int:
         f"data.prompt_max=0 takes the longest prompt of the {c.data.task} data, which an "
         "abstract build does not read; set data.prompt_max (the longest prompt in tokens)"
     )
-
-
-def abstract_model(
-    c: config_lib.Typed, vocab_size: int, n_layers: int | None = None
-) -> Transformer:
-    """The run's model as shapes (`nnx.eval_shape`): preset shape, layout, LoRA, dtypes;
-    `n_layers`: that many unrolled layers instead (a cost probe).
-
-    A pretrained model (`hf:`, `smollm2`, ...) is stored in `model.dtype` (the converters
-    cast it), a scratch model in float32, as `factory.build_model` does."""
-    spec = c.model
-    param_dtype = "float32" if spec.init == "scratch" else spec.dtype
-    probe = {} if n_layers is None else dict(n_layers=n_layers)
-    mc = from_preset(
-        _preset_of(spec),
-        vocab_size=vocab_size,
-        max_positions=max(c.data.seq_len, 8),
-        dtype=spec.dtype,
-        param_dtype=param_dtype,
-        scan_layers=spec.scan_layers and n_layers is None,
-        **probe,
-    )
-
-    def build() -> Transformer:
-        model = Transformer(mc, rngs=nnx.Rngs(c.seed))
-        if spec.lora_rank:
-            alpha = spec.lora_alpha or None
-            lora.apply_lora(model, rank=spec.lora_rank, alpha=alpha, rngs=nnx.Rngs(c.seed + 1))
-        return model
-
-    return nnx.eval_shape(build)
 
 
 def _sds(shape, dtype, sh=None) -> jax.ShapeDtypeStruct:
@@ -174,13 +123,18 @@ def abstract_run(
             "automaton, which an abstract build does not make; plan the run with "
             "noise.kind='random' (the same shapes but the automaton's table)"
         )
-    V = tokenizer.vocab_size if tokenizer is not None else resolve_vocab_size(c, vocab_size)
+    V = (
+        tokenizer.vocab_size
+        if tokenizer is not None
+        else factory.vocab_size_of(c.model, vocab_size)
+    )
     P, T = resolve_prompt_max(c), c.data.seq_len
     if P >= T:
         raise ValueError(f"data.prompt_max={P} leaves no room for actions in data.seq_len={T}")
     tok = tokenizer or types.SimpleNamespace(vocab_size=V, bkspc_id=V, eos_id=1, pad_id=0)
     mesh = sharding.mesh_of(c.mesh, devices=devices)
-    built = run.build(c, abstract_model(c, V, n_layers), tok, P, mesh)
+    model = factory.abstract_model(c.model, V, c.data.seq_len, c.seed, n_layers)
+    built = run.build(c, model, tok, P, mesh)
     leaves = jax.tree.leaves(built.params) + jax.tree.leaves(built.frozen)
     tables = steps.NoiseTables(_sds((V,), jnp.float32, sharding.replicated(mesh)))
     return AbstractRun(

@@ -214,6 +214,7 @@ def step_settings(c: config_lib.Typed, tok: Any, prompt_max: int) -> steps.StepS
         prompt_max=prompt_max,
         sampling=c.sampling.decoding(c.data.seq_len - prompt_max),
         remat=c.model.remat,
+        place_output=not c.model.scan_layers,
     )
 
 

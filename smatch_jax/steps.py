@@ -57,6 +57,11 @@ class StepSettings:
     prompt_max: int  # prompts are cut to this many tokens for sampling
     sampling: sampling.SamplingConfig
     remat: str = "none"  # the train step's forward pass (model.remat)
+    # On a mesh, the rows of the output layer's input split over the batch axes. Measured on
+    # the paper's train step with model rows (v5e-32, benchmarks/RESULTS.md): unrolled layers
+    # 7.73 -> 6.93 GiB a chip with it; scanned 5.40 -> 14.6 GiB, so a scanned run leaves it
+    # to XLA (run.step_settings).
+    place_output: bool = True
 
 
 def _step_keys(state: TrainState):
@@ -76,6 +81,16 @@ def make_train_step(
     mesh axes (`sharding.put_rows`, `Transformer.forward_embeddings`' `place`)."""
     place = None if mesh is None else functools.partial(sharding.put_rows, mesh)
 
+    def forward(model, lay, remat: str = "none"):
+        """Logits [B, T, V+1] of a layout; on a mesh, the rows split over the batch axes before
+        every block (and before the output layer when `st.place_output`), the logits' rows
+        and positions split too (`sharding.put_logits`)."""
+        x = model.hidden(model.embed(lay.input_ids, lay.positions), lay.positions,
+                         lay.attn_mask, remat, place)  # fmt: skip
+        if mesh is None:
+            return model.head(x)
+        return sharding.put_logits(mesh, model.head(place(x) if st.place_output else x))
+
     def step(
         state: TrainState,
         batch: dict[str, jax.Array],
@@ -90,8 +105,7 @@ def make_train_step(
             clean = masks.backspace_layout(
                 batch["tokens"], m, batch["length"], bkspc_id=st.bkspc_id
             )
-            model = nnx.merge(graphdef, state.params, frozen)
-            logits = model(clean.input_ids, clean.positions, clean.attn_mask, place=place)
+            logits = forward(nnx.merge(graphdef, state.params, frozen), clean)
             own = noise.policy_logits(jax.lax.stop_gradient(logits))
         nz = noise.add_noise(
             k_noise,
@@ -121,10 +135,7 @@ def make_train_step(
         lay = masks.backspace_layout(tokens, prompt_len, length, bkspc_id=st.bkspc_id)
 
         def loss_of(params):
-            model = nnx.merge(graphdef, params, frozen)
-            logits = model(lay.input_ids, lay.positions, lay.attn_mask, st.remat, place)
-            if mesh is not None:
-                logits = sharding.put_logits(mesh, logits)
+            logits = forward(nnx.merge(graphdef, params, frozen), lay, st.remat)
             return loss_fn(logits, rows, state.step)
 
         (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)

@@ -80,3 +80,17 @@ def test_scaling_worker_that_dies_after_reporting_keeps_its_result(monkeypatch):
     assert scaling.run_one(2, "toy", 1, True, "float32") == {"devices": 2, "worker_exit_code": -6}
     with pytest.raises(RuntimeError, match="exit code 1 before printing its result:\nImportError"):
         scaling.run_one(2, "toy", 1, True, "float32")
+
+
+def test_every_committed_pod_plan_prints_as_a_table():
+    """`python -m benchmarks.plans` (the pod tables of benchmarks/RESULTS.md): every committed
+    plan JSON has the fields the table reads, one row per piece."""
+    from benchmarks import plans
+
+    files = sorted(plans.PLANS.glob("*.json"))
+    assert files, "no committed plans in benchmarks/plans"
+    for f in files:
+        plan = json.loads(f.read_text())
+        out = plans.table(plan)
+        assert out.count("\n| ") == len(plan["pieces"]) + 1, f.name  # header + one per piece
+        assert plan["scan_layers"] in (True, False) and "donated" in plan["pieces"]["train_mle"]

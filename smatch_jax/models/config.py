@@ -162,7 +162,7 @@ PRESETS: dict[str, dict] = {
 
 # The vocabulary the published weights of a preset's shape come with (GPT-2 BPE, SmolLM2,
 # Llama 2's SentencePiece), for building such a model without its tokenizer files
-# (compile_plan.py).
+# (factory.abstract_model, for the pod plan).
 VOCAB_SIZES: dict[str, int] = {"gpt2_124m": 50257, "smollm2_135m": 49152, "llama_7b": 32000}
 
 

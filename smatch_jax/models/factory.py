@@ -1,4 +1,5 @@
-"""The model of a run: `config.model` as a typed config, and `build_model`.
+"""The model of a run: `config.model` as a typed config, `build_model`, and `abstract_model`
+(its shapes alone, for the pod plan).
 
 A run's model is a preset architecture trained from scratch (`models/config.py: PRESETS`), a
 converted pretrained checkpoint (`convert/`: SmolLM2 GGUF, Hugging Face GPT-2 / Llama), or a
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 from flax import nnx
 
 from smatch_jax.models import convert, lora
-from smatch_jax.models.config import PRESETS, from_preset
+from smatch_jax.models.config import PRESETS, VOCAB_SIZES, from_preset
 from smatch_jax.models.transformer import REMAT, Transformer, relayout
 from smatch_jax.sections import Section
 
@@ -124,3 +125,51 @@ def build_model(
             model, rank=spec.lora_rank, alpha=spec.lora_alpha or None, rngs=nnx.Rngs(seed + 1)
         )
     return model
+
+
+def _preset_of(spec: ModelSpec) -> str:
+    return "smollm2_135m" if spec.init == "smollm2" else spec.preset
+
+
+def vocab_size_of(spec: ModelSpec, vocab_size: int | None = None) -> int:
+    """`vocab_size`, else the vocabulary the pretrained weights of `model.preset` come with
+    (for building the model without its tokenizer: the pod plan)."""
+    if vocab_size:
+        return vocab_size
+    preset = _preset_of(spec)
+    if spec.init != "scratch" and preset in VOCAB_SIZES:
+        return VOCAB_SIZES[preset]
+    raise ValueError(
+        f"the vocabulary size of model.init={spec.init!r}, model.preset={preset!r} is not "
+        f"known without its tokenizer; pass --vocab_size (pretrained presets: "
+        f"{sorted(VOCAB_SIZES)})"
+    )
+
+
+def abstract_model(
+    spec: ModelSpec, vocab_size: int, seq_len: int, seed: int, n_layers: int | None = None
+) -> Transformer:
+    """The model of `spec` as shapes (`nnx.eval_shape`: no weights read or drawn): preset
+    shape, layout, LoRA, dtypes; `n_layers`: that many unrolled layers instead (the pod plan's
+    cost probes). A pretrained model (`hf:`, `smollm2`, ...) is stored in `model.dtype` (the
+    converters cast it), a scratch model in float32, as `build_model` does."""
+    param_dtype = "float32" if spec.init == "scratch" else spec.dtype
+    probe = {} if n_layers is None else dict(n_layers=n_layers)
+    mc = from_preset(
+        _preset_of(spec),
+        vocab_size=vocab_size,
+        max_positions=max(seq_len, 8),
+        dtype=spec.dtype,
+        param_dtype=param_dtype,
+        scan_layers=spec.scan_layers and n_layers is None,
+        **probe,
+    )
+
+    def build() -> Transformer:
+        model = Transformer(mc, rngs=nnx.Rngs(seed))
+        if spec.lora_rank:
+            alpha = spec.lora_alpha or None
+            lora.apply_lora(model, rank=spec.lora_rank, alpha=alpha, rngs=nnx.Rngs(seed + 1))
+        return model
+
+    return nnx.eval_shape(build)

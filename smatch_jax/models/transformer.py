@@ -222,9 +222,10 @@ class Transformer(nnx.Module):
         """Logits [B, T, V+1] float32 from input embeddings (as returned by `embed`).
 
         `place` (on a mesh): a sharding constraint for the residual stream [B, T, d], applied
-        before every block and the output layer (the training step keeps rows split over the
-        batch's mesh axes there; left alone, XLA followed the embedding table's feature split
-        and gathered the whole batch's activations on every chip).
+        before every block (the training step keeps rows split over the batch's mesh axes
+        there; left alone, XLA followed the embedding table's feature split and gathered the
+        whole batch's activations on every chip). Before the output layer it is the caller's
+        choice (`hidden`, then `head`: steps.py).
 
         `remat` (`REMAT`): what a gradient keeps of each block's forward pass. 'none' keeps
         every activation; 'full' only the block's input, recomputing the rest in the backward
@@ -232,7 +233,8 @@ class Transformer(nnx.Module):
         projections, not the attention's scores), so only cheap elementwise work is redone."""
         if remat not in REMAT:
             raise ValueError(f"remat={remat!r}; use one of {sorted(REMAT)}")
-        return self._logits(self.hidden(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat, place))
+        x_BxTxD = self.hidden(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat, place)
+        return self.head(x_BxTxD)
 
     def hidden(
         self,
@@ -309,9 +311,11 @@ class Transformer(nnx.Module):
         else:
             for layer, block in enumerate(self.blocks):
                 x_BxKxD, kv = block(x_BxKxD, *args, kv, cache_index_B, layer, place_heads)
-        return self._logits(x_BxKxD), KVCache(k=kv[0], v=kv[1])
+        return self.head(x_BxKxD), KVCache(k=kv[0], v=kv[1])
 
-    def _logits(self, x_BxTxD: jax.Array) -> jax.Array:
+    def head(self, x_BxTxD: jax.Array) -> jax.Array:
+        """The output layer: logits [B, T, V+1] float32 of the residual stream after the last
+        block (final norm, then the untied `lm_head` or the token table)."""
         h_BxTxD = self.final_norm(x_BxTxD)
         if self.lm_head is not None:
             w_DxA = self.lm_head.kernel[...]
