@@ -77,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         elif variant == "smollm2":  # SmolLM2-135M + LoRA, its own tokenizer
             c.data.tokenizer = "smollm2"
             c.model.init, c.model.lora_rank, c.model.lora_alpha = "smollm2", 16, 32.0
+            # 30 layers: the train step compiles in 5 s instead of 19 and steps 0.90x as long
+            # on a 2-core CPU (benchmarks/RESULTS.md, "Pod plans: one program, scanned layers")
+            c.model.scan_layers = True
             c.optim.lr = 2e-4
         elif variant not in common.LOSS_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")

@@ -11,7 +11,7 @@ Both are pure functions of a `TrainState` (a pytree, checkpointed whole: paramet
 optimiser state, replay buffer, RNG), of the non-trainable weights `frozen` (the base model
 under LoRA) and, for the train step, of the noise's `NoiseTables`: arguments, never constants
 baked into the program, so that the pod plan compiles the very program that trains
-(run.py `build_program` jits both, for training and for the plan alike).
+(`run.build` jits both, for training and for the plan alike).
 """
 
 from __future__ import annotations

@@ -207,6 +207,9 @@ def test_hf_llama_matches_numpy_forward(tmp_path, tied, shards):
     assert (cfg.tie_embeddings, cfg.n_kv_heads, cfg.rope_theta) == (tied, 2, 500.0)
     ids = np.array([28, 0, 5, 5, 17, 3, 9, 1, 26, 11, 2])
     _check_logits(model, _hf_llama_forward(t, ids), ids)
+    scanned = load_hf(tmp_path, scan_layers=True)  # the blocks stacked, under jax.lax.scan
+    assert scanned.config.scan_layers and not cfg.scan_layers
+    _check_logits(scanned, _hf_llama_forward(t, ids), ids)
 
 
 def test_load_hf_dtype_and_bkspc_row(tmp_path):

@@ -80,7 +80,7 @@ def masked_attention(
 
 def _write_rows(
     cache_LxBxSxKxD: jax.Array,
-    layer: int,
+    layer: int | jax.Array,
     new_BxNxKxD: jax.Array,
     index_B: jax.Array,
     by_select: bool = False,
@@ -89,10 +89,10 @@ def _write_rows(
 
     One scatter of the new slots into the stacked cache of all layers, so that inside the
     sampler's while_loop XLA updates the buffer in place (no per-step copy or transpose of the
-    cache). Starts are clamped to [0, S - N] like `lax.dynamic_update_slice`.
-    `by_select` (one new token, decoding on a mesh): a select over the layer's slots instead
-    of a scatter, which XLA's partitioner split over the idle `fsdp` chips and then gathered
-    the whole cache back, every token.
+    cache). Starts are clamped to [0, S - N] like `lax.dynamic_update_slice`. `layer` may be
+    traced (the scanned layers' loop index). `by_select` (one new token, decoding on a
+    mesh): a select over the layer's slots instead of a scatter, which XLA's partitioner
+    split over the idle `fsdp` chips and then gathered the whole cache back, every token.
     """
     B, S = cache_LxBxSxKxD.shape[1:3]
     N = new_BxNxKxD.shape[1]
@@ -138,7 +138,7 @@ class Attention(nnx.Module):
         mask_BxTxS: jax.Array,
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
-        layer: int = 0,
+        layer: int | jax.Array = 0,
         place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Without a cache S = T (self-attention over x); with one, writes K/V then attends.

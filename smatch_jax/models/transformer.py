@@ -107,7 +107,7 @@ class Block(nnx.Module):
         mask_BxTxS: jax.Array,
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
-        layer: int = 0,
+        layer: int | jax.Array = 0,
         place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_BxTxD, new_cache_kv = self.attn(
