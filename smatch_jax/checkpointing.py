@@ -17,14 +17,11 @@ time (the abstract leaf is the typed key's ``ShapeDtypeStruct``). Raw uint32 key
 as an ordinary array.
 
 Atomicity: Orbax writes a step into ``<step>.orbax-checkpoint-tmp[-<ts>]`` and renames it when
-complete, so an interrupted write (e.g. SIGKILL) is never listed as a step; with
-``cleanup_tmp=True`` such leftovers are deleted when the next run opens the directory. A step
-that is damaged later (truncated or deleted files) is only detected when read:
-:meth:`Checkpointer.restore_latest_valid` tries the newest step first and falls back to older
-ones, warning about each failure; with ``quarantine=True`` the unreadable newer steps are
-renamed ``<step>.unreadable[-k]`` (kept for inspection, no longer listed) so that the resumed
-run can write those steps again. Silent bit flips inside array data are not detected (Orbax
-keeps no checksums).
+complete, so an interrupted write (SIGKILL) is never listed (``cleanup_tmp=True`` deletes it).
+A step damaged later is detected when read: :meth:`Checkpointer.restore_latest_valid` falls
+back to older steps, warning about each (`read_noise.py` quiets Orbax's own noise); with
+``quarantine=True`` unreadable newer steps become ``<step>.unreadable[-k]``, so the resumed
+run can write them again. Bit flips in array data are not detected (Orbax keeps no checksums).
 
 Write failures (disk full, quota, permissions) surface, asynchronously, at the next
 :meth:`Checkpointer.save`, :meth:`~Checkpointer.wait` or :meth:`~Checkpointer.close` as a
@@ -45,6 +42,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from smatch_jax import read_noise
+from smatch_jax.errors import FailureError
+
 __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
@@ -59,11 +59,11 @@ _ITEMS = ("state", "data_state", "extra", "meta")
 _B64_KEY = "__bytes_b64__"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FailureError, RuntimeError):
     """No usable checkpoint could be restored."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(FailureError, RuntimeError):
     """A checkpoint could not be written (disk full, quota, permissions, ...)."""
 
 
@@ -288,6 +288,7 @@ class Checkpointer:
             extra=ocp.args.JsonRestore(),
             meta=ocp.args.JsonRestore(),
         )
+        read_noise.quiet_failed_reads()  # before the read: its leftovers may report at any time
         restored = self._manager.restore(step, args=args)
         meta = restored.meta or {}
         if meta.get("format") != _FORMAT_VERSION:
@@ -318,10 +319,11 @@ class Checkpointer:
             try:
                 restored = self.restore(step, abstract_state=abstract_state)
             except Exception as e:  # any read/parse/shape failure means "try an older step"
-                errors.append(f"step {step}: {type(e).__name__}: {e}")
+                cause = read_noise.first_line(e)
+                errors.append(f"step {step}: {cause}")
                 warnings.warn(
                     f"checkpoint step {step} in {self.workdir} could not be restored "
-                    f"({type(e).__name__}: {e}); trying an older step",
+                    f"({cause}); trying an older step",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -330,9 +332,9 @@ class Checkpointer:
                 self._quarantine([s for s in steps if s > step])
             return restored
         raise CheckpointError(
-            f"no restorable checkpoint in {self.workdir}:\n"
-            + "\n".join(errors)
-            + "\nMove the directory away to start from scratch."
+            f"no checkpoint in {self.workdir} could be restored ({'; '.join(errors)}). If the "
+            "config changed, run with the workdir's own (its config.json); if the files are "
+            "damaged, move the directory away to start from scratch"
         )
 
     def _quarantine(self, steps: list[int]) -> None:

@@ -13,11 +13,12 @@ import logging
 import jax
 
 from smatch_jax import checkpointing
+from smatch_jax.errors import FailureError
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(FailureError, FloatingPointError):
     """A non-finite loss or gradient stopped the run (its update was not applied)."""
 
 

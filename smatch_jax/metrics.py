@@ -240,9 +240,9 @@ class Progress:
     ``update(step, **scalars)`` prints e.g.
     ``step 120/1000 (12.0%) | loss 2.345 | 15.2 steps/s | 31.1k tok/s | ETA 0:00:58``
     on the first call, then at most every ``every_s`` seconds, and always at ``total_steps``.
-    ``every_s`` defaults to 1 s on a terminal (one line, redrawn in place) and to 5 minutes on
-    a log file or pipe, so that a log has the first and last line of a stage and a sign of
-    life in between, not hundreds of lines.
+    ``every_s`` defaults to 1 s on a terminal (one line, redrawn in place) and to 1 minute on
+    a log file or pipe, so that a log has a sign of life at least once a minute, not hundreds
+    of lines.
     The first line's rate is measured from ``(start_step, construction time)``; later lines
     measure from the first update, so one-off compilation does not skew steps/s and ETA.
     Pass ``tokens_per_step`` to get tokens/s. ``clock`` is injectable for tests.
@@ -267,7 +267,7 @@ class Progress:
             isatty = getattr(self.stream, "isatty", None)
             tty = bool(isatty()) if callable(isatty) else False
         self.tty = tty
-        self.every_s = float(every_s if every_s is not None else 1.0 if tty else 300.0)
+        self.every_s = float(every_s if every_s is not None else 1.0 if tty else 60.0)
         self._clock = clock
         self._base = (self.start_step, clock())
         self._rebased = False

@@ -31,24 +31,27 @@ class OptimizerConfig(Section):
         ("clip_norm", 0.0, None, True),
     )
 
-    def build(self, num_steps: int, mask=None) -> optax.GradientTransformation:
-        """The optax chain for a run of `num_steps`; `mask` (LoRA): only those leaves move."""
+    def learning_rate(self, num_steps: int) -> optax.Schedule:
+        """The learning rate of update `k` (0-based) in a run of `num_steps`."""
         if self.schedule == "cosine":
-            lr = optax.warmup_cosine_decay_schedule(
+            return optax.warmup_cosine_decay_schedule(
                 0.0,
                 self.lr,
                 self.warmup_steps,
                 max(num_steps, self.warmup_steps + 1),
                 end_value=0.1 * self.lr,
             )
-        else:
-            lr = optax.join_schedules(
-                [
-                    optax.linear_schedule(0.0, self.lr, self.warmup_steps),
-                    optax.constant_schedule(self.lr),
-                ],
-                [self.warmup_steps],
-            )
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, self.lr, self.warmup_steps),
+                optax.constant_schedule(self.lr),
+            ],
+            [self.warmup_steps],
+        )
+
+    def build(self, num_steps: int, mask=None) -> optax.GradientTransformation:
+        """The optax chain for a run of `num_steps`; `mask` (LoRA): only those leaves move."""
+        lr = self.learning_rate(num_steps)
         parts = [optax.clip_by_global_norm(self.clip_norm)] if self.clip_norm else []
         parts.append(optax.adamw(lr, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay))
         if mask is not None:

@@ -12,6 +12,7 @@ signal flag alone is used only when ``jax.process_count() == 1``.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -41,12 +42,15 @@ class PreemptionHandler:
         *,
         handle_sigint: bool = False,
         use_sync_point: bool | None = None,
+        announce: bool = False,
     ) -> None:
+        """`announce`: say on stderr, when a signal arrives, what happens next."""
         sigs = list(signals)
         if handle_sigint and signal.SIGINT not in sigs:
             sigs.append(signal.SIGINT)
         self._signals = sigs
         self._use_sync_point = use_sync_point
+        self._announce = announce
         self._previous: dict[int, Any] = {}
         self._event = threading.Event()
         self.received: int | None = None
@@ -69,6 +73,11 @@ class PreemptionHandler:
             raise KeyboardInterrupt
         self.received = signum
         self._event.set()
+        if self._announce:
+            again = " (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""
+            name = signal.Signals(signum).name
+            sys.stderr.write(f"{name}: saving a checkpoint after this step, then exiting{again}\n")
+            sys.stderr.flush()
 
     def request_stop(self) -> None:
         """Set the flag by hand (tests, custom triggers)."""

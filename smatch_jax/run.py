@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,22 @@ import ml_collections
 import optax
 from flax import nnx
 
-from smatch_jax import checkpointing, noise, objective, replay, sharding, steps, validate
+from smatch_jax import (
+    checkpointing,
+    noise,
+    objective,
+    read_noise,
+    replay,
+    sharding,
+    steps,
+    validate,
+)
 from smatch_jax import config as config_lib
 from smatch_jax.data import train_data as data_lib
+from smatch_jax.errors import UserError
 from smatch_jax.models import factory, lora
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +173,12 @@ def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = No
         c.model, vocab_size=tok.vocab_size, seq_len=c.data.seq_len, seed=c.seed, tokenizer=tok,
         trained=trained,
     )  # fmt: skip
+    limit = model.config.position_limit
+    if limit is not None and c.data.seq_len > limit:  # a row's positions past the table: NaN
+        raise validate.ConfigError(
+            f"data.seq_len={c.data.seq_len} exceeds the {limit} positions of this gpt2-family "
+            f"model ({c.model.init or c.model.preset}); set data.seq_len <= {limit}"
+        )
     b = build(c, model, tok, data.prompt_max, mesh)
     del model
     params = jax.device_get(b.params)  # on the host until init_state (a restore needs none)
@@ -250,20 +270,58 @@ def state_shardings(
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config a workdir's run was trained with (`config.upgrade`d to the current schema)."""
     cfg_file = Path(workdir) / "config.json"
+    if not Path(workdir).is_dir():
+        raise UserError(f"--workdir {workdir} does not exist")
     if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} not found: is {workdir} a training workdir?")
-    return ml_collections.ConfigDict(config_lib.upgrade(json.loads(cfg_file.read_text())))
+        raise UserError(f"{cfg_file} not found: is {workdir} a training workdir?")
+    try:
+        return ml_collections.ConfigDict(config_lib.upgrade(json.loads(cfg_file.read_text())))
+    except ValueError as e:
+        raise UserError(f"{cfg_file} is not a readable config ({e})") from None
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """The steps of a workdir's complete checkpoints (read from the directory)."""
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
 def load_trained(
     workdir: str, step: int | None = None, *, eval_split: str | None = None
 ) -> tuple[Run, steps.TrainState]:
-    """The run of `workdir` (its saved config) restored at `step` (default: latest), with
-    `run.data.eval_split` the run's own evaluation split or `eval_split`."""
+    """The run of `workdir` (its saved config) restored at `step` (default: the latest that
+    can be read, as training falls back: a warning names what was skipped), with
+    `run.data.eval_split` the run's own evaluation split or `eval_split`. A `step` with no
+    checkpoint is a UserError listing the steps there are; nothing in the workdir changes."""
     config = read_config(workdir)
     if eval_split is not None:
         config.data.eval_split = eval_split
+    have = checkpoint_steps(workdir)
+    if not have:
+        raise UserError(f"{workdir} has no checkpoint yet: train it first, or wait for its first")
+    if step is not None and step not in have:
+        raise UserError(f"--step {step}: {workdir} has checkpoints at steps {have}")
     run = setup(config)
     with checkpointing.Checkpointer(Path(workdir) / "checkpoints") as ckpt:
-        step, state, _, _ = ckpt.restore(step, abstract_state=run.abstract_state())
+        if step is not None:
+            try:
+                _, state, _, _ = ckpt.restore(step, abstract_state=run.abstract_state())
+            except Exception as e:
+                others = [s for s in have if s != step]
+                raise checkpointing.CheckpointError(
+                    f"checkpoint step {step} in {workdir} could not be restored "
+                    f"({read_noise.first_line(e)}); the other steps are {others}: pass one "
+                    "as --step"
+                ) from None
+            return run, state
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got, state, _, _ = ckpt.restore_latest_valid(abstract_state=run.abstract_state())
+    if got != have[-1]:
+        why = [str(w.message).partition("; trying")[0] for w in caught]
+        log.warning(
+            "%s; using step %d (--step chooses another)",
+            " and ".join(w for w in why if "could not be restored" in w),
+            got,
+        )
     return run, state

@@ -29,9 +29,11 @@ from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from smatch_jax import sharding
+from smatch_jax.errors import UserError
 from smatch_jax.models import init_cache
 from smatch_jax.sections import Section
 
@@ -181,6 +183,22 @@ def layout_of(graphdef: Any, params: Any, batch_size: int) -> sharding.DecodeLay
     return sharding.decode_layout(sh.mesh, batch_size, n_kv, weights)
 
 
+class PositionLimitError(UserError, ValueError):
+    """Decoding would run past the positions a model has (GPT-2's learned table)."""
+
+
+def check_positions(model_config, longest_prompt: int, max_new_tokens: int) -> None:
+    """Refuse decoding that could reach past a GPT-2-family model's position table: there the
+    logits are NaN, and greedy decoding emitted id 0 without a word."""
+    need, have = longest_prompt + max_new_tokens, model_config.position_limit
+    if have is not None and need > have:
+        raise PositionLimitError(
+            f"decoding needs {need} positions (prompt {longest_prompt} tokens + max_new_tokens "
+            f"{max_new_tokens}) but this gpt2-family model has {have}: shorten the prompt or "
+            f"lower max_new_tokens so that they sum to at most {have}"
+        )
+
+
 def sample_traced(
     model, prompts, prompt_len, key, *, cfg, eos_id, pad_id, floor_len=None, layout=None
 ) -> SampleOutput:
@@ -200,6 +218,7 @@ def sample_traced(
     heads_at = layout.put_heads if layout is not None else None
     prompts, prompt_len, floor_len = rows_at(prompts), rows_at(prompt_len), rows_at(floor_len)
     B, P = prompts.shape
+    stop_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)  # a chat model's too
     S = P + cfg.max_new_tokens  # cache slots; a state never holds more
     A = cfg.n_actions
     bkspc_id = model.config.vocab_size
@@ -264,7 +283,7 @@ def sample_traced(
             hit = c["ev_ok"] & (c["ev_len"] == L[:, None])
             banned = jnp.zeros(c["logits"].shape, jnp.int32)
             banned = banned.at[rows[:, None], c["ev_tok"]].max(hit.astype(jnp.int32)) > 0
-        a = _choose(sub, c["logits"], L, floor_len, cfg, (bkspc_id, eos_id), banned)
+        a = _choose(sub, c["logits"], L, floor_len, cfg, (bkspc_id, stop_ids[0]), banned)
         v_hist = c["v_hist"]
         if cfg.value_drop_bkspc:
             v_now = jax.nn.logsumexp(c["logits"].astype(jnp.float32), axis=-1)
@@ -299,7 +318,7 @@ def sample_traced(
         if cfg.return_logits:
             step_logits = step_logits.at[rows, c["step"]].set(c["logits"])
         write_at = jnp.where(live, prompt_len + c["n_act"], P + A)
-        ended = c["ended"] | (live & (a == eos_id))
+        ended = c["ended"] | (live & jnp.isin(a, jnp.asarray(stop_ids, jnp.int32)))
         n_act = c["n_act"] + live
         done = c["done"] | ended | (n_act >= A) | (new_len >= prompt_len + cfg.max_new_tokens)
         return place(
@@ -337,7 +356,7 @@ def sample(
     prompt_len: jax.Array,
     key: jax.Array,
     *,
-    eos_id: int,
+    eos_id: int | tuple[int, ...],
     pad_id: int,
     cfg: SamplingConfig,
     params: Any = None,
@@ -348,7 +367,9 @@ def sample(
     `model` is a `Transformer`, or its `nnx.split` graphdef with `params` the matching state
     (the form used inside jitted training code). Compiled once per graphdef, shapes and `cfg`.
     `floor_len` [B] (default `prompt_len`): the state length `<bkspc>` cannot go below.
-    Weights sharded over a mesh are decoded in its decode layout (`layout_of`).
+    `eos_id`: the id that ends a row, or a tuple of them (a chat model's end of turn too).
+    Weights sharded over a mesh are decoded in its decode layout (`layout_of`). A GPT-2-family
+    model refuses a prompt width + `cfg.max_new_tokens` past its positions (`check_positions`).
     """
     if params is None:
         model, params = nnx.split(model)
@@ -361,6 +382,9 @@ def sample(
     floor_len = prompt_len if floor_len is None else jnp.asarray(floor_len, jnp.int32)
     if floor_len.shape != prompt_len.shape or bool(jnp.any(floor_len > prompt_len)):
         raise ValueError("floor_len must be [B] with floor_len <= prompt_len")
+    config = model.config if hasattr(model, "config") else nnx.merge(model, params).config
+    if config.position_limit is not None:  # the longest prompt: a host value
+        check_positions(config, int(np.max(jax.device_get(prompt_len))), cfg.max_new_tokens)
     layout = layout_of(model, params, prompts.shape[0])
     return sample_jit(
         model,

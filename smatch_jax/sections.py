@@ -130,3 +130,35 @@ class Section:
             names = [f"{prefix}{k}" for k in known]
             raise ValueError("\n".join(did_you_mean(f"{prefix}{k}", names) for k in unknown))
         return cls(**items)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: its comment} of a section class, read from its source: the comment after the
+    field on its line, else the comment lines just above it."""
+    import inspect
+    import re
+
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    prev, block = None, []  # the last field with a comment, the comment lines since
+    for line in lines:
+        m = re.match(r"\s+(\w+): [^=]+=.*?(?:#\s*(.*))?$", line)
+        if m and m.group(1) in names:
+            if m.group(2):  # its own comment: the lines above continued the previous one's
+                if prev and block:
+                    out[prev] += " " + " ".join(block)
+                out[m.group(1)], prev = m.group(2).strip(), m.group(1)
+            else:
+                out[m.group(1)], prev = " ".join(block), None
+            block = []
+        elif re.match(r"\s+#", line):
+            block.append(line.strip().lstrip("#").strip())
+        else:
+            if prev and block:
+                out[prev] += " " + " ".join(block)
+            prev, block = None, []
+    return out

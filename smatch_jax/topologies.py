@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from smatch_jax.errors import UserError
+
 GIB = 1 << 30
 
 
@@ -132,7 +134,7 @@ def get(name: str) -> Topology:
     )
 
 
-class LibtpuMissingError(RuntimeError):
+class LibtpuMissingError(UserError, RuntimeError):
     """The TPU compiler (the libtpu wheel) is not installed."""
 
 

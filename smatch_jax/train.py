@@ -3,14 +3,15 @@
     init params (scratch or pretrained + <bkspc> row, optional LoRA)      run.setup
     for step: [refill the replay buffer from data prompts] -> data batch (+ noise on device)
               + model rows from the buffer -> one layout forward pass -> loss -> update
-    log / evaluate / checkpoint on schedule; SIGTERM saves and exits cleanly
+    log / evaluate / checkpoint on schedule; SIGTERM or Ctrl-C saves and exits cleanly
 
 The checkpoint holds the whole `TrainState` (params, optimiser state, replay buffer, RNG) and
 the data-iterator state, so a restarted run continues exactly where it stopped.
 
 Reliability (README "Reliability"): the config and the workdir are checked before anything is
 built (`smatch_jax.validate`); a workdir of another config is refused unless `force_resume`,
-and so is a workdir another process is training in;
+and so is a workdir another process is training in; nothing in a workdir is written until its
+checkpoint is restored (config.json, config.previous.json and provenance.jsonl come after);
 unreadable newest checkpoints are set aside and the previous one is used; outputs written
 after the restored step are purged so that they are written again identically; a
 non-finite loss or gradient is never applied (guard.py).
@@ -20,13 +21,24 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import jax
 import ml_collections
 
-from smatch_jax import checkpointing, guard, metrics, preemption, sharding, steps, validate
+from smatch_jax import (
+    checkpointing,
+    guard,
+    metrics,
+    preemption,
+    provenance,
+    sharding,
+    steps,
+    validate,
+)
 from smatch_jax.eval import report
 from smatch_jax.run import Run, setup
 
@@ -39,16 +51,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _prepare(config, workdir_p: Path, force_resume: bool):
-    """Checks that need no model or data: the config, the workdir, its saved config; the
-    typed config."""
+    """Checks that need no model or data: the config, the workdir, its saved config; (the
+    typed config, the config changes to the workdir's outside RESUMABLE_CHANGES)."""
     typed = validate.check_config(config)
     diff = validate.prepare_workdir(workdir_p, config.to_dict(), force=force_resume)
     if diff:
         log.info("config changes from %s: %s", workdir_p / "config.json", diff)
-    return typed
+    forced = {k: v for k, v in diff.items() if k not in validate.RESUMABLE_CHANGES}
+    return typed, forced
 
 
-def _write_config(config, workdir_p: Path) -> None:
+def _write_config(config, workdir_p: Path, forced: dict) -> None:
+    """config.json (after a forced resume the old one is kept as config.previous.json)."""
+    if forced:
+        shutil.copy(workdir_p / "config.json", workdir_p / "config.previous.json")
+        log.warning("force_resume: continuing %s with a changed config: %s", workdir_p, forced)
     tmp = workdir_p / "config.json.tmp"
     tmp.write_text(json.dumps(config.to_dict(), indent=2))
     tmp.replace(workdir_p / "config.json")
@@ -57,17 +74,18 @@ def _write_config(config, workdir_p: Path) -> None:
 def _restore(run: Run, ckpt: checkpointing.Checkpointer):
     """(state, sampler stats of the last refill, restored step or None)."""
     newest = ckpt.latest_step()
-    restored = ckpt.restore_latest_valid(abstract_state=run.abstract_state(), quarantine=True)
+    with warnings.catch_warnings(record=True) as caught:  # one line below, not one a step
+        warnings.simplefilter("always")
+        restored = ckpt.restore_latest_valid(abstract_state=run.abstract_state(), quarantine=True)
     if restored is None:
         return run.init_state(), {}, None
     step0, state, data_state, extra = restored
     run.data.set_state(data_state)
     if step0 != newest:
+        why = [str(w.message).partition("; trying")[0] for w in caught]
         log.warning(
-            "checkpoints after step %d were unreadable (set aside as <step>.unreadable); "
-            "resuming from step %d",
-            step0,
-            step0,
+            "%s; set aside as <step>.unreadable in %s, resuming from step %d",
+            *(" and ".join(w for w in why if "could not be restored" in w), ckpt.workdir, step0),
         )
     log.info("resumed from step %d", step0)
     return state, extra.get("sampled", {}), step0
@@ -79,38 +97,71 @@ def train(
     *,
     stop_after: int | None = None,
     force_resume: bool = False,
+    argv: list[str] | None = None,
 ) -> tuple[steps.TrainState, dict[str, float]]:
     """The loop; returns the final state and metrics.
 
     `stop_after=k` stops after k steps of this invocation as a preemption would (checkpoint,
-    clean return), for tests of resumption. `force_resume` continues a workdir whose
-    config.json differs from `config` (see `validate.prepare_workdir`).
+    clean return). `force_resume` continues a workdir whose
+    config.json differs from `config` (see `validate.prepare_workdir`). `argv`: the command
+    line, recorded in provenance.jsonl.
     """
     t_start = time.time()
     workdir_p = Path(workdir)
-    typed = _prepare(config, workdir_p, force_resume)
-    with validate.lock_workdir(workdir_p, jax.process_index()):
-        return _train(config, setup(config, typed), workdir_p, stop_after, t_start)
+    created = not workdir_p.exists()
+    try:
+        typed, forced = _prepare(config, workdir_p, force_resume)
+        with validate.lock_workdir(workdir_p, jax.process_index()):
+            run = setup(config, typed)
+            return _train(config, run, workdir_p, stop_after, t_start, forced, argv)
+    except BaseException:
+        if created and jax.process_index() == 0:
+            _remove_if_unwritten(workdir_p)
+        raise
 
 
-def _train(config, run: Run, workdir_p: Path, stop_after: int | None, t_start: float):
+def _remove_if_unwritten(workdir_p: Path) -> None:
+    """Remove a workdir this run created if it failed before writing anything to it (only
+    its lock and empty directories are there)."""
+    files = [p for p in workdir_p.rglob("*") if p.is_file()]
+    if workdir_p.is_dir() and all(p.name.startswith(".train_lock.") for p in files):
+        shutil.rmtree(workdir_p, ignore_errors=True)
+
+
+def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv):
     c = run.typed
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state()))
     validate.check_free_space(workdir_p, state_bytes, c.train.keep_ckpts)
     host0 = jax.process_index() == 0
-    if host0:
-        _write_config(config, workdir_p)
     ckpt = checkpointing.Checkpointer(
         workdir_p / "checkpoints", keep=c.train.keep_ckpts, cleanup_tmp=host0
     )
-    state, sampled, step0 = _restore(run, ckpt)
+    try:
+        state, sampled, step0 = _restore(run, ckpt)
+    except checkpointing.CheckpointError as e:
+        ckpt.close()
+        if not forced:
+            raise
+        changed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in forced.items())
+        raise validate.WorkdirError(
+            f"--force_resume: the checkpoints in {ckpt.workdir} do not fit the new config "
+            f"({changed}); the workdir is unchanged and its checkpoints intact. Rerun without "
+            "the changes that alter the model or its state, or use a new --workdir"
+        ) from e
+    except BaseException:
+        ckpt.close()
+        raise
+    if host0:  # only now: a restore that fails leaves the workdir as it was
+        _write_config(config, workdir_p, forced)
+        provenance.record(workdir_p, argv=argv, resumed_from=step0)
     writer = metrics.MetricWriter(workdir_p, enabled=host0, purge_after=step0 or 0)
     n = c.train.num_steps
     progress = metrics.Progress(n, start_step=int(state.step)) if host0 else None
-    stopper = preemption.PreemptionHandler().install()
+    stopper = preemption.PreemptionHandler(handle_sigint=True, announce=True).install()
     nonfinite = guard.NonFiniteGuard(c.train.nonfinite, c.train.max_skips, ckpt)
     sm_on = run.sm_on()
     warmup, sample_every = c.loss.bc_warmup_steps, c.sampling.sample_every
+    lr_at = c.optim.learning_rate(c.train.num_steps)
     last: dict[str, float] = {}
     t_last, tokens_since, first_step_s, unlogged = time.time(), 0, None, None
     try:
@@ -119,6 +170,13 @@ def _train(config, run: Run, workdir_p: Path, stop_after: int | None, t_start: f
         while step < n:
             batch = sharding.global_batch(run.data.next(), run.mesh)
             with_model = sm_on and step >= warmup  # SequenceMatch starts after the warm-up
+            if with_model and step == warmup and host0:
+                log.info(
+                    "step %d: SequenceMatch's terms start (the BC warm-up, loss.bc_warmup_steps, "
+                    "is over): the loss adds the value and chi2 terms, so its scale jumps; this "
+                    "is expected",
+                    step,
+                )
             if with_model and (step - warmup) % sample_every == 0:
                 state, sample_stats = run.refill(state, batch)
                 sampled = {k: float(v) for k, v in jax.device_get(sample_stats).items()}
@@ -136,6 +194,7 @@ def _train(config, run: Run, workdir_p: Path, stop_after: int | None, t_start: f
                 if c.train.nonfinite == "skip":
                     met["train/skipped_updates"] = nonfinite.skipped
                 met["host/rss_mb"] = metrics.host_rss_mb() or 0.0
+                met["optim/lr"] = float(lr_at(step - 1))  # the rate of this step's update
                 if unlogged is not None:  # in the first log of this invocation
                     met["host/first_step_s"], unlogged = unlogged, None
                 tokens_since += int(met.pop("tokens")) * c.train.log_every
@@ -147,8 +206,8 @@ def _train(config, run: Run, workdir_p: Path, stop_after: int | None, t_start: f
                 met = {**sampled, **{k: float(v) for k, v in met.items()}}  # latest refill's
                 last.update(met)
                 writer.write_scalars(step, met)  # eval scalars: by report.evaluate_in_training
-                if progress:
-                    progress.update(step, loss=last["loss"])
+            if progress:  # throttled: at least once a minute without a terminal
+                progress.update(step, **({"loss": last["loss"]} if "loss" in last else {}))
             if step % c.train.eval_every == 0 or step == n:
                 t_eval = time.time()
                 ev = report.evaluate_in_training(run, state, writer, step)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from smatch_jax import config as config_lib
+from smatch_jax.errors import UserError
 from smatch_jax.sections import did_you_mean, flatten
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,11 @@ RESUMABLE_CHANGES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """The config cannot run; the message lists every problem and its fix."""
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(UserError, RuntimeError):
     """The workdir cannot be used (unwritable, full, or made by a different config)."""
 
 
@@ -146,7 +147,9 @@ def prepare_workdir(workdir: str | Path, config: Mapping[str, Any], *, force: bo
 
     Raises WorkdirError if it cannot be written, or if its `config.json` differs from `config`
     outside `RESUMABLE_CHANGES` (unless `force`). The returned diff (possibly empty) is what
-    this run changes; the caller logs it and writes the new config.json.
+    this run changes; the caller logs it and, once its checkpoint is restored, writes the new
+    config.json (and, if forced, keeps the old one as config.previous.json). Nothing in an
+    existing workdir is changed here.
     """
     wd = Path(workdir)
     try:
@@ -176,9 +179,6 @@ def prepare_workdir(workdir: str | Path, config: Mapping[str, Any], *, force: bo
             + "\nUse a new --workdir, or pass --force_resume (train(..., force_resume=True)) "
             "to continue this workdir with the new config."
         )
-    if refused:
-        shutil.copy(saved, wd / "config.previous.json")
-        log.warning("force_resume: continuing %s with a changed config: %s", wd, refused)
     return diff
 
 

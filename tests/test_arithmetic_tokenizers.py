@@ -11,6 +11,7 @@ from smatch_jax import config as config_lib
 from smatch_jax import noise, train
 from smatch_jax.data import arithmetic, builders
 from smatch_jax.data.tokenizers import BpeTokenizer, CharTokenizer
+from smatch_jax.errors import UserError
 from smatch_jax.eval import mechanism, report
 
 SMALL = dict(train_size=60, test_size=12, test_large_size=12, validation_size=12, seed=5)
@@ -150,7 +151,7 @@ def test_tiny_llama_on_bpe_arithmetic_end_to_end_and_questions_file(bpe_path, tm
     assert rep["protocol"]["n"] == 2 and rep["protocol"]["skipped_too_long"] == 1
     bad = tmp_path / "all_long.jsonl"
     bad.write_text(json.dumps(lines[1]) + "\n")
-    with pytest.raises(ValueError, match="1 too long"):
+    with pytest.raises(UserError, match="1 too long"):
         report.evaluate_workdir(str(tmp_path / "w"), questions=str(bad), decodings=["greedy"])
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from configs import arithmetic, paper
 from smatch_jax import topologies, validate
+from smatch_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
@@ -79,7 +80,7 @@ def test_tiny_config_compiles_for_v5e_2x2_and_reports_every_field():
     assert list(some["pieces"]) == ["refill"]
     assert set(some["pieces"]["refill"]) == set(r["pieces"]["refill"])
     assert some["pieces"]["refill"]["flops"] == pytest.approx(refill["flops"], rel=1e-6)
-    with pytest.raises(ValueError, match=r"--pieces names \['train_ssm'\]; choose from train_mle"):
+    with pytest.raises(UserError, match=r"--pieces names \['train_ssm'\]; choose from train_mle"):
         compile_main.build_report(_tiny(), "v5e:2x2", vocab_size=20, pieces=("train_ssm",))
 
 

@@ -45,7 +45,6 @@ limit = int(os.environ.get("FSIZE_LIMIT", "0"))
 if limit:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-from absl import app
 from smatch_jax import checkpointing
 from smatch_jax.main import train as main
 kill_step = int(os.environ.get("KILL_IN_SAVE", "0"))
@@ -56,8 +55,7 @@ def save_then_die(self, step, **kw):
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 checkpointing.Checkpointer.save = save_then_die
-main.check_overrides(sys.argv[1:])
-app.run(main.main, argv=["main", *sys.argv[1:]])
+main.run_cli()
 """
 
 

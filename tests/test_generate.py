@@ -3,6 +3,7 @@
 import pytest
 
 from smatch_jax import assets
+from smatch_jax.errors import UserError
 from smatch_jax.main import generate
 
 
@@ -32,5 +33,5 @@ def test_generate_cli_smollm2_shows_backspaces(capsys):
 
 
 def test_generate_rejects_unknown_model():
-    with pytest.raises(ValueError, match="hf:<checkpoint dir>"):
+    with pytest.raises(UserError, match="hf:<checkpoint dir>"):
         generate.load_pretrained("gpt5")

@@ -17,6 +17,7 @@ from flax import nnx
 from configs import arithmetic, text
 from smatch_jax import run as run_lib
 from smatch_jax import train, validate
+from smatch_jax.errors import UserError
 from smatch_jax.eval import report
 from smatch_jax.main import generate
 from smatch_jax.models import Transformer
@@ -259,7 +260,7 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
     own = report.evaluate_workdir(str(wd), questions=str(qs), decodings=("greedy",))
     assert own["metrics"]["n"] == 2 and own["protocol"]["decodings"] == ["greedy"]
     assert own["metrics"]["accuracy"] == own["metrics"]["accuracy_greedy"]
-    assert (wd / "eval_qs_12.json").exists()
+    assert len(list(wd.glob("eval_questions_qs-*_12.json"))) == 1
     for bad, why in (
         ('{"question": "In base 7, what is 1 + 1?"}', "exactly"),
         ('{"question": "What is 1 + 1?", "answer": "2"}', "'W' is not in the alphabet"),
@@ -267,7 +268,7 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
         ("not json", "Expecting value"),
     ):
         qs.write_text(lines[0] + "\n" + bad + "\n")
-        with pytest.raises(ValueError, match=rf"qs.jsonl:2: .*{why}"):
+        with pytest.raises(UserError, match=rf"qs.jsonl:2: .*{why}"):
             report.evaluate_workdir(str(wd), questions=str(qs))
     val = report.evaluate_workdir(str(wd), split="validation")  # another split, own file
     assert val["protocol"]["split"] == "validation" and val["metrics"]["n"] == 500

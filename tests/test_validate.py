@@ -19,7 +19,7 @@ import pytest
 from configs import arithmetic, text
 from smatch_jax import assets, train, validate
 from smatch_jax.data.tokenizers import CharTokenizer
-from smatch_jax.main import train as main
+from smatch_jax.main import cli
 from tests.test_train import tiny_config
 
 
@@ -100,9 +100,9 @@ def test_every_problem_is_reported_at_once(cfg):
 
 def test_command_line_override_typo_names_the_closest_key():
     argv = ["--config=configs/arithmetic.py:smoke", "--workdir=/x", "--config.loss.chi2coef=0.5"]
-    with pytest.raises(SystemExit, match=r"did you mean 'loss.chi2_coef'"):
-        main.check_overrides(argv)
-    main.check_overrides([*argv[:2], "--config.loss.chi2_coef=0.5"])  # a known key passes
+    with pytest.raises(validate.ConfigError, match=r"did you mean 'loss.chi2_coef'"):
+        cli.load_and_check_overrides(argv)
+    cli.load_and_check_overrides([*argv[:2], "--config.loss.chi2_coef=0.5"])  # a known key
 
 
 def test_bkspc_id_inside_the_base_vocabulary_is_refused():
@@ -164,9 +164,15 @@ def test_workdir_of_another_config_is_refused_with_a_diff(cfg, tmp_path):
     msg = str(e.value)
     assert "loss.chi2_coef: 0.25 (workdir) -> 0.5 (now)" in msg and "seed: 0 (workdir) -> 3" in msg
     assert "--force_resume" in msg and not (tmp_path / "data").exists()
-    # Forced: accepted, and the old config is kept next to the new one.
-    assert validate.prepare_workdir(wd, other.to_dict(), force=True)
+    # Forced: accepted, the workdir unchanged until the restore succeeds; then the old config
+    # is kept next to the new one.
+    before = (wd / "config.json").read_text()
+    diff = validate.prepare_workdir(wd, other.to_dict(), force=True)
+    assert diff and (wd / "config.json").read_text() == before
+    assert not (wd / "config.previous.json").exists()
+    train._write_config(other, wd, forced=diff)
     assert json.loads((wd / "config.previous.json").read_text())["seed"] == 0
+    assert json.loads((wd / "config.json").read_text())["seed"] == 3
 
 
 def test_a_workdir_another_process_trains_in_is_refused(cfg, tmp_path):

@@ -50,6 +50,7 @@ import numpy as np
 from smatch_jax.data.rows import make_row
 from smatch_jax.data.tokenizer_base import Tokenizer
 from smatch_jax.data.tokenizers import CharTokenizer, get_tokenizer
+from smatch_jax.errors import UserError
 
 DIFFICULTIES = ("easy", "medium", "hard", "all", "interpolate")
 MAX_QUESTION_LENGTH = 160  # mathematics_dataset.generate_settings
@@ -133,9 +134,11 @@ def generate_problems(
         random.seed(seed)
         while len(out) < n:
             if stats.generated >= max_tries_factor * n + 1000:
-                raise RuntimeError(
+                raise TooFewQuestionsError(
                     f"only {len(out)}/{n} acceptable unique questions after {stats.generated} "
-                    f"samples ({stats}); lower n, raise T or use a harder difficulty"
+                    f"samples ({stats}); {stats.too_long_row} did not fit a row (data.seq_len "
+                    "tokens): raise data.seq_len, or ask for fewer questions "
+                    "(data.train_size, test_size, validation_size) or another data.difficulty"
                 )
             problem = module()
             stats.generated += 1
@@ -153,6 +156,10 @@ def generate_problems(
         random.setstate(state)
     stats.kept = len(out)
     return out, stats
+
+
+class TooFewQuestionsError(UserError, RuntimeError):
+    """The config asks for more questions than fit its rows and difficulty."""
 
 
 def parse_question(question: str) -> tuple[int, int, int]:

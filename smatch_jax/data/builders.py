@@ -6,17 +6,12 @@
     tok = load_tokenizer(builder)                    # the tokenizer the rows were encoded with
     rows = load_split(builder, "test")               # numpy arrays (+ question/answer strings)
 
-Storage is a plain `tfds.core.GeneratorBasedBuilder` with `file_format="array_record"`; TFDS
-4.9.10 prepares and reads it without TensorFlow (features are encoded with numpy). Datasets go
-to `data_dir` (default `$SMATCH_JAX_DATA`, else `~/tensorflow_datasets`) under
-`<builder>/<config>/<version>`; the config name encodes the parameters (plus a hash of all of
-them), so `build` is idempotent and returns in well under a second once a dataset exists.
-`tfds.data_source("smatch_arithmetic", data_dir=..., builder_kwargs={"config": cfg})` works too
-(the module must be imported so that the builders are registered).
-
-Each example also has `index` (generation order; TFDS stores examples in a hashed order, and
-`load_split` sorts by it). Generation statistics, the alphabet / tokenizer and the parameters
-are in `builder.info.metadata`.
+Storage: a `tfds.core.GeneratorBasedBuilder` with `file_format="array_record"` (TFDS 4.9.10
+needs no TensorFlow), in `data_dir` (default `$SMATCH_JAX_DATA`, else `~/tensorflow_datasets`)
+under `<builder>/<config>/<version>`; the config name encodes the parameters and their hash,
+so `build` is idempotent (well under a second once a dataset exists); a failed preparation
+leaves no directory it made. Each example has `index` (generation order; `load_split` sorts
+by it). Statistics, alphabet / tokenizer and parameters are in `builder.info.metadata`.
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -345,6 +341,9 @@ def build(
     config = make_config(task, **params)
     data_dir = str(data_dir or default_data_dir())
     make = lambda: TASKS[task][0](config=config, data_dir=data_dir, file_format="array_record")
+    root, name = Path(data_dir), TASKS[task][0].name
+    ours = (root, root / name, root / name / config.name, root / "downloads")
+    made = [d for d in ours if not d.exists()]  # a failed preparation removes these
     with _quiet_tfds():
         builder = make()
         try:
@@ -355,6 +354,10 @@ def build(
             builder = make()
             if not builder.is_prepared():
                 raise
+        except BaseException:
+            for d in made:
+                shutil.rmtree(d, ignore_errors=True)
+            raise
     log.info("prepared %s/%s in %s", task, config.name, data_dir)
     return builder
 

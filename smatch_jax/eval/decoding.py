@@ -16,6 +16,7 @@ paper's Table 2: the question, the first `j` answer tokens of the reference and 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, ClassVar
 
 import jax
@@ -23,6 +24,8 @@ import numpy as np
 
 from smatch_jax import sampling
 from smatch_jax.sections import Section
+
+log = logging.getLogger(__name__)
 
 DECODINGS = ("greedy", "greedy_no_repeat", "sample")
 HEADLINE = "greedy_no_repeat"
@@ -104,6 +107,18 @@ def decode(
     """
     N = len(prompts)
     floor = [len(p) for p in prompts] if floor_len is None else list(floor_len)
+    limit = model.config.position_limit
+    longest = max(len(p) for p in prompts)
+    if limit is not None and longest < limit < longest + cfg.max_new_tokens:
+        # A GPT-2-family model has no positions past its table (sampling.check_positions):
+        # the states that could run past it (recovery prompts hold part of the answer) get
+        # fewer new tokens, never NaN logits.
+        log.warning(
+            "decoding: max_new_tokens %d -> %d so that prompts of up to %d tokens stay within "
+            "the model's %d positions",
+            *(cfg.max_new_tokens, limit - longest, longest, limit),
+        )
+        cfg = dataclasses.replace(cfg, max_new_tokens=limit - longest)
     out = Decoded([], [], np.zeros(N, np.int64), np.zeros(N, bool))
     for start in range(0, N, batch_size):
         chunk = list(range(start, min(start + batch_size, N)))

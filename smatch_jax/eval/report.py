@@ -17,6 +17,7 @@ same file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from smatch_jax import run as run_lib
 from smatch_jax.data import arithmetic
 from smatch_jax.data.rows import RowTooLongError
 from smatch_jax.data.train_data import grammar_spec
+from smatch_jax.errors import UserError
 from smatch_jax.eval import accuracy, decoding
 from smatch_jax.eval import grammar as grammar_eval
 from smatch_jax.eval.text_report import (
@@ -115,10 +117,14 @@ def evaluate_workdir(
     temperature: float | None = None,
     num_samples: int | None = None,
     questions: str | None = None,
+    out: str | None = None,
+    write: bool = True,
 ) -> dict:
-    """Evaluates `workdir` at `step` (default: latest) and writes eval_<step>.{json,md}
-    (`eval_<split>_<step>` when `split` names a split other than the run's own, and
-    `eval_<file stem>_<step>` for `questions`).
+    """Evaluates `workdir` at `step` (default: the latest readable) and writes
+    eval_<step>.{json,md} (`eval_<split>_<step>` when `split` names a split other than the
+    run's own, `eval_questions_<file stem>-<hash of its path>_<step>` for `questions`, or
+    `out` and its `.md` sibling; `report_paths`). `write=False`: the caller writes
+    (`write_report`).
 
     `split`: the split to evaluate (default: the one the run evaluated during training).
     Arithmetic: `decodings`, `temperature`, `num_samples` (default: the run's `config.eval`);
@@ -133,13 +139,13 @@ def evaluate_workdir(
     )
     task = run.typed.data.task
     if questions is not None and task != "arithmetic":
-        raise ValueError("--questions is for arithmetic runs (question/answer pairs)")
+        raise UserError(f"--questions is for arithmetic runs; {workdir} is a {task} run")
     if task == "arithmetic":
         if questions is not None:
             d = run.typed.data
             fmt = arithmetic.resolve_format(d.prompt_format, d.tokenizer)
             ev = read_questions(questions, tok, d.seq_len, fmt)
-            split_name = Path(questions).stem
+            split_name = f"questions:{Path(questions).resolve()}"
             kw["prompt_max"] = max(kw["prompt_max"], int(ev["prompt_len"].max()))
         given = dict(decodings=decodings, temperature=temperature, num_samples=num_samples)
         opts = arithmetic_eval_options(run, **{k: v for k, v in given.items() if v is not None})
@@ -188,7 +194,7 @@ def evaluate_workdir(
         if ref_workdir:
             ref_run, ref_step, ref_model = _load_ref_model(str(ref_workdir))
             if not ref_run.data.tokenizer.same_as(tok):
-                raise ValueError(f"{ref_workdir} uses another tokenizer than {workdir}")
+                raise UserError(f"--ref_workdir {ref_workdir}: another tokenizer than {workdir}'s")
             ref_name = f"{ref_workdir} (step {ref_step})"
         if isinstance(featurizer, str):
             featurizer = make_featurizer(featurizer, ref_model or model, tok)
@@ -208,12 +214,39 @@ def evaluate_workdir(
     # None here and null in the JSON, never NaN (not JSON, and NaN != NaN).
     body["metrics"] = {k: metrics.to_json_number(v) for k, v in body["metrics"].items()}
     report = {"step": step, "task": task, **body, "wall_s": round(time.time() - t0, 1)}
-    out = Path(workdir)
-    own = split is None and questions is None
-    name = f"eval_{step}" if own else f"eval_{split_name}_{step}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2, allow_nan=False))
-    (out / f"{name}.md").write_text(summary_markdown(report))
+    if write:
+        write_report(report, report_paths(workdir, step, split, questions, out)[0])
     return report
+
+
+def report_paths(
+    workdir: str, step: int, split: str | None = None, questions: str | None = None, out=None
+) -> tuple[Path, Path]:
+    """(json, md) paths of an evaluation: `out` (and its `.md` sibling), else in `workdir`:
+    eval_<step> for the run's own split, eval_<split>_<step> for another split, and
+    eval_questions_<stem>-<6 hex digits of the file's absolute path>_<step> for a questions
+    file, so that neither a split nor another file of the same name is overwritten."""
+    if out is not None:
+        return Path(out), Path(out).with_suffix(".md")
+    if questions is not None:
+        digest = hashlib.sha256(str(Path(questions).resolve()).encode()).hexdigest()[:6]
+        name = f"eval_questions_{Path(questions).stem}-{digest}_{step}"
+    else:
+        name = f"eval_{step}" if split is None else f"eval_{split}_{step}"
+    return Path(workdir) / f"{name}.json", Path(workdir) / f"{name}.md"
+
+
+def write_report(report: dict, json_path: str | Path) -> None:
+    """The report as JSON at `json_path` and its summary as markdown beside it (`.md`)."""
+    json_path = Path(json_path)
+    json_path.write_text(json.dumps(report, indent=2, allow_nan=False))
+    json_path.with_suffix(".md").write_text(summary_markdown(report))
+
+
+QUESTION_FORM = (
+    'each line is {"question": "In base N, what is A + B?", "answer": "C"} (or A - B; N from 2 '
+    "to 16, A, B and C written in base N with the digits 0-9a-f, in the run's alphabet)"
+)
 
 
 def read_questions(
@@ -224,8 +257,18 @@ def read_questions(
     question whose row does not fit the run's `seq_len` tokens is skipped, and the split's
     `skipped_too_long` lists their line numbers."""
     examples, too_long = [], []
-    lines = Path(path).read_text().splitlines()
-    for i, line in enumerate(lines, 1):
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        raise UserError(f"--questions {path}: {e.strerror or e}") from None
+    for i, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"{path}:{i}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                "save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
         try:
@@ -242,14 +285,14 @@ def read_questions(
         except RowTooLongError:
             too_long.append(i)
         except ValueError as e:  # json.JSONDecodeError and encoding errors too
-            raise ValueError(f"{path}:{i}: {e}") from None
+            raise UserError(f"{path}:{i}: {e}; {QUESTION_FORM}") from None
     if too_long:
         log.warning(
             "%s: skipped %d question(s) longer than the run's rows (data.seq_len=%d), lines %s",
             path, len(too_long), seq_len, too_long[:10],
         )  # fmt: skip
     if not examples:
-        raise ValueError(
+        raise UserError(
             f"{path} has no questions"
             + (f" that fit data.seq_len={seq_len} ({len(too_long)} too long)" if too_long else "")
         )

