@@ -155,7 +155,7 @@ def make_train_fn(init: str, data_dir: str, init_sha256: str = "", evaluation: d
         r.config.model.init, r.config.model.init_sha256 = init, init_sha256
         r.config.eval.update(evaluation or {})
         r.config.data.data_dir = data_dir
-        state, last = train.train(r.config, str(wd))
+        state, last = train.train(r.config, str(wd), progress_every_s=common.PROGRESS_S)
         if int(state.step) < r.config.train.num_steps:  # preempted (SIGTERM): saved, not done
             raise SystemExit(f"{r.name} stopped at step {int(state.step)}; rerun to resume")
         res = {**common.last_eval(wd), **{k: float(v) for k, v in last.items()}}

@@ -178,7 +178,8 @@ def calibrate(root: Path, data_dir: str, out: Path, t0: float) -> None:
     c.data.eval_split, c.eval.decodings, c.eval.recovery = "validation", "greedy", False
     c.train.eval_every = CALIBRATION_STEPS_EVAL
     wd = root / "calibration" / "mle"
-    train.train(c, str(wd))  # resumes; returns at once when finished earlier
+    # resumes; returns at once when finished earlier
+    train.train(c, str(wd), progress_every_s=common.PROGRESS_S)
     records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
     curve = [r for r in records if "eval/accuracy" in r]
     run_s = records[-1]["time"] - records[0]["time"]  # first to last log (compilation not in)

@@ -36,6 +36,11 @@ class Job:
     seed: int = 0
 
 
+# The training progress line in an experiment's log: a stage's first and last line, and one
+# every 5 minutes in between (a run alone logs every minute without a terminal).
+PROGRESS_S = 300.0
+
+
 def enable_compilation_cache(path: str | Path) -> None:
     """Runs with equal shapes (e.g. the seeds of one method) reuse each other's compiles."""
     import jax
@@ -227,7 +232,7 @@ def pretrain(wd: Path, config: ml_collections.ConfigDict) -> Path:
     if not (wd / "result.json").exists():
         print(f"pretraining (MLE) in {wd} ...", flush=True)
         t0 = time.time()
-        state, _ = train.train(config, str(wd))
+        state, _ = train.train(config, str(wd), progress_every_s=PROGRESS_S)
         if int(state.step) < config.train.num_steps:
             raise SystemExit(f"pretraining stopped at step {int(state.step)}; rerun to resume")
         res = {**last_eval(wd), "wall_s": time.time() - t0}

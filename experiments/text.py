@@ -100,7 +100,7 @@ def pretrain(root: Path, data_dir: str, featurizer, scale: str = "small") -> Pat
     if not (wd / "result.json").exists():
         print("pretraining (MLE) ...", flush=True)
         t0 = time.time()
-        state, _ = train.train(c, str(wd))
+        state, _ = train.train(c, str(wd), progress_every_s=common.PROGRESS_S)
         if int(state.step) < c.train.num_steps:
             raise SystemExit(f"pretraining stopped at step {int(state.step)}; rerun to resume")
         wall = time.time() - t0
@@ -113,7 +113,7 @@ def make_train_fn(pretrained: Path, data_dir: str, featurizer):
     def train_fn(r: common.Job, wd: Path) -> dict:
         r.config.model.init = f"ckpt:{pretrained}"
         r.config.data.data_dir = data_dir
-        state, last = train.train(r.config, str(wd))
+        state, last = train.train(r.config, str(wd), progress_every_s=common.PROGRESS_S)
         if int(state.step) < r.config.train.num_steps:  # preempted (SIGTERM): saved, not done
             raise SystemExit(f"{r.name} stopped at step {int(state.step)}; rerun to resume")
         train_metrics = {k: float(v) for k, v in last.items() if not k.startswith("eval/")}

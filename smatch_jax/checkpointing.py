@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from smatch_jax import read_noise
+from smatch_jax import read_noise, storage
 from smatch_jax.errors import FailureError
 
 __all__ = [
@@ -186,7 +186,8 @@ class Checkpointer:
         a running trainer is writing)."""
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
-        self.workdir = Path(workdir).absolute()
+        remote = storage.is_remote(workdir)
+        self.workdir = storage.path(workdir) if remote else Path(workdir).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,

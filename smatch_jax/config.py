@@ -60,6 +60,12 @@ class TrainConfig(Section):
     # compiled steps from here instead of compiling them again; a local path or a gs:// URL
     # ('' : off). Trusted: whoever can write to it can run code in this process.
     compilation_cache: str = "~/.cache/smatch_jax/xla"
+    # Each phase of a step (data, train step, refill, checkpoint, evaluation) waits for its
+    # result, so that the metrics' time/<phase>_s split is true (False: no split, no waits)
+    time_split: bool = True
+    profile_steps: int = 0  # jax.profiler trace of this many steps (0: off), under tensorboard/
+    profile_start: int = 10  # the first step traced (never the first of a start: it compiles)
+    profile_all_hosts: bool = False  # trace on every host, not only process 0
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"nonfinite": ("stop", "skip")}
     RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
@@ -71,6 +77,8 @@ class TrainConfig(Section):
         ("ckpt_every", 1, None, True),
         ("keep_ckpts", 1, None, True),
         ("max_skips", 0, None, True),
+        ("profile_steps", 0, None, True),
+        ("profile_start", 0, None, True),
     )
 
 

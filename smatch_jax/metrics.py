@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -37,6 +38,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from smatch_jax import storage
 from smatch_jax.sections import flatten
 
 __all__ = ["MetricWriter", "Progress", "host_rss_mb", "to_json_number"]
@@ -93,16 +95,18 @@ class MetricWriter:
         tensorboard: bool = True,
         purge_after: int | None = None,
     ) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = storage.path(workdir)
         self.enabled = enabled
         self._jsonl: TextIO | None = None
+        self._remote = storage.is_remote(workdir)  # no appends: the object is rewritten
         self._tb: Any = None
         if not enabled:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         if purge_after is not None:
             self._purge_after(int(purge_after))
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if not self._remote:
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -115,7 +119,12 @@ class MetricWriter:
             else:
                 purge = None if purge_after is None else int(purge_after) + 1
                 self._tb = SummaryWriter(
-                    logdir=str(self.workdir / "tensorboard"), flush_secs=30, purge_step=purge
+                    logdir=str(self.workdir / "tensorboard"),
+                    flush_secs=30,
+                    purge_step=purge,
+                    # its own file: a writer resumed within the second of a killed one's
+                    # start must not overwrite that file (an object store has no appends)
+                    filename_suffix=f".{os.getpid()}",
                 )
 
     def _purge_after(self, step: int) -> None:
@@ -129,9 +138,7 @@ class MetricWriter:
                         kept.append(line + "\n")
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a kill
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(path)
+            storage.write_atomic(path, "".join(kept))
         for f in (self.workdir / "samples").glob("step_*.txt"):
             if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
                 f.unlink()
@@ -154,9 +161,13 @@ class MetricWriter:
             raise ValueError(f"scalar names {clash} are reserved")
         values = {k: to_json_number(v) for k, v in scalars.items()}
         record = {"step": step, "time": round(time.time(), 3), **values}
-        assert self._jsonl is not None
-        self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self._jsonl.flush()
+        line = json.dumps(record, allow_nan=False) + "\n"
+        if self._remote:
+            storage.append_text(self.workdir / "metrics.jsonl", line)
+        else:
+            assert self._jsonl is not None
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for name, value in values.items():
                 if value is not None:  # nothing measured (NaN): in metrics.jsonl as null only
@@ -169,9 +180,8 @@ class MetricWriter:
         step = int(step)
         sample_dir = self.workdir / "samples"
         sample_dir.mkdir(exist_ok=True)
-        with open(sample_dir / f"step_{step}.txt", "a", encoding="utf-8") as f:
-            for name, text in texts.items():
-                f.write(f"=== {name} ===\n{text}\n\n")
+        body = "".join(f"=== {name} ===\n{text}\n\n" for name, text in texts.items())
+        storage.append_text(sample_dir / f"step_{step}.txt", body)
         if self._tb is not None:
             for name, text in texts.items():
                 # TensorBoard renders text as markdown; indent 4 spaces to show it verbatim.
@@ -181,8 +191,8 @@ class MetricWriter:
         """Save ``config`` to ``hparams.json`` (overwritten) and as TensorBoard text."""
         if not self.enabled:
             return
-        with open(self.workdir / "hparams.json", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True, default=str)
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        (self.workdir / "hparams.json").write_text(text)
         if self._tb is not None:
             rows = [f"| {k} | {v} |" for k, v in sorted(flatten(config).items())]
             self._tb.add_text("hparams", "\n".join(["| name | value |", "|---|---|", *rows]), 0)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import jax
 
+from smatch_jax import storage
+
 PACKAGES = (
     "jax",
     "jaxlib",
@@ -85,6 +87,5 @@ def collect(argv: list[str] | None = None, resumed_from: int | None = None) -> d
 def record(workdir: str | Path, argv: list[str] | None = None, resumed_from=None) -> dict:
     """Append this start's provenance to `workdir/provenance.jsonl`; return it."""
     entry = collect(argv, resumed_from)
-    with open(Path(workdir) / "provenance.jsonl", "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    storage.append_text(storage.path(workdir) / "provenance.jsonl", json.dumps(entry) + "\n")
     return entry

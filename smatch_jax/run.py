@@ -44,6 +44,7 @@ from smatch_jax import (
     replay,
     sharding,
     steps,
+    storage,
     validate,
 )
 from smatch_jax import config as config_lib
@@ -131,6 +132,7 @@ class Run:
     settings: steps.StepSettings
     program: Program  # the jitted pieces, without the frozen weights and tables bound
     tables: steps.NoiseTables  # the noise's arrays, on the devices
+    model_config: Any  # the model's ModelConfig
 
     def abstract_state(self) -> Any:
         """Shapes, dtypes and shardings of the state (what a checkpoint restores into)."""
@@ -169,9 +171,10 @@ def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = No
         prior, prior_state = load_trained(c.model.init[5:])
         model = nnx.merge(prior.graphdef, prior_state.params, prior.frozen)
         trained = (model, prior.data.tokenizer)
+    place = lambda abstract: sharding.param_shardings(abstract, mesh, c.mesh.rules)
     model = factory.build_model(
         c.model, vocab_size=tok.vocab_size, seq_len=c.data.seq_len, seed=c.seed, tokenizer=tok,
-        trained=trained,
+        trained=trained, place=place,  # an hf: checkpoint: each host reads its shards only
     )  # fmt: skip
     limit = model.config.position_limit
     if limit is not None and c.data.seq_len > limit:  # a row's positions past the table: NaN
@@ -196,7 +199,7 @@ def setup(config: ml_collections.ConfigDict, typed: config_lib.Typed | None = No
 
     return Run(
         config, c, data, mesh, b.abstract, init_state, train_step, refill, b.graphdef, frozen,
-        b.settings, b.program, tables,
+        b.settings, b.program, tables, b.model_config,
     )  # fmt: skip
 
 
@@ -269,8 +272,8 @@ def state_shardings(
 
 def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
     """The config a workdir's run was trained with (`config.upgrade`d to the current schema)."""
-    cfg_file = Path(workdir) / "config.json"
-    if not Path(workdir).is_dir():
+    cfg_file = storage.path(workdir) / "config.json"
+    if not storage.path(workdir).is_dir():
         raise UserError(f"--workdir {workdir} does not exist")
     if not cfg_file.exists():
         raise UserError(f"{cfg_file} not found: is {workdir} a training workdir?")
@@ -282,7 +285,7 @@ def read_config(workdir: str | Path) -> ml_collections.ConfigDict:
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:
     """The steps of a workdir's complete checkpoints (read from the directory)."""
-    d = Path(workdir) / "checkpoints"
+    d = storage.path(workdir) / "checkpoints"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
@@ -302,7 +305,7 @@ def load_trained(
     if step is not None and step not in have:
         raise UserError(f"--step {step}: {workdir} has checkpoints at steps {have}")
     run = setup(config)
-    with checkpointing.Checkpointer(Path(workdir) / "checkpoints") as ckpt:
+    with checkpointing.Checkpointer(storage.path(workdir) / "checkpoints") as ckpt:
         if step is not None:
             try:
                 _, state, _, _ = ckpt.restore(step, abstract_state=run.abstract_state())

@@ -43,6 +43,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from smatch_jax.errors import UserError
 from smatch_jax.sections import Section
 
 AXES = ("data", "fsdp", "tensor")
@@ -116,6 +117,10 @@ def parse_rules(text: str) -> tuple[tuple[str, Spec], ...]:
     return tuple(out)
 
 
+class MeshError(UserError, ValueError):
+    """The config's mesh does not fit the devices there are."""
+
+
 def make_mesh(
     data: int = -1,
     fsdp: int = 1,
@@ -127,13 +132,11 @@ def make_mesh(
     devices = list(devices if devices is not None else jax.devices())
     n = len(devices)
     if fsdp < 1 or tensor < 1 or n % (fsdp * tensor):
-        raise ValueError(
-            f"mesh.fsdp={fsdp} x mesh.tensor={tensor} must divide the device count {n}"
-        )
+        raise MeshError(f"mesh.fsdp={fsdp} x mesh.tensor={tensor} must divide the device count {n}")
     if data == -1:
         data = n // (fsdp * tensor)
     if data * fsdp * tensor != n:
-        raise ValueError(
+        raise MeshError(
             f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
             f"devices, but {n} are available; set mesh.data=-1 to use all of them"
         )
@@ -371,3 +374,17 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
         shape = (global_rows, *v.shape[1:])
         out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
     return out
+
+
+def to_host(tree: Any) -> Any:
+    """`tree`'s arrays as numpy on this process: `jax.device_get`, except that an array
+    spanning other processes' devices (a multi-host run's evaluation) is gathered first."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)

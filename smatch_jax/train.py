@@ -37,6 +37,8 @@ from smatch_jax import (
     provenance,
     sharding,
     steps,
+    storage,
+    throughput,
     validate,
 )
 from smatch_jax.eval import report
@@ -64,11 +66,10 @@ def _prepare(config, workdir_p: Path, force_resume: bool):
 def _write_config(config, workdir_p: Path, forced: dict) -> None:
     """config.json (after a forced resume the old one is kept as config.previous.json)."""
     if forced:
-        shutil.copy(workdir_p / "config.json", workdir_p / "config.previous.json")
+        previous = (workdir_p / "config.json").read_text()
+        storage.write_atomic(workdir_p / "config.previous.json", previous)
         log.warning("force_resume: continuing %s with a changed config: %s", workdir_p, forced)
-    tmp = workdir_p / "config.json.tmp"
-    tmp.write_text(json.dumps(config.to_dict(), indent=2))
-    tmp.replace(workdir_p / "config.json")
+    storage.write_atomic(workdir_p / "config.json", json.dumps(config.to_dict(), indent=2))
 
 
 def _restore(run: Run, ckpt: checkpointing.Checkpointer):
@@ -98,22 +99,26 @@ def train(
     stop_after: int | None = None,
     force_resume: bool = False,
     argv: list[str] | None = None,
+    progress_every_s: float | None = None,
 ) -> tuple[steps.TrainState, dict[str, float]]:
     """The loop; returns the final state and metrics.
 
     `stop_after=k` stops after k steps of this invocation as a preemption would (checkpoint,
     clean return). `force_resume` continues a workdir whose
     config.json differs from `config` (see `validate.prepare_workdir`). `argv`: the command
-    line, recorded in provenance.jsonl.
+    line, recorded in provenance.jsonl. `progress_every_s`: the progress line's cadence
+    (default: 1 s on a terminal, 60 s in a log; the experiments' drivers, which run many short
+    stages, ask for fewer lines).
     """
     t_start = time.time()
-    workdir_p = Path(workdir)
-    created = not workdir_p.exists()
+    workdir_p = storage.path(workdir)
+    created = not workdir_p.exists() and not storage.is_remote(workdir)  # (no dirs in buckets)
     try:
         typed, forced = _prepare(config, workdir_p, force_resume)
         with validate.lock_workdir(workdir_p, jax.process_index()):
             run = setup(config, typed)
-            return _train(config, run, workdir_p, stop_after, t_start, forced, argv)
+            progress = progress_every_s
+            return _train(config, run, workdir_p, stop_after, t_start, forced, argv, progress)
     except BaseException:
         if created and jax.process_index() == 0:
             _remove_if_unwritten(workdir_p)
@@ -128,7 +133,7 @@ def _remove_if_unwritten(workdir_p: Path) -> None:
         shutil.rmtree(workdir_p, ignore_errors=True)
 
 
-def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv):
+def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv, progress_every_s):
     c = run.typed
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state()))
     validate.check_free_space(workdir_p, state_bytes, c.train.keep_ckpts)
@@ -156,19 +161,37 @@ def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv):
         provenance.record(workdir_p, argv=argv, resumed_from=step0)
     writer = metrics.MetricWriter(workdir_p, enabled=host0, purge_after=step0 or 0)
     n = c.train.num_steps
-    progress = metrics.Progress(n, start_step=int(state.step)) if host0 else None
+    progress = None
+    if host0:
+        progress = metrics.Progress(n, start_step=int(state.step), every_s=progress_every_s)
     stopper = preemption.PreemptionHandler(handle_sigint=True, announce=True).install()
     nonfinite = guard.NonFiniteGuard(c.train.nonfinite, c.train.max_skips, ckpt)
     sm_on = run.sm_on()
     warmup, sample_every = c.loss.bc_warmup_steps, c.sampling.sample_every
     lr_at = c.optim.learning_rate(c.train.num_steps)
+    timer = throughput.StepTimer(sync=c.train.time_split)
+    rows = c.train.batch_size + (c.train.model_rows if sm_on else 0)  # the SM step's rows
+    flops_per_step = (
+        rows
+        * c.data.seq_len
+        * throughput.train_flops_per_token(
+            run.model_config, c.data.seq_len, base_trained=not c.model.lora_rank
+        )
+    )
     last: dict[str, float] = {}
     t_last, tokens_since, first_step_s, unlogged = time.time(), 0, None, None
+    profiler = throughput.Profiler(
+        workdir_p / "tensorboard",
+        *(c.train.profile_start, c.train.profile_steps, int(state.step)),
+        enabled=host0 or c.train.profile_all_hosts,
+    )
     try:
         step = step_last = int(state.step)
         stop_step = n if stop_after is None else step + stop_after
         while step < n:
-            batch = sharding.global_batch(run.data.next(), run.mesh)
+            with timer.phase("data"):
+                batch = timer.ready(sharding.global_batch(run.data.next(), run.mesh))
+            profiler.before(step)
             with_model = sm_on and step >= warmup  # SequenceMatch starts after the warm-up
             if with_model and step == warmup and host0:
                 log.info(
@@ -178,9 +201,13 @@ def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv):
                     step,
                 )
             if with_model and (step - warmup) % sample_every == 0:
-                state, sample_stats = run.refill(state, batch)
-                sampled = {k: float(v) for k, v in jax.device_get(sample_stats).items()}
-            state, met = run.train_step(state, batch, with_model=with_model)
+                with timer.phase("refill"):
+                    state, sample_stats = run.refill(state, batch)
+                    sampled = {k: float(v) for k, v in jax.device_get(sample_stats).items()}
+            with timer.phase("train_step"):
+                state, met = run.train_step(state, batch, with_model=with_model)
+                timer.ready(met["loss"])
+            profiler.after(step, met["loss"])
             if first_step_s is None:  # building, compiling (or loading: the cache), one step
                 jax.block_until_ready(met["loss"])
                 first_step_s = unlogged = time.time() - t_start
@@ -197,11 +224,17 @@ def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv):
                 met["optim/lr"] = float(lr_at(step - 1))  # the rate of this step's update
                 if unlogged is not None:  # in the first log of this invocation
                     met["host/first_step_s"], unlogged = unlogged, None
-                tokens_since += int(met.pop("tokens")) * c.train.log_every
+                # this step's tokens, for each step since the last log
+                tokens_since += int(met.pop("tokens")) * (step - step_last)
                 now = time.time()
                 met["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
                 # wall time per step since the last log (refills included, evaluations not)
                 met["sec_per_step"] = (now - t_last) / max(step - step_last, 1)
+                met["tokens_per_s_per_device"] = met["tokens_per_s"] / jax.device_count()
+                met.update(timer.scalars(step - step_last))
+                util = throughput.mfu(flops_per_step, met["sec_per_step"], jax.devices())
+                if util is not None:  # a known TPU (no made-up peak elsewhere)
+                    met["mfu"] = util
                 t_last, tokens_since, step_last = now, 0, step
                 met = {**sampled, **{k: float(v) for k, v in met.items()}}  # latest refill's
                 last.update(met)
@@ -210,20 +243,22 @@ def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv):
                 progress.update(step, **({"loss": last["loss"]} if "loss" in last else {}))
             if step % c.train.eval_every == 0 or step == n:
                 t_eval = time.time()
-                ev = report.evaluate_in_training(run, state, writer, step)
+                with timer.phase("eval"):
+                    ev = report.evaluate_in_training(run, state, writer, step)
                 last.update(ev)
                 t_last += time.time() - t_eval  # throughput figures count training only
             stop = stopper.should_stop(step) or step >= stop_step
             if step % c.train.ckpt_every == 0 or step == n or stop:
                 nonfinite.check()  # never checkpoint past an unchecked step
                 extra = {"sampled": sampled}  # so the resumed run logs the same sampler stats
-                ckpt.save(
-                    step, state=state, data_state=run.data.get_state(), extra=extra, force=True
-                )
+                with timer.phase("checkpoint"):  # until the arrays are off the devices
+                    data_state = run.data.get_state()
+                    ckpt.save(step, state=state, data_state=data_state, extra=extra, force=True)
             if stop and step < n:
                 log.warning("stopping at step %d (checkpoint saved)", step)
                 break
     finally:
+        profiler.stop()
         ckpt.close()
         writer.close()
         stopper.uninstall()

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from smatch_jax import config as config_lib
+from smatch_jax import storage
 from smatch_jax.errors import UserError
 from smatch_jax.sections import did_you_mean, flatten
 
@@ -44,6 +45,10 @@ RESUMABLE_CHANGES = (
     "train.ckpt_every",
     "train.keep_ckpts",
     "train.compilation_cache",
+    "train.time_split",
+    "train.profile_steps",
+    "train.profile_start",
+    "train.profile_all_hosts",
     "data.data_dir",
     "eval.decodings",
     "eval.num_samples",
@@ -151,7 +156,7 @@ def prepare_workdir(workdir: str | Path, config: Mapping[str, Any], *, force: bo
     config.json (and, if forced, keeps the old one as config.previous.json). Nothing in an
     existing workdir is changed here.
     """
-    wd = Path(workdir)
+    wd = storage.path(workdir)
     try:
         wd.mkdir(parents=True, exist_ok=True)
         probe = wd / f".write_test.{os.getpid()}"
@@ -183,7 +188,9 @@ def prepare_workdir(workdir: str | Path, config: Mapping[str, Any], *, force: bo
 
 
 def lock_workdir(workdir: str | Path, process: int = 0):
-    """Hold `workdir/.train_lock.<process>` for as long as the returned file stays open.
+    """Hold `workdir/.train_lock.<process>` for as long as the returned file stays open (in
+    object storage: a lock object, `storage.ObjectLock`, released when the returned object
+    exits its `with` block).
 
     Two processes training one workdir would interleave its checkpoints and metrics; the
     second is refused with a WorkdirError naming the first. The lock is the kernel's (flock),
@@ -191,6 +198,8 @@ def lock_workdir(workdir: str | Path, process: int = 0):
     file system without locks it warns and goes on. The hosts of a multi-host run each take
     their own (`process` = `jax.process_index()`).
     """
+    if storage.is_remote(workdir):
+        return _object_lock(workdir, process)
     f = open(Path(workdir) / f".train_lock.{process}", "a+")  # noqa: SIM115 (held by caller)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,8 +221,24 @@ def lock_workdir(workdir: str | Path, process: int = 0):
     return f
 
 
+def _object_lock(workdir, process: int):
+    url = f"{str(workdir).rstrip('/')}/.train_lock.{process}"
+    try:
+        return storage.ObjectLock(url, storage.holder_text()).acquire()
+    except storage.LockHeldError as e:
+        raise WorkdirError(
+            f"{e.holder} is training in {workdir} (its lock object was refreshed {e.age:.0f} s "
+            "ago); wait for it to end, or stop it (SIGTERM saves a checkpoint, and a rerun "
+            f"resumes from it). If it was killed, rerun once its lease of {e.lease:.0f} s has "
+            f"run out ({storage.LEASE_ENV}), or choose another --workdir"
+        ) from None
+
+
 def check_free_space(path: str | Path, bytes_per_ckpt: int, keep: int) -> None:
-    """Raise WorkdirError if one checkpoint cannot fit in `path`; warn if keep + 1 cannot."""
+    """Raise WorkdirError if one checkpoint cannot fit in `path`; warn if keep + 1 cannot
+    (object storage: nothing to check)."""
+    if storage.is_remote(path):
+        return
     free = shutil.disk_usage(path).free
     mb = 1 << 20
     if free < bytes_per_ckpt:

@@ -33,7 +33,8 @@ from smatch_jax import run as run_lib
 ROOT = Path(__file__).resolve().parents[1]
 N_STEPS = 16
 # wall-clock quantities
-TIMING_KEYS = {"time", "tokens_per_s", "sec_per_step", "host/rss_mb", "host/first_step_s"}
+TIMING_KEYS = {"time", "tokens_per_s", "tokens_per_s_per_device", "sec_per_step", "mfu"}
+TIMING_KEYS |= {"host/rss_mb", "host/first_step_s"}  # and time/<phase>_s
 
 # Runs smatch_jax.main; with KILL_IN_SAVE=s it SIGKILLs itself right after the asynchronous
 # save of step s has started, i.e. while that checkpoint is being written. With
@@ -115,7 +116,8 @@ def _run(shared, wd, **kw):
 
 def _records(wd):
     lines = (Path(wd) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if k not in TIMING_KEYS} for x in lines]
+    timing = lambda k: k in TIMING_KEYS or k.startswith("time/")
+    return [{k: v for k, v in json.loads(x).items() if not timing(k)} for x in lines]
 
 
 def _last_logged(wd):

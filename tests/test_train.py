@@ -64,6 +64,13 @@ def test_run_writes_outputs_and_resumes_bit_for_bit(data_dir, trained, tmp_path)
     assert [x["sm/weight"] for x in lines if "sm/weight" in x][:2] == [0.0, 0.0]
     assert lines[-2]["sm/weight"] == 1.0 and "sample/actions_per_row" in keys
     assert {"sm/r_data", "sm/r_model", "sm/pi_bkspc_model", "bc/loss", "eval/accuracy"} <= keys
+    # Where the time went, per step since the last log, and the throughput per device; no MFU
+    # on a CPU (no peak to divide by).
+    split = {f"time/{k}_s" for k in ("data", "train_step", "refill", "checkpoint", "eval")}
+    assert split | {"tokens_per_s_per_device", "optim/lr"} <= keys and "mfu" not in keys
+    sm_logs = [x for x in lines if x.get("sm/weight") == 1.0 and "time/refill_s" in x]
+    assert sm_logs and all(x["time/train_step_s"] > 0 for x in sm_logs)
+    assert any(x["time/refill_s"] > 0 for x in sm_logs)
     assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
     assert (wd / "checkpoints" / "12").is_dir() and (wd / "config.json").exists()
     assert (wd / "samples" / "step_12.txt").exists()
@@ -285,3 +292,10 @@ def test_evaluate_and_generate_from_a_workdir(trained, capsys):
         ]
     )
     assert "--- sample 0" in capsys.readouterr().out
+
+
+def test_profile_of_chosen_steps_is_written_for_tensorboard(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, num_steps=3, profile_steps=1, profile_start=1)
+    train.train(cfg, str(tmp_path))
+    traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0

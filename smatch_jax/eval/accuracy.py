@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from smatch_jax import sampling
+from smatch_jax import sampling, sharding
 from smatch_jax.data.tokenizer_base import Tokenizer
 from smatch_jax.eval import decoding, mechanism, text_metrics
 
@@ -248,7 +248,7 @@ def sample_text(
             np.arange(prompt_max)[None] < m[:, None], tokens[sl, :prompt_max], tokenizer.pad_id
         )
         key = jax.random.fold_in(jax.random.key(seed), start)
-        out = jax.device_get(
+        out = sharding.to_host(
             sampling.sample(
                 model, prompts, m, key, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, cfg=cfg
             )

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from smatch_jax import sampling
+from smatch_jax import sampling, sharding
 from smatch_jax.sections import Section
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def decode(
         for i, b in enumerate(rows):
             ids[i, : len(prompts[b])] = prompts[b]
         m = np.array([len(prompts[b]) for b in rows], np.int32)
-        res = jax.device_get(
+        res = sharding.to_host(
             sampling.sample(
                 model,
                 ids,

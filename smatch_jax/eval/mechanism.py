@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smatch_jax import masks
+from smatch_jax import masks, sharding
 
 
 def _on_path(state: list[int], ref: Sequence[int]) -> bool:
@@ -108,7 +108,7 @@ def state_scores(model, rows: np.ndarray, prompt_len, length, bkspc_id: int):
     )
     logits = model(lay.input_ids, lay.positions, lay.attn_mask).astype(jnp.float32)
     v = jax.nn.logsumexp(logits, axis=-1)
-    return np.asarray(jnp.exp(logits[..., bkspc_id] - v)), np.asarray(v)
+    return sharding.to_host((jnp.exp(logits[..., bkspc_id] - v), v))
 
 
 def separation(

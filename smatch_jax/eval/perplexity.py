@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smatch_jax import sharding
+
 
 @dataclasses.dataclass(frozen=True)
 class PerplexityResult:
@@ -88,7 +90,7 @@ def perplexity(
             chunk = np.concatenate([chunk, np.zeros((B - n, T), np.int32)])
             clen = np.concatenate([clen, np.ones(B - n, np.int64)])
         out = _token_nll(graphdef, state, jnp.asarray(chunk), jnp.asarray(clen, jnp.int32))
-        nll[s : s + n] = np.asarray(out, np.float64)[:n]
+        nll[s : s + n] = np.asarray(sharding.to_host(out), np.float64)[:n]
     # nll[b, t - 1] scores token t; keep score_from <= t < length.
     t = np.arange(1, T)[None]
     keep = (t >= start[:, None]) & (t < lens[:, None])

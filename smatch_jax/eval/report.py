@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from smatch_jax import metrics, noise
+from smatch_jax import metrics, noise, storage
 from smatch_jax import run as run_lib
 from smatch_jax.data import arithmetic
 from smatch_jax.data.rows import RowTooLongError
@@ -227,18 +227,18 @@ def report_paths(
     eval_questions_<stem>-<6 hex digits of the file's absolute path>_<step> for a questions
     file, so that neither a split nor another file of the same name is overwritten."""
     if out is not None:
-        return Path(out), Path(out).with_suffix(".md")
+        return storage.path(out), storage.path(out).with_suffix(".md")
     if questions is not None:
         digest = hashlib.sha256(str(Path(questions).resolve()).encode()).hexdigest()[:6]
         name = f"eval_questions_{Path(questions).stem}-{digest}_{step}"
     else:
         name = f"eval_{step}" if split is None else f"eval_{split}_{step}"
-    return Path(workdir) / f"{name}.json", Path(workdir) / f"{name}.md"
+    return storage.path(workdir) / f"{name}.json", storage.path(workdir) / f"{name}.md"
 
 
 def write_report(report: dict, json_path: str | Path) -> None:
     """The report as JSON at `json_path` and its summary as markdown beside it (`.md`)."""
-    json_path = Path(json_path)
+    json_path = storage.path(json_path)
     json_path.write_text(json.dumps(report, indent=2, allow_nan=False))
     json_path.with_suffix(".md").write_text(summary_markdown(report))
 

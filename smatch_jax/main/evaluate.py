@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from smatch_jax import storage
 from smatch_jax.errors import FailureError, UserError
 from smatch_jax.eval import decoding, report
 from smatch_jax.main import cli
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     run_step = args.step if args.step is not None else 0
     paths = report.report_paths(args.workdir, run_step, args.split, args.questions, args.out)
     target = paths[0].parent
-    if target.is_dir() and not os.access(target, os.W_OK):
+    if not storage.is_remote(target) and target.is_dir() and not os.access(target, os.W_OK):
         raise UserError(f"{target} is not writable: pass --out=<a writable path>.json")
     result = report.evaluate_workdir(
         args.workdir,

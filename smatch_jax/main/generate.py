@@ -93,16 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     t0 = time.time()
-    if args.workdir:
-        from smatch_jax.eval import report
-
-        run, _, model = report.load_model(args.workdir, args.step)
-        tok = run.data.tokenizer
-    else:
-        model, tok = load_pretrained(args.pretrained, args.tokenizer, args.dtype)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
     try:
         cfg = sampling.SamplingConfig(
             max_new_tokens=args.max_new_tokens,
@@ -117,8 +107,21 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as e:  # the flags' ranges, named as flags
         raise UserError(f"--{e}") from None
+    if not args.prompt:
+        raise UserError("the prompt is empty; give a non-empty --prompt")
     if args.num_samples < 1:
         raise UserError(f"--num_samples={args.num_samples} must be >= 1")
+    # The flags above are checked before the model is loaded (seconds).
+    if args.workdir:
+        from smatch_jax.eval import report
+
+        run, _, model = report.load_model(args.workdir, args.step)
+        tok = run.data.tokenizer
+    else:
+        model, tok = load_pretrained(args.pretrained, args.tokenizer, args.dtype)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
     n = args.num_samples
     prompts = np.tile(np.asarray(ids, np.int32), (n, 1))
     out = jax.device_get(

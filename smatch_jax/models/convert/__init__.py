@@ -1,6 +1,7 @@
 """Converters of pretrained weights into `Transformer`, one module per format, all sharing the
 `<bkspc>` row (`common.add_bkspc_row`): `gguf` (llama.cpp llama files, SmolLM2), `hf`
-(Hugging Face GPT-2 and Llama directories) and `npz` (our own small checkpoints, hashed)."""
+(Hugging Face GPT-2 and Llama directories; `sharded`: the same, each process reading only its
+devices' slices) and `npz` (our own small checkpoints, hashed)."""
 
 from smatch_jax.models.convert.common import (
     BKSPC_INITS,
@@ -16,6 +17,7 @@ from smatch_jax.models.convert.gguf import (
 )
 from smatch_jax.models.convert.hf import load_hf, load_hf_params, read_safetensors_dir
 from smatch_jax.models.convert.npz import load_npz, save_npz
+from smatch_jax.models.convert.sharded import load_hf_sharded
 
 __all__ = [
     "BKSPC_INITS",
@@ -23,6 +25,7 @@ __all__ = [
     "load_gguf_llama",
     "load_hf",
     "load_hf_params",
+    "load_hf_sharded",
     "load_npz",
     "model_from_params",
     "model_params",

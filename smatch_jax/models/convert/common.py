@@ -52,6 +52,17 @@ def add_bkspc_row(
     the Gaussian with the rows' mean and full covariance; `rng` is a Generator or a seed).
     """
     table = np.asarray(embedding_VxD, np.float32)
+    return np.concatenate([table, bkspc_row(table, init=init, rng=rng)[None]], axis=0)
+
+
+def bkspc_row(
+    embedding_VxD: np.ndarray,
+    *,
+    init: str = "mean",
+    rng: np.random.Generator | int | None = None,
+) -> np.ndarray:
+    """The [D] float32 `<bkspc>` row that `add_bkspc_row` appends."""
+    table = np.asarray(embedding_VxD, np.float32)
     if table.ndim != 2 or table.shape[0] < 1:
         raise ValueError(f"expected a [V, D] table with V >= 1, got shape {table.shape}")
     mean_D = table.mean(axis=0, dtype=np.float64)
@@ -64,7 +75,7 @@ def add_bkspc_row(
         row_D = np.random.default_rng(rng).multivariate_normal(mean_D, cov_DxD, method="eigh")
     else:
         raise ValueError(f"unknown <bkspc> init {init!r}; expected one of {BKSPC_INITS}")
-    return np.concatenate([table, row_D[None].astype(np.float32)], axis=0)
+    return row_D.astype(np.float32)
 
 
 def _name(path: tuple) -> str:
@@ -89,7 +100,7 @@ def model_params(model: Transformer) -> Params:
     return out
 
 
-def _layer_shapes(config: ModelConfig, name: str, shape: tuple) -> dict[str, tuple]:
+def layer_shapes(config: ModelConfig, name: str, shape: tuple) -> dict[str, tuple]:
     """The unrolled names and shapes of one parameter of the model (a stacked block weight
     is `n_layers` of them)."""
     if config.scan_layers and name.startswith(_STACKED):
@@ -110,7 +121,7 @@ def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray]) -> 
     pure = nnx.to_pure_dict(state)
     expected = {}
     for p, v in jax.tree_util.tree_flatten_with_path(pure)[0]:
-        expected.update(_layer_shapes(config, _name(p), v.shape))
+        expected.update(layer_shapes(config, _name(p), v.shape))
     missing = sorted(set(expected) - set(params))
     unexpected = sorted(set(params) - set(expected))
     bad = sorted(
@@ -126,7 +137,7 @@ def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray]) -> 
     dtype = config.params_dtype
 
     def value(path, x):
-        names = _layer_shapes(config, _name(path), x.shape)
+        names = layer_shapes(config, _name(path), x.shape)
         if len(names) == 1 and _name(path) in names:
             return jnp.asarray(np.asarray(params[_name(path)]), dtype)
         return jnp.stack([jnp.asarray(np.asarray(params[n]), dtype) for n in names])
@@ -144,15 +155,20 @@ def model_from_params(config: ModelConfig, params: Mapping[str, np.ndarray]) -> 
     return model
 
 
-def apply_specs(tensors: Mapping[str, np.ndarray], specs: list[Spec], ignored, what) -> Params:
-    """Evaluates the specs; raises ValueError naming missing or unused source tensors."""
-    needed = {s for _, srcs, _ in specs for s in srcs}
-    missing = sorted(needed - set(tensors))
+def check_tensors(available, needed, ignored, what) -> None:
+    """Raises ValueError naming the `needed` source tensors missing from `available` and the
+    `available` ones neither needed nor `ignored`."""
+    missing = sorted(set(needed) - set(available))
     if missing:
         raise ValueError(f"{what} is missing tensors {missing}")
-    unused = sorted(n for n in set(tensors) - needed if not ignored(n))
+    unused = sorted(n for n in set(available) - set(needed) if not ignored(n))
     if unused:
         raise ValueError(f"{what} has tensors the importer does not understand: {unused}")
+
+
+def apply_specs(tensors: Mapping[str, np.ndarray], specs: list[Spec], ignored, what) -> Params:
+    """Evaluates the specs; raises ValueError naming missing or unused source tensors."""
+    check_tensors(tensors, {s for _, srcs, _ in specs for s in srcs}, ignored, what)
     return {ours: fn(*(tensors[s] for s in srcs)) for ours, srcs, fn in specs}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,9 @@ from smatch_jax.models.convert.common import (
 from smatch_jax.models.transformer import Transformer
 
 
-def read_safetensors_dir(directory: str | os.PathLike) -> Params:
-    """All tensors of a HF checkpoint directory (sharded via model.safetensors.index.json or
-    plain *.safetensors files) as float32 numpy arrays."""
-    from safetensors import safe_open
-
+def safetensors_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a HF checkpoint directory: those model.safetensors.index.json
+    names, else every *.safetensors file."""
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.exists():
@@ -34,9 +32,17 @@ def read_safetensors_dir(directory: str | os.PathLike) -> Params:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
         raise ValueError(f"no *.safetensors files in {directory} (torch .bin is not supported)")
+    return [directory / name for name in files]
+
+
+def read_safetensors_dir(directory: str | os.PathLike) -> Params:
+    """All tensors of a HF checkpoint directory (sharded via model.safetensors.index.json or
+    plain *.safetensors files) as float32 numpy arrays."""
+    from safetensors import safe_open
+
     out: Params = {}
-    for name in files:
-        with safe_open(str(directory / name), framework="np") as f:
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="np") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                 out[key] = np.asarray(f.get_tensor(key), np.float32)
     return out
@@ -51,7 +57,24 @@ def _cfg(config: Mapping, key: str, default: object = ..., *, alt: str | None = 
     return default
 
 
-def _hf_gpt2(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfig, Params]:
+# Our name inside blocks.{i} -> GPT-2's inside h.{i}: Conv1D weights, already [in, out].
+GPT2_BLOCK = {
+    "attn_norm": "ln_1",
+    "mlp_norm": "ln_2",
+    "attn.o_proj": "attn.c_proj",
+    "mlp.up_proj": "mlp.c_fc",
+    "mlp.down_proj": "mlp.c_proj",
+}
+
+
+def gpt2_ignored(name: str) -> bool:
+    """Tensors of a GPT-2 checkpoint that hold no weights of ours (prefix removed)."""
+    return name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias"))
+
+
+def gpt2_config(hf: Mapping, shapes: Mapping[str, tuple]) -> ModelConfig:
+    """The `ModelConfig` of a GPT-2 checkpoint from config.json and its tensors' shapes (names
+    without the "transformer." prefix)."""
     act = _cfg(hf, "activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         raise ValueError(f"gpt2 activation_function {act!r} unsupported (need tanh-GELU)")
@@ -59,16 +82,12 @@ def _hf_gpt2(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfig
         raise ValueError("gpt2 with non-standard attention scaling is not supported")
     if hf.get("add_cross_attention"):
         raise ValueError("gpt2 with cross-attention is not supported")
-    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
-    if "wte.weight" not in tensors:
+    if "wte.weight" not in shapes:
         raise ValueError("gpt2 checkpoint is missing tensor 'wte.weight'")
-    V, d = tensors["wte.weight"].shape
+    V, d = shapes["wte.weight"]
     if int(_cfg(hf, "vocab_size", V)) != V:
         raise ValueError(f"config vocab_size {hf['vocab_size']} != wte rows {V}")
-    lm_head = tensors.get("lm_head.weight")
-    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
-        raise ValueError("gpt2 lm_head.weight differs from wte.weight; only tied gpt2 is supported")
-    config = ModelConfig(
+    return ModelConfig(
         family="gpt2",
         vocab_size=V,
         d_model=int(_cfg(hf, "n_embd", alt="hidden_size")),
@@ -81,6 +100,18 @@ def _hf_gpt2(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfig
         tie_embeddings=True,
         use_bias=True,
     )
+
+
+GPT2_UNTIED = "gpt2 lm_head.weight differs from wte.weight; only tied gpt2 is supported"
+
+
+def _hf_gpt2(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfig, Params]:
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    config = gpt2_config(hf, {k: v.shape for k, v in tensors.items()})
+    d = tensors["wte.weight"].shape[1]
+    lm_head = tensors.get("lm_head.weight")
+    if lm_head is not None and not np.array_equal(lm_head, tensors["wte.weight"]):
+        raise ValueError(GPT2_UNTIED)
     specs = vocab_specs("wte.weight", None, bkspc_init)
     specs += [
         ("pos_embed.embedding", ("wpe.weight",), np.asarray),
@@ -93,22 +124,20 @@ def _hf_gpt2(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfig
             cut = lambda w, j=j: np.ascontiguousarray(w[..., j * d : (j + 1) * d])
             specs.append((f"{b}.attn.{qkv}_proj.kernel", (f"{h}.attn.c_attn.weight",), cut))
             specs.append((f"{b}.attn.{qkv}_proj.bias", (f"{h}.attn.c_attn.bias",), cut))
-        pairs = [
-            ("attn_norm", "ln_1"),
-            ("mlp_norm", "ln_2"),
-            ("attn.o_proj", "attn.c_proj"),
-            ("mlp.up_proj", "mlp.c_fc"),
-            ("mlp.down_proj", "mlp.c_proj"),
-        ]
-        for ours, theirs in pairs:  # Conv1D weights are already [in, out]
+        for ours, theirs in GPT2_BLOCK.items():  # Conv1D weights are already [in, out]
             w_name = "scale" if ours.endswith("norm") else "kernel"
             specs.append((f"{b}.{ours}.{w_name}", (f"{h}.{theirs}.weight",), np.asarray))
             specs.append((f"{b}.{ours}.bias", (f"{h}.{theirs}.bias",), np.asarray))
-    ignored = lambda n: n == "lm_head.weight" or n.endswith((".attn.bias", ".attn.masked_bias"))
-    return config, apply_specs(tensors, specs, ignored, "gpt2 checkpoint")
+    return config, apply_specs(tensors, specs, gpt2_ignored, "gpt2 checkpoint")
 
 
-def _hf_llama(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfig, Params]:
+def llama_ignored(tied: bool) -> Callable[[str], bool]:
+    """Which tensors of a llama checkpoint hold no weights of ours."""
+    return lambda n: n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight")
+
+
+def llama_config(hf: Mapping, shapes: Mapping[str, tuple]) -> ModelConfig:
+    """The `ModelConfig` of a llama checkpoint from config.json and its tensors' shapes."""
     if _cfg(hf, "hidden_act", "silu") != "silu":
         raise ValueError(f"llama hidden_act {hf['hidden_act']!r} unsupported (need 'silu')")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -119,13 +148,13 @@ def _hf_llama(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfi
     d, n_heads = int(_cfg(hf, "hidden_size")), int(_cfg(hf, "num_attention_heads"))
     if int(_cfg(hf, "head_dim", d // n_heads)) != d // n_heads:
         raise ValueError(f"llama head_dim {hf['head_dim']} != hidden_size / heads")
-    if "model.embed_tokens.weight" not in tensors:
+    if "model.embed_tokens.weight" not in shapes:
         raise ValueError("llama checkpoint is missing tensor 'model.embed_tokens.weight'")
-    V = tensors["model.embed_tokens.weight"].shape[0]
+    V = shapes["model.embed_tokens.weight"][0]
     if int(_cfg(hf, "vocab_size", V)) != V:
         raise ValueError(f"config vocab_size {hf['vocab_size']} != embed_tokens rows {V}")
     tied = bool(_cfg(hf, "tie_word_embeddings", False))  # LlamaConfig's default is untied
-    config = ModelConfig(
+    return ModelConfig(
         family="llama",
         vocab_size=V,
         d_model=d,
@@ -139,22 +168,24 @@ def _hf_llama(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfi
         tie_embeddings=tied,
         use_bias=False,
     )
+
+
+def _hf_llama(hf: Mapping, tensors: Params, bkspc_init: str) -> tuple[ModelConfig, Params]:
+    config = llama_config(hf, {k: v.shape for k, v in tensors.items()})
+    tied = config.tie_embeddings
     specs = llama_block_specs(config)
     specs += vocab_specs(
         "model.embed_tokens.weight", None if tied else "lm_head.weight", bkspc_init
     )
     specs.append(("final_norm.scale", ("model.norm.weight",), np.asarray))
-    ignored = lambda n: n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight")
-    return config, apply_specs(tensors, specs, ignored, "llama checkpoint")
+    return config, apply_specs(tensors, specs, llama_ignored(tied), "llama checkpoint")
 
 
 _HF_FAMILIES = {"gpt2": _hf_gpt2, "llama": _hf_llama}
 
 
-def load_hf_params(
-    directory: str | os.PathLike, *, bkspc_init: str = "mean"
-) -> tuple[ModelConfig, Params]:
-    """Reads a HF checkpoint directory (config.json + safetensors): (config, float32 params)."""
+def read_hf_config(directory: str | os.PathLike) -> dict:
+    """config.json of a HF checkpoint directory, of a model_type we import."""
     config_path = Path(directory) / "config.json"
     if not config_path.exists():
         raise ValueError(f"{directory} has no config.json")
@@ -165,7 +196,15 @@ def load_hf_params(
             f"unsupported model_type {model_type!r} in {config_path}; "
             f"supported: {sorted(_HF_FAMILIES)}"
         )
-    return _HF_FAMILIES[model_type](hf, read_safetensors_dir(directory), bkspc_init)
+    return hf
+
+
+def load_hf_params(
+    directory: str | os.PathLike, *, bkspc_init: str = "mean"
+) -> tuple[ModelConfig, Params]:
+    """Reads a HF checkpoint directory (config.json + safetensors): (config, float32 params)."""
+    hf = read_hf_config(directory)
+    return _HF_FAMILIES[hf["model_type"]](hf, read_safetensors_dir(directory), bkspc_init)
 
 
 def load_hf(
