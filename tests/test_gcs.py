@@ -75,7 +75,6 @@ def gcs(tmp_path_factory):
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
         "FSSPEC_GCS_TOKEN": "anon",
         "NO_GCE_CHECK": "true",
-        "SMATCH_JAX_LOCK_LEASE_S": "4",
     }
     shared = {"root": root, "data": root / "data", "env": env}
     yield shared
@@ -84,8 +83,9 @@ def gcs(tmp_path_factory):
     log.close()
 
 
-def _train(shared, wd, kill_in_save=0, timeout=600):
+def _train(shared, wd, kill_in_save=0, timeout=600, lease_s=4):
     env = {**shared["env"], "KILL_IN_SAVE": str(kill_in_save), "FSIZE_LIMIT": "0"}
+    env["SMATCH_JAX_LOCK_LEASE_S"] = str(lease_s)  # how old a lock the starting run takes over
     p = subprocess.run(_cmd(shared, wd), cwd=ROOT, env=env, capture_output=True, timeout=timeout)
     return p.returncode, p.stdout.decode() + p.stderr.decode()
 
@@ -139,10 +139,12 @@ def test_gcs_workdir_killed_and_resumed_equals_a_local_run(gcs, tmp_path):
     remote = "gs://bucket/run"
     code, out = _train(gcs, remote, kill_in_save=6)  # killed while writing step 6
     assert code == -signal.SIGKILL, out[-3000:]
-    held = _train(gcs, remote, timeout=300)  # its lock object is still fresh: refused
+    # Its lock object stays behind: younger than a 600 s lease, it refuses the rerun; older
+    # than a 4 s one (the killed run stopped refreshing it), it is taken over.
+    held = _train(gcs, remote, timeout=300, lease_s=600)
     assert held[0] == 2 and "is training in gs://bucket/run" in held[1], held[1][-3000:]
-    assert "lease of 4 s" in held[1]
-    time.sleep(4.5)  # the killed holder's lease runs out
+    assert "lease of 600 s" in held[1]
+    time.sleep(4.5)
     code, out = _train(gcs, remote)
     assert code == 0, out[-3000:]
     assert "resumed from step 4" in out
