@@ -10,7 +10,9 @@ A run resumed from a checkpoint at step ``s`` opens the writer with ``purge_afte
 of later steps (written before the interruption; the resumed run writes them again) are
 dropped from metrics.jsonl (rewritten atomically; a line cut by a kill is dropped too), their
 sample files are deleted and TensorBoard is told to hide events from step ``s + 1`` on. So the
-outputs of an interrupted and resumed run are those of an uninterrupted one.
+outputs of an interrupted and resumed run are those of an uninterrupted one. In object storage
+(`gs://` workdirs, `storage.py`) nothing can be appended: metrics.jsonl and the sample files
+are rewritten whole at each write, and each TensorBoard writer has its own file.
 
 TensorBoard event files are written with ``tensorboardX`` (pure Python, needs only numpy and
 protobuf) into ``<workdir>/tensorboard/``; each writer opens a new event file, which
