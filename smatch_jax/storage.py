@@ -86,24 +86,30 @@ class ObjectLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> ObjectLock:
-        """Take the lock, or return the holder's text and age if it is held and fresh."""
+        """Take the lock; `LockHeldError` (the holder's text, the lock's age) if it is held
+        and fresh, or if another process took it in between."""
         from google.api_core.exceptions import NotFound, PreconditionFailed
 
         try:
             self.blob.upload_from_string(self.holder, if_generation_match=0)
         except PreconditionFailed:
+            held_by, age = "another process", 0.0
             try:
                 self.blob.reload()
                 held_by = self.blob.download_as_text()
-            except NotFound:  # released in between: try once more
-                self.blob.upload_from_string(self.holder, if_generation_match=0)
-            else:
                 age = time.time() - self.blob.updated.timestamp()
                 if age < self.lease:
                     raise LockHeldError(held_by, age, self.lease) from None
                 # A holder that stopped refreshing (killed): take it over, unless another
                 # process took it over first (then its generation changed: 412).
                 self.blob.upload_from_string(self.holder, if_generation_match=self.blob.generation)
+            except NotFound:  # released in between: try once more
+                try:
+                    self.blob.upload_from_string(self.holder, if_generation_match=0)
+                except PreconditionFailed:
+                    raise LockHeldError(held_by, 0.0, self.lease) from None
+            except PreconditionFailed:
+                raise LockHeldError(held_by, 0.0, self.lease) from None
         self.blob.reload()
         self.generation = self.blob.generation
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
