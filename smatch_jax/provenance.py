@@ -1,9 +1,10 @@
 """Where a run's numbers came from: `provenance.jsonl` in its workdir, one line per start.
 
-Each line records the time, the command line, the git revision of the source tree (and
-whether it had uncommitted changes), the versions of Python and the libraries that decide the
-numbers, the devices, and the step the start resumed from. Written by process 0 once the run's
-checkpoint is restored (train.py), so a start that fails leaves nothing.
+Each line records the time, the command line, the git revision of the source tree and
+whether it had uncommitted changes (as results files write it: `metrics.git_revision`), the
+versions of Python and the libraries that decide the numbers, the devices, and the step the
+start resumed from. Written by process 0 once the run's checkpoint is restored (train.py), so
+a start that fails leaves nothing.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ import importlib.metadata
 import json
 import platform
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import jax
 
-from smatch_jax import storage
+from smatch_jax import metrics, storage
 
 PACKAGES = (
     "jax",
@@ -33,24 +33,6 @@ PACKAGES = (
     "tensorflow-datasets",
     "libtpu",
 )
-
-
-def git_revision(path: Path = Path(__file__).parent) -> dict:
-    """{'revision', 'dirty'} of the git tree holding `path`, or {} outside one."""
-    try:
-        cmd = ["git", "-C", str(path), "rev-parse", "HEAD"]
-        rev = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return {}
-        status = subprocess.run(
-            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"revision": rev.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def versions() -> dict[str, str]:
@@ -77,7 +59,7 @@ def collect(argv: list[str] | None = None, resumed_from: int | None = None) -> d
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": list(sys.argv if argv is None else argv),
         "host": socket.gethostname(),
-        "git": git_revision(),
+        "git": metrics.git_revision(Path(__file__).parent),  # '<short>[+uncommitted changes]'
         "versions": versions(),
         "devices": devices(),
         "resumed_from": resumed_from,

@@ -15,6 +15,13 @@ import logging
 import sys
 
 
+def skipped_steps(caught) -> str:
+    """The "could not be restored" warnings of `restore_latest_valid` (recorded with
+    `warnings.catch_warnings(record=True)`) as one clause, for one log line."""
+    why = [str(w.message).partition("; trying")[0] for w in caught]
+    return " and ".join(w for w in why if "could not be restored" in w)
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """`Type: the first line of the message`, at most `limit` characters."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -321,10 +321,7 @@ def load_trained(
             warnings.simplefilter("always")
             got, state, _, _ = ckpt.restore_latest_valid(abstract_state=run.abstract_state())
     if got != have[-1]:
-        why = [str(w.message).partition("; trying")[0] for w in caught]
         log.warning(
-            "%s; using step %d (--step chooses another)",
-            " and ".join(w for w in why if "could not be restored" in w),
-            got,
+            "%s; using step %d (--step chooses another)", read_noise.skipped_steps(caught), got
         )
     return run, state

@@ -35,6 +35,7 @@ from smatch_jax import (
     metrics,
     preemption,
     provenance,
+    read_noise,
     sharding,
     steps,
     storage,
@@ -83,10 +84,9 @@ def _restore(run: Run, ckpt: checkpointing.Checkpointer):
     step0, state, data_state, extra = restored
     run.data.set_state(data_state)
     if step0 != newest:
-        why = [str(w.message).partition("; trying")[0] for w in caught]
         log.warning(
             "%s; set aside as <step>.unreadable in %s, resuming from step %d",
-            *(" and ".join(w for w in why if "could not be restored" in w), ckpt.workdir, step0),
+            *(read_noise.skipped_steps(caught), ckpt.workdir, step0),
         )
     log.info("resumed from step %d", step0)
     return state, extra.get("sampled", {}), step0
