@@ -8,13 +8,16 @@ represented at `j = t - 1` to the one represented at `t`, so
 
     r = Q(s, a) - gamma * V(s'),   V(s') = 0 after eos unless terminal='bootstrap',
 
-with discount `w = gamma ** k` (`k`: the actions of the episode before this one). The options
-of revision 2 (`temperature`, `terminal`, `masked_actions`, `normalize`, and
-`truncated_weight` for model rows cut off before eos) each keep their revision-1 value as the
-keyword default. Expectations are per group (`data` rows vs `model` rows): global token means
-(`normalize='token'`) or per-episode means (`'row'`), never per-row means. Everything here is
-model-agnostic: `logits` are whatever the model produced on the backspace layout of `tokens`
-(masks.py).
+with discount `w = gamma ** k` (`k`: the actions of the episode before this one). The
+divergence is a row of the table `DIVERGENCES` (`phi`, its domain, where its
+`r^2` term is taken); `register_divergence` adds one. The kernels take their options (the
+divergence's name, `gamma`, and the revision-2 options `temperature`, `terminal`,
+`masked_actions`, `normalize`, `truncated_weight`) as keyword arguments without defaults, named
+as the fields of `objective.LossConfig`, which holds the defaults (`LossConfig.REVISION_1` the
+revision-1 values) and checks the choices. Expectations are per group (`data` rows vs `model`
+rows): global token means (`normalize='token'`) or per-episode means (`'row'`), never per-row
+means. Everything here is model-agnostic: `logits` are whatever the model produced on the
+backspace layout of `tokens` (masks.py).
 
 All per-action arrays use the *state* frame: index `j` in `[0, T-1)` stands for the action
 `tokens[:, j + 1]` taken from the state at position `j`.
@@ -22,22 +25,76 @@ All per-action arrays use the *state* frame: index `j` in `[0, T-1)` stands for 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-DIVERGENCES = ("chi2_mix", "chi2", "kl", "js", "hellinger")
-VALUE_ON = ("mix", "data")
+VALUE_ON = ("mix", "data")  # the groups a value term (and an r^2 term) may be taken on
 TERMINAL = ("zero", "bootstrap")
 MASKED_ACTIONS = ("unrewarded", "environment")
 NORMALIZE = ("token", "row")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"loss.{name}={value!r} is unknown; choose one of {list(choices)}")
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    """A row of the divergence table (method.md §2.4): the data term is `E_data[aw * phi(r)]`.
+
+    `phi` is elementwise on float32 arrays (traced; it needs a gradient) and defined for
+    `r > lower`; with a `lower` bound, r is clamped to `lower + clamp_margin` first and the
+    clamped fraction reported (`sm/clamp_frac`). `r2_on` is the group of the `chi2_coef * r^2`
+    term: 'mix', 'data', or None for no such term.
+    """
+
+    name: str
+    phi: Callable[[jax.Array], jax.Array]
+    lower: float | None = None
+    r2_on: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.r2_on is not None and self.r2_on not in VALUE_ON:
+            raise ValueError(
+                f"divergence {self.name!r}: r2_on={self.r2_on!r}; choose one of {[*VALUE_ON, None]}"
+            )
+
+
+# name -> Divergence. `loss.divergence` chooses among the registered names (LossConfig.CHOICES
+# reads this dict), so a divergence registered at run time is a valid config value.
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def register_divergence(divergence: Divergence) -> Divergence:
+    """Adds `divergence` to the table under its name (raises if the name is taken)."""
+    if divergence.name in DIVERGENCES:
+        raise ValueError(f"divergence {divergence.name!r} is already registered")
+    DIVERGENCES[divergence.name] = divergence
+    return divergence
+
+
+def unregister_divergence(name: str) -> None:
+    """Removes a registered divergence (e.g. one a test registered for itself)."""
+    del DIVERGENCES[name]
+
+
+def get_divergence(name: str) -> Divergence:
+    """The registered divergence `name`; raises naming the registered ones."""
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(
+            f"loss.divergence={name!r} is not registered; choose one of {list(DIVERGENCES)} "
+            "(losses.register_divergence adds one)"
+        ) from None
+
+
+register_divergence(Divergence("chi2_mix", lambda r: r, r2_on="mix"))
+register_divergence(Divergence("chi2", lambda r: r, r2_on="data"))
+register_divergence(Divergence("kl", lambda r: -jnp.exp(-(r + 1.0))))
+register_divergence(Divergence("js", lambda r: jnp.log(2.0 - jnp.exp(-r)), lower=-math.log(2.0)))
+register_divergence(Divergence("hellinger", lambda r: r / (1.0 + r), lower=-1.0))
 
 
 class Actions(NamedTuple):
@@ -92,10 +149,10 @@ def per_action(
     *,
     eos_id: int,
     gamma: float,
-    action_weight: jax.Array | None = None,
-    temperature: float = 1.0,
-    terminal: str = "zero",
-    masked_actions: str = "unrewarded",
+    action_weight: jax.Array | None,
+    temperature: float,
+    terminal: str,
+    masked_actions: str,
 ) -> Actions:
     """Section 2.2 (with the options of 2.7) for every action of every row.
 
@@ -104,8 +161,6 @@ def per_action(
     of the run, and the discount counts agent actions only. Gradients flow through q, v and
     v_next.
     """
-    _check_choice("terminal", terminal, TERMINAL)
-    _check_choice("masked_actions", masked_actions, MASKED_ACTIONS)
     logits = logits.astype(jnp.float32)
     tokens = tokens.astype(jnp.int32)
     prompt_len = prompt_len.astype(jnp.int32)
@@ -144,18 +199,12 @@ def per_action(
     )
 
 
-def _phi(divergence: str, r: jax.Array, clamp_margin: float) -> tuple[jax.Array, jax.Array]:
+def _phi(div: Divergence, r: jax.Array, clamp_margin: float) -> tuple[jax.Array, jax.Array]:
     """phi(r) of method.md §2.4 and a bool array of where r was clamped into phi's domain."""
-    if divergence in ("chi2_mix", "chi2"):
-        return r, jnp.zeros(r.shape, bool)
-    if divergence == "kl":
-        return -jnp.exp(-(r + 1.0)), jnp.zeros(r.shape, bool)
-    lo = {"js": -math.log(2.0), "hellinger": -1.0}[divergence] + clamp_margin
-    clamped = r < lo
-    rc = jnp.maximum(r, lo)
-    if divergence == "js":
-        return jnp.log(2.0 - jnp.exp(-rc)), clamped
-    return rc / (1.0 + rc), clamped
+    if div.lower is None:
+        return div.phi(r), jnp.zeros(r.shape, bool)
+    lo = div.lower + clamp_margin
+    return div.phi(jnp.maximum(r, lo)), r < lo
 
 
 def _group_mean(f, weight, group, n_group):
@@ -177,20 +226,23 @@ def sequence_match_loss(
     is_model: jax.Array,
     *,
     eos_id: int,
-    divergence: str = "chi2_mix",
-    gamma: float = 0.998,
-    chi2_coef: float = 0.25,
-    value_on: str = "mix",
-    temperature: float = 1.0,
-    terminal: str = "zero",
-    masked_actions: str = "unrewarded",
-    normalize: str = "token",
-    truncated_weight: float = 1.0,
+    divergence: str,
+    gamma: float,
+    chi2_coef: float,
+    value_on: str,
+    temperature: float,
+    terminal: str,
+    masked_actions: str,
+    normalize: str,
+    truncated_weight: float,
+    clamp_margin: float,
     action_weight: jax.Array | None = None,
     row_weight: jax.Array | None = None,
-    clamp_margin: float = 1e-3,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The SequenceMatch objective of method.md §2.4 (to be minimised) and its diagnostics.
+
+    The options are the `objective.LossConfig` fields of the same names, without defaults
+    (`LossConfig(**LossConfig.REVISION_1)` is revision 1); the section checked the choices.
 
     Args:
       logits: [B, T, V+1] model outputs at the backspace-layout positions of `tokens`.
@@ -198,9 +250,9 @@ def sequence_match_loss(
       prompt_len, length: int32 [B].
       is_model: bool [B], True for rows generated by the policy.
       eos_id: the terminal token.
-      divergence: one of `DIVERGENCES`.
+      divergence: the name of a registered divergence (`DIVERGENCES`).
       gamma: discount.
-      chi2_coef: `c`, weight of the `r^2` term (chi2 variants only).
+      chi2_coef: `c`, weight of the `r^2` term (divergences with `r2_on`: chi2_mix, chi2).
       value_on: `mix` (needs model rows; falls back to data when a batch has none) or `data`.
       temperature: alpha > 0. Q and V are alpha times the logits' values and the objective is
         divided by alpha: the linear terms keep their scale, the r^2 term is
@@ -214,15 +266,14 @@ def sequence_match_loss(
       action_weight: optional float [B, T] aligned with `tokens`: weight of action
         `tokens[b, t]` (0 for masked noise tokens) in the data and `r^2` terms.
       row_weight: optional float [B]: a row of weight k counts as k copies of it (default 1).
-      clamp_margin: js / hellinger clamp `r` to `lower bound + clamp_margin` [ours].
+      clamp_margin: a divergence with a `lower` bound (js, hellinger) clamps `r` to
+        `lower + clamp_margin` [ours].
 
     Returns:
       `(loss, metrics)`; metrics hold the method.md §2.6 diagnostics under `sm/...`. The terms
       are reported divided by alpha (their contribution to the loss), r and V at scale alpha.
     """
-    _check_choice("divergence", divergence, DIVERGENCES)
-    _check_choice("value_on", value_on, VALUE_ON)
-    _check_choice("normalize", normalize, NORMALIZE)
+    div = get_divergence(divergence)
     act = per_action(
         logits,
         tokens,
@@ -260,17 +311,15 @@ def sequence_match_loss(
 
     alpha = jnp.float32(temperature)
     r = act.q - gamma * act.v_next
-    phi, clamped = _phi(divergence, r, clamp_margin)
+    phi, clamped = _phi(div, r, clamp_margin)
     data_term = e_data(phi, True) / alpha
     telescoped = act.v - gamma * act.v_next
-    value_term = (e_mix if value_on == "mix" else e_data)(telescoped, False) / alpha
-    if divergence == "chi2_mix":
-        r2_term = e_mix(r * r, True) / alpha
-    elif divergence == "chi2":
-        r2_term = e_data(r * r, True) / alpha
+    expect = {"mix": e_mix, "data": e_data}
+    value_term = expect[value_on](telescoped, False) / alpha
+    if div.r2_on is None:
+        r2_term, coef = jnp.float32(0.0), 0.0
     else:
-        r2_term = jnp.float32(0.0)
-    coef = chi2_coef if divergence in ("chi2_mix", "chi2") else 0.0
+        r2_term, coef = expect[div.r2_on](r * r, True) / alpha, chi2_coef
     loss = -data_term + value_term + coef * r2_term
 
     def plain_mean(f, group):
@@ -304,9 +353,9 @@ def bc_loss(
     is_model: jax.Array | None = None,
     *,
     eos_id: int,
+    masked_actions: str,
     action_weight: jax.Array | None = None,
     row_weight: jax.Array | None = None,
-    masked_actions: str = "unrewarded",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Behavioural cloning (method.md §2.5): `-sum aw * log pi(a|s) / N_data` over data rows.
 
@@ -320,9 +369,12 @@ def bc_loss(
         prompt_len,
         length,
         eos_id=eos_id,
-        gamma=1.0,
         action_weight=action_weight,
         masked_actions=masked_actions,
+        # BC reads log pi and the weights only: the discount, alpha and V(s') do not enter.
+        gamma=1.0,
+        temperature=1.0,
+        terminal="zero",
     )
     B = tokens.shape[0]
     rw = jnp.ones(B) if row_weight is None else row_weight.astype(jnp.float32)
@@ -333,34 +385,3 @@ def bc_loss(
     argmax_ok = jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:]
     acc = jnp.sum(g & argmax_ok) / jnp.maximum(jnp.sum(g), 1)
     return loss, {"bc/loss": loss, "bc/token_accuracy": acc}
-
-
-def unlikelihood_loss(
-    logits: jax.Array,
-    tokens: jax.Array,
-    prompt_len: jax.Array,
-    length: jax.Array,
-    is_model: jax.Array | None = None,
-    *,
-    eos_id: int,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Token-level unlikelihood (Welleck et al., 2019), the paper's MLE + UL baseline.
-
-    At the state before action `t`, the candidates are the tokens of the preceding context
-    (`tokens[:t]`, prompt included) other than the target `tokens[t]`; the loss is
-    `-sum_c log(1 - pi(c|s)) / N_data` over data actions. Meant for rows without `<bkspc>`
-    (the baseline trains on clean data). Memory: a [B, T, V+1] candidate mask.
-    """
-    logits = logits.astype(jnp.float32)
-    A = logits.shape[-1]
-    B = tokens.shape[0]
-    valid = action_valid(tokens, prompt_len, length, eos_id)
-    seen_BxTxA = jax.lax.cummax(jax.nn.one_hot(tokens, A, dtype=jnp.float32), axis=1) > 0
-    cand = seen_BxTxA[:, :-1] & ~jax.nn.one_hot(tokens[:, 1:], A, dtype=bool)
-    data_row = jnp.ones(B, bool) if is_model is None else ~jnp.asarray(is_model, bool)
-    g = valid & data_row[:, None]
-    p = jax.nn.softmax(logits[:, :-1], axis=-1)
-    log_not = jnp.log(jnp.clip(1.0 - p, 1e-6, 1.0))
-    per_state = jnp.sum(jnp.where(cand, log_not, 0.0), axis=-1)
-    loss = -jnp.sum(jnp.where(g, per_state, 0.0)) / jnp.maximum(jnp.sum(g), 1)
-    return loss, {"ul/loss": loss}

@@ -50,7 +50,10 @@ def test_lora_trains_only_adapters_and_bkspc_rows(tied):
     def step(trainable, opt_state):
         def f(tr):
             logits = _forward(nnx.merge(graphdef, tr, rest), tokens, m, n)
-            return losses.bc_loss(logits, tokens, m, n, eos_id=V - 2)[0]
+            loss, _ = losses.bc_loss(
+                logits, tokens, m, n, eos_id=V - 2, masked_actions="unrewarded"
+            )
+            return loss
 
         loss, g = jax.value_and_grad(f)(trainable)
         up, opt_state = opt.update(g, opt_state, trainable)

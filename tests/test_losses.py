@@ -1,13 +1,14 @@
 """Losses (method.md §2) against the loop-by-loop float64 reference: values and gradients."""
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smatch_jax import losses, noise, objective
+from smatch_jax import losses, noise, objective, unlikelihood
 from tests import reference
 
 V = 6  # base vocabulary 0..5
@@ -15,6 +16,16 @@ EOS = 5
 BK = V  # <bkspc>
 T = 10
 GAMMA = 0.9  # far from 1 so that discounting errors show
+REFERENCE_DIVERGENCES = ("chi2_mix", "chi2", "kl", "js", "hellinger")  # tests/reference.py's
+# The kernels have no defaults: these tests start from revision 1 (LossConfig.REVISION_1 over
+# the config defaults) and override what they test.
+REVISION_1 = objective.LossConfig(**objective.LossConfig.REVISION_1)
+BC_REV1 = REVISION_1.kernel_args(losses.bc_loss)
+
+
+def sm_args(**over):
+    """The options of `sequence_match_loss` under revision 1, with `over`."""
+    return {**REVISION_1.kernel_args(losses.sequence_match_loss), **over}
 
 
 def make_batch(seed, *, n_rows=6, n_model=3, offsets=True):
@@ -68,12 +79,14 @@ def _sm(div, value_on, options="rev1", gamma=GAMMA):
     fn = functools.partial(
         losses.sequence_match_loss,
         eos_id=EOS,
-        divergence=div,
-        gamma=gamma,
-        chi2_coef=0.25,
-        value_on=value_on,
-        clamp_margin=1e-3,
-        **OPTIONS[options],
+        **sm_args(
+            divergence=div,
+            gamma=gamma,
+            chi2_coef=0.25,
+            value_on=value_on,
+            clamp_margin=1e-3,
+            **OPTIONS[options],
+        ),
     )
     return jax.jit(jax.value_and_grad(lambda lg, *a, **k: fn(lg, *a, **k)[0]))
 
@@ -122,12 +135,12 @@ def _check_against_reference(div, value_on, options, batch, gamma=GAMMA):
     return float(loss)
 
 
-@pytest.mark.parametrize("div", losses.DIVERGENCES)
+@pytest.mark.parametrize("div", REFERENCE_DIVERGENCES)
 @pytest.mark.parametrize("value_on", losses.VALUE_ON)
 @pytest.mark.parametrize("n_model", [0, 3])
 @pytest.mark.parametrize("options", ["rev1", "all"])
 def test_sequence_match_matches_reference(div, value_on, n_model, options):
-    seed = 100 * losses.DIVERGENCES.index(div) + 10 * losses.VALUE_ON.index(value_on) + n_model
+    seed = 100 * REFERENCE_DIVERGENCES.index(div) + 10 * losses.VALUE_ON.index(value_on) + n_model
     batch = make_batch(seed, n_model=n_model)
     _check_against_reference(div, value_on, options, batch)
 
@@ -208,17 +221,16 @@ def test_bc_identity_holds_with_noise_as_environment(gamma, terminal, normalize)
     """method.md §2.7: value_on=data, c=0, alpha=1: L_SM = E_data[w * -log pi] over agent actions,
     exactly, for any logits and noise; at gamma = 1 it is L_BC (agent actions counted)."""
     logits, tokens, m, n, is_model, aw, _ = noisy_batch(5)
-    kw = dict(eos_id=EOS, gamma=gamma, chi2_coef=0.0, value_on="data", terminal=terminal)
+    kw = dict(gamma=gamma, chi2_coef=0.0, value_on="data", terminal=terminal)
     sm, _ = losses.sequence_match_loss(
         logits,
         tokens,
         m,
         n,
         is_model,
+        eos_id=EOS,
         action_weight=aw,
-        masked_actions="environment",
-        normalize=normalize,
-        **kw,
+        **sm_args(masked_actions="environment", normalize=normalize, **kw),
     )
     want = _discounted_nll(logits, tokens, m, n, is_model, aw, gamma, normalize)
     assert float(sm) == pytest.approx(want, rel=1e-5)
@@ -236,7 +248,14 @@ def test_bc_identity_holds_with_noise_as_environment(gamma, terminal, normalize)
         assert float(sm) == pytest.approx(float(bc), rel=1e-5)
     # Revision 1 ('unrewarded') leaves V(s) - gamma V(s + noise) per masked action: no identity.
     sm1, _ = losses.sequence_match_loss(
-        logits, tokens, m, n, is_model, action_weight=aw, masked_actions="unrewarded", **kw
+        logits,
+        tokens,
+        m,
+        n,
+        is_model,
+        eos_id=EOS,
+        action_weight=aw,
+        **sm_args(masked_actions="unrewarded", **kw),
     )
     want1 = _discounted_nll(logits, tokens, m, n, is_model, aw, gamma)
     assert abs(float(sm1) - want1) > 1e-2
@@ -257,13 +276,11 @@ def test_chi2_telescopes_to_bc_plus_a_boundary_term(div, terminal):
         n,
         is_model,
         eos_id=EOS,
-        divergence=div,
-        gamma=1.0,
-        chi2_coef=0.0,
-        value_on="mix",
-        terminal=terminal,
+        **sm_args(divergence=div, gamma=1.0, chi2_coef=0.0, value_on="mix", terminal=terminal),
     )
-    bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS, action_weight=ones)
+    bc, _ = losses.bc_loss(
+        logits, tokens, m, n, is_model, eos_id=EOS, action_weight=ones, **BC_REV1
+    )
     boundary = {"data": 0.0, "model": 0.0}
     count = {"data": 0, "model": 0}
     for b in range(len(tokens)):
@@ -283,7 +300,7 @@ def test_model_ended_fraction_and_truncated_weight():
     """`sm/model_ended_frac` counts model rows that end with eos; truncated_weight=0 removes
     the others from every term (the loss equals that of the batch without them)."""
     logits, tokens, m, n, is_model, _, _ = make_batch(41, n_model=3)
-    fn = functools.partial(losses.sequence_match_loss, eos_id=EOS, gamma=GAMMA)
+    fn = functools.partial(losses.sequence_match_loss, eos_id=EOS, **sm_args(gamma=GAMMA))
     ended = [EOS in tokens[b, m[b] : n[b]].tolist() for b in range(len(tokens))]
     _, met = fn(logits, tokens, m, n, is_model)
     want = np.mean([e for e, mod in zip(ended, is_model, strict=True) if mod])
@@ -299,12 +316,12 @@ def test_temperature_scales_as_specified():
     """alpha = 1 is revision 1; the linear terms keep their scale in alpha and the r^2 term is
     c * alpha * (l[a] - gamma lse(l'))^2: the loss is affine in alpha."""
     logits, tokens, m, n, is_model, aw, rw = make_batch(51, n_model=3)
-    kw = dict(eos_id=EOS, gamma=GAMMA, action_weight=aw, row_weight=rw)
+    fn = functools.partial(losses.sequence_match_loss, eos_id=EOS, action_weight=aw, row_weight=rw)
     val = {
-        a: float(losses.sequence_match_loss(logits, tokens, m, n, is_model, temperature=a, **kw)[0])
+        a: float(fn(logits, tokens, m, n, is_model, **sm_args(gamma=GAMMA, temperature=a))[0])
         for a in (1.0, 0.5, 0.01)
     }
-    rev1, _ = losses.sequence_match_loss(logits, tokens, m, n, is_model, **kw)
+    rev1, _ = fn(logits, tokens, m, n, is_model, **sm_args(gamma=GAMMA))
     assert val[1.0] == pytest.approx(float(rev1))
     slope = (val[1.0] - val[0.5]) / 0.5
     assert val[0.01] == pytest.approx(val[1.0] - 0.99 * slope, rel=1e-4, abs=1e-4)
@@ -313,7 +330,9 @@ def test_temperature_scales_as_specified():
 def test_defaults_no_weights():
     """action_weight=None and row_weight=None mean all ones."""
     logits, tokens, m, n, is_model, _, _ = make_batch(7)
-    loss, _ = losses.sequence_match_loss(logits, tokens, m, n, is_model, eos_id=EOS, gamma=GAMMA)
+    loss, _ = losses.sequence_match_loss(
+        logits, tokens, m, n, is_model, eos_id=EOS, **sm_args(gamma=GAMMA)
+    )
     ones = np.ones((len(tokens), T), np.float32)
     want = _ref_sm("chi2_mix", "mix", logits, tokens, m, n, is_model, ones, np.ones(len(tokens)))
     assert float(loss) == pytest.approx(want, rel=1e-5)
@@ -322,7 +341,9 @@ def test_defaults_no_weights():
 def test_row_weight_equals_duplicated_rows():
     logits, tokens, m, n, is_model, _, _ = make_batch(3)
     rw = np.array([2, 1, 1, 3, 1, 1], np.float32)
-    fn = functools.partial(losses.sequence_match_loss, eos_id=EOS, gamma=GAMMA, action_weight=None)
+    fn = functools.partial(
+        losses.sequence_match_loss, eos_id=EOS, action_weight=None, **sm_args(gamma=GAMMA)
+    )
     weighted, _ = fn(logits, tokens, m, n, is_model, row_weight=rw)
     rep = np.repeat(np.arange(len(rw)), rw.astype(int))
     dup, _ = fn(logits[rep], tokens[rep], m[rep], n[rep], is_model[rep])
@@ -336,10 +357,10 @@ def test_hand_computed_single_action():
     tokens = np.array([[1, EOS]], np.int32)
     args = (logits, tokens, np.array([1]), np.array([2]), np.array([False]))
     v0 = np.log(V + np.exp(2.0))
-    loss, met = losses.sequence_match_loss(*args, eos_id=EOS, chi2_coef=0.25)
+    loss, met = losses.sequence_match_loss(*args, eos_id=EOS, **sm_args(chi2_coef=0.25))
     assert float(met["sm/r_data"]) == pytest.approx(2.0)
     assert float(loss) == pytest.approx(-2.0 + v0 + 0.25 * 4.0, rel=1e-6)
-    bc, _ = losses.bc_loss(*args, eos_id=EOS)
+    bc, _ = losses.bc_loss(*args, eos_id=EOS, **BC_REV1)
     assert float(bc) == pytest.approx(v0 - 2.0, rel=1e-6)
 
 
@@ -349,7 +370,13 @@ def test_truncated_row_bootstraps_last_state():
     logits = rng.normal(size=(1, 4, V + 1)).astype(np.float32)
     tokens = np.array([[1, 2, 3, 0]], np.int32)
     _, met = losses.sequence_match_loss(
-        logits, tokens, np.array([1]), np.array([3]), np.array([False]), eos_id=EOS, gamma=GAMMA
+        logits,
+        tokens,
+        np.array([1]),
+        np.array([3]),
+        np.array([False]),
+        eos_id=EOS,
+        **sm_args(gamma=GAMMA),
     )
     lse = jax.nn.logsumexp(logits[0], axis=-1)
     r = [logits[0, 0, 2] - GAMMA * lse[1], logits[0, 1, 3] - GAMMA * lse[2]]
@@ -361,7 +388,7 @@ def test_bc_matches_reference(n_model):
     logits, tokens, m, n, is_model, aw, rw = make_batch(11, n_model=n_model)
     fn = jax.value_and_grad(
         lambda lg: losses.bc_loss(
-            lg, tokens, m, n, is_model, eos_id=EOS, action_weight=aw, row_weight=rw
+            lg, tokens, m, n, is_model, eos_id=EOS, action_weight=aw, row_weight=rw, **BC_REV1
         )[0]
     )
     loss, grad = fn(logits)
@@ -378,7 +405,7 @@ def test_bc_matches_reference(n_model):
 def test_diagnostics_present_and_finite():
     logits, tokens, m, n, is_model, aw, _ = make_batch(5)
     _, met = losses.sequence_match_loss(
-        logits, tokens, m, n, is_model, eos_id=EOS, divergence="js", action_weight=aw
+        logits, tokens, m, n, is_model, eos_id=EOS, action_weight=aw, **sm_args(divergence="js")
     )
     for key in (
         "sm/r_data",
@@ -417,7 +444,19 @@ def test_loss_factory_warmup_and_validation():
     )
     rev2 = {k: getattr(d, k) for k in objective.LossConfig.REVISION_1}
     sm, _ = losses.sequence_match_loss(
-        logits, tokens, m, n, is_model, eos_id=EOS, gamma=GAMMA, action_weight=aw, **rev2
+        logits,
+        tokens,
+        m,
+        n,
+        is_model,
+        eos_id=EOS,
+        action_weight=aw,
+        divergence=d.divergence,
+        gamma=GAMMA,
+        chi2_coef=d.chi2_coef,
+        value_on=d.value_on,
+        clamp_margin=d.clamp_margin,
+        **rev2,
     )
     warm, met = fn(logits, batch, 3)
     assert float(warm) == pytest.approx(0.5 * float(bc), rel=1e-5)
@@ -432,7 +471,33 @@ def test_loss_factory_warmup_and_validation():
         objective.make_loss_fn({"divergence": "chi"}, eos_id=EOS)
 
 
-@pytest.mark.parametrize("div", losses.DIVERGENCES)
+def test_revision_1_values_are_reachable():
+    """`LossConfig.REVISION_1` over the config defaults is revision 1: the options the float64
+    reference defaults to (the tests above compare the kernels against it with these values),
+    and what `config.upgrade` gives a config saved before revision 2."""
+    from smatch_jax import config
+
+    params = inspect.signature(reference.sm_loss).parameters
+    ref_defaults = {k: p.default for k, p in params.items() if p.default is not p.empty}
+    assert ref_defaults == objective.LossConfig.REVISION_1
+    d = objective.LossConfig()
+    changed = {k for k in d.defaults() if getattr(REVISION_1, k) != getattr(d, k)}
+    assert changed and changed <= set(ref_defaults)  # revision 2 changed these fields only
+    upgraded = config.upgrade({"loss": {"divergence": "kl"}})["loss"]
+    assert objective.LossConfig.from_mapping(upgraded) == objective.LossConfig(
+        divergence="kl", **objective.LossConfig.REVISION_1
+    )
+
+
+def test_unregistered_divergence_names_the_registered_ones():
+    logits, tokens, m, n, is_model, _, _ = make_batch(9)
+    with pytest.raises(ValueError, match=r"'tv' is not registered; choose one of \['chi2_mix'"):
+        losses.sequence_match_loss(
+            logits, tokens, m, n, is_model, eos_id=EOS, **sm_args(divergence="tv")
+        )
+
+
+@pytest.mark.parametrize("div", list(losses.DIVERGENCES))
 def test_garbage_logits_outside_the_episode_give_finite_gradients(div):
     """-inf / huge logits at padding and after eos must not turn the gradient into NaN."""
     lg = np.zeros((2, 4, V + 1), np.float32)
@@ -442,9 +507,9 @@ def test_garbage_logits_outside_the_episode_give_finite_gradients(div):
     m, n = np.array([1, 1]), np.array([2, 2])
     for fn in (
         lambda x: losses.sequence_match_loss(
-            x, tokens, m, n, np.array([False, True]), eos_id=EOS, divergence=div
+            x, tokens, m, n, np.array([False, True]), eos_id=EOS, **sm_args(divergence=div)
         )[0],
-        lambda x: losses.bc_loss(x, tokens, m, n, eos_id=EOS)[0],
+        lambda x: losses.bc_loss(x, tokens, m, n, eos_id=EOS, **BC_REV1)[0],
     ):
         val, grad = jax.value_and_grad(fn)(lg)
         assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
@@ -453,7 +518,7 @@ def test_garbage_logits_outside_the_episode_give_finite_gradients(div):
 def test_unlikelihood_matches_loop_reference():
     logits, tokens, m, n, is_model, _, _ = make_batch(13, n_model=2)
     tokens = np.where(tokens == BK, 1, tokens)  # the baseline trains on clean rows
-    got, _ = losses.unlikelihood_loss(logits, tokens, m, n, is_model, eos_id=EOS)
+    got, _ = unlikelihood.unlikelihood_loss(logits, tokens, m, n, is_model, eos_id=EOS)
     total, count = 0.0, 0
     for b in range(len(tokens)):
         if is_model[b]:
@@ -471,5 +536,5 @@ def test_unlikelihood_matches_loop_reference():
     batch = objective.Batch(tokens, m, n, is_model, np.ones(tokens.shape, np.float32))
     tot, met = fn(logits, batch, 0)
     assert "ul/loss" in met
-    bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS)
+    bc, _ = losses.bc_loss(logits, tokens, m, n, is_model, eos_id=EOS, **BC_REV1)
     assert float(tot) == pytest.approx(float(bc) + 0.5 * float(got), rel=1e-5)

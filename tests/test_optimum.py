@@ -53,6 +53,7 @@ import optax
 import pytest
 
 from smatch_jax import losses
+from smatch_jax.objective import LossConfig
 
 A, B, EOS = 0, 1, 2
 NA = 4  # V + 1 logits; index 3 is <bkspc>
@@ -61,6 +62,8 @@ T = 1 + H
 GAMMA = 0.998
 STEPS = 5000
 LR = 0.05  # cosine-decayed to LR / 100: constant-lr adam jitters around the optimum
+# The kernels have no defaults: these problems run revision 1 unless a test says otherwise.
+REVISION_1 = LossConfig(**LossConfig.REVISION_1).kernel_args(losses.sequence_match_loss)
 
 PREFIXES = [p for k in range(H) for p in itertools.product((A, B), repeat=k)]
 S = len(PREFIXES)
@@ -146,7 +149,15 @@ def objective(theta, p_data, c, alpha, beta, *, kind, gamma):
     (0, 0 is the loss itself; the contrasts use them to build wrong objectives)."""
     lg = logits_of(theta)
     if kind == "bc":
-        return losses.bc_loss(lg, TOKENS, PROMPT_LEN, LENGTH, eos_id=EOS, row_weight=p_data)[0]
+        return losses.bc_loss(
+            lg,
+            TOKENS,
+            PROMPT_LEN,
+            LENGTH,
+            eos_id=EOS,
+            row_weight=p_data,
+            masked_actions="unrewarded",
+        )[0]
     pi_tau = jax.lax.stop_gradient(traj_prob(policy_of(theta)))  # model rows, as if sampled
     loss, met = losses.sequence_match_loss(
         jnp.concatenate([lg, lg]),
@@ -155,10 +166,9 @@ def objective(theta, p_data, c, alpha, beta, *, kind, gamma):
         LENGTH2,
         IS_MODEL2,
         eos_id=EOS,
-        divergence=kind,
-        gamma=gamma,
-        chi2_coef=c,  # enters linearly; traced so that all cases share one compilation
         row_weight=jnp.concatenate([p_data, pi_tau]),
+        # c enters linearly; traced so that all cases share one compilation
+        **{**REVISION_1, "divergence": kind, "gamma": gamma, "chi2_coef": c},
     )
     return loss + alpha * met["sm/data_term"] + beta * met["sm/value_term"]
 
@@ -330,7 +340,14 @@ def _one_step_objective(theta, c, kw):
     rw = jnp.concatenate([jax.nn.one_hot(EXPERT, NACT), pi])
     m, n = np.ones(2 * NACT, np.int32), np.full(2 * NACT, 3, np.int32)
     return losses.sequence_match_loss(
-        lg, _ROWS, m, n, _IS_MODEL50, eos_id=EOS50, chi2_coef=c, row_weight=rw, **kw
+        lg,
+        _ROWS,
+        m,
+        n,
+        _IS_MODEL50,
+        eos_id=EOS50,
+        row_weight=rw,
+        **{**REVISION_1, "chi2_coef": c, **kw},
     )[0]
 
 
