@@ -454,6 +454,88 @@ def test_demo_a_bad_flag(env):
     assert_error(run(env, "smatch_jax.main.demo", "--stpes=3"), 2, "--stpes")
 
 
+# ------------------------------------------------- one config entry: every program with a config
+
+# Every program that takes a config, with the flags it needs besides --config: each parses
+# it with `cli.parse_config_flags`, so each says the same about the same mistake, before any
+# model, dataset or compile (a few seconds each).
+CONFIG_PROGRAMS = {
+    "smatch_jax.main": ("--workdir={tmp}/w",),
+    "smatch_jax.main.compile": ("--topology=v5e:2x2",),
+}
+
+
+def error_lines(env, tmp_path, *args) -> dict[str, str]:
+    """{program: its one `error:` line (exit 2, no traceback)} for `args` after --config."""
+    lines = {}
+    for program, needed in CONFIG_PROGRAMS.items():
+        flags = [f.format(tmp=tmp_path) for f in needed]
+        lines[program] = assert_error(run(env, program, SMOKE, *flags, *args), 2)
+    assert not (tmp_path / "w").exists()
+    return lines
+
+
+@pytest.mark.parametrize(
+    "override, phrase",
+    [
+        ("--noconfig.eval.recovry", "did you mean 'eval.recovery'"),  # was a traceback
+        ("--config.train.num_steps=0", "invalid config: train.num_steps=0"),
+        ("--config.train.num_steps=x", "--config.train.num_steps=x"),
+    ],
+)
+def test_every_program_with_a_config_says_the_same_about_an_override(
+    env, tmp_path, override, phrase
+):
+    lines = error_lines(env, tmp_path, override)
+    assert len(set(lines.values())) == 1, lines
+    assert phrase in lines["smatch_jax.main"], lines
+
+
+def test_a_misspelled_override_is_named_with_the_closest_field(env, tmp_path):
+    lines = error_lines(env, tmp_path, "--config.loss.temprature=0.1")
+    want = "error: unknown config key 'loss.temprature'; did you mean 'loss.temperature'?"
+    assert set(lines.values()) == {want}, lines
+
+
+def test_overrides_without_a_config_name_the_missing_flags(env):
+    res = run(env, "smatch_jax.main", "--config.loss.temperature=0.1")
+    assert_error(res, 2, "missing --config, --workdir")
+    res = run(env, "smatch_jax.main.compile", "--config.loss.temperature=0.1")
+    assert_error(res, 2, "missing --config, --topology")
+
+
+def test_the_programs_share_one_config_flag_in_one_process(tmp_path, env):
+    """Both programs imported together (no flag defined twice), each parsing the argv it is
+    given rather than sys.argv: the config check of the compile program fires."""
+    script = (
+        "from smatch_jax.main import cli, compile, train\n"
+        f"cli.run(compile.main, [{SMOKE!r}, '--topology=v5e:2x2', '--config.train.num_steps=0'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_error((proc.returncode, proc.stdout, proc.stderr), 2, "train.num_steps=0")
+
+
+def test_a_program_without_a_config_refuses_one(env, tmp_path):
+    """evaluate and generate read the config saved in --workdir; demo and assets have none."""
+    override = "--config.loss.temprature=0.1"
+    for program, args in [
+        ("smatch_jax.main.evaluate", (f"--workdir={tmp_path}",)),
+        ("smatch_jax.main.generate", (f"--workdir={tmp_path}", "--prompt=hi")),
+        ("smatch_jax.main.demo", ()),
+        ("smatch_jax.main.assets", ("list",)),
+    ]:
+        line = assert_error(run(env, program, *args, override), 2, override, "takes no config")
+        assert "only train (python -m smatch_jax.main) and compile" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- in-process pieces
 
 

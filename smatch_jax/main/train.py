@@ -20,14 +20,10 @@ import sys
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from smatch_jax.main import cli
 
-# Locked: after the command-line overrides nothing may add a field by a typo.
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiment config file[:variant]", lock_config=True
-)
+# `--config` and its overrides: `cli.CONFIG`, the entry every program with a config shares.
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics, samples")
 _COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host)")
 _NPROC = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
@@ -65,11 +61,12 @@ def summary_table(result: dict, workdir: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    cli.parse_config_flags(argv, doc=__doc__, module_name=__name__, required=("config", "workdir"))
+    config = cli.parse_config_flags(
+        argv, doc=__doc__, module_name=__name__, required=("config", "workdir")
+    )
     import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()  # our own progress line is enough
-    config = _CONFIG.value
     if config.distributed:
         jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     # After distributed init: train touches devices.
