@@ -256,14 +256,14 @@ def real_step_setup(size: h.Size, model_rows: int | None = None):
 def sm_cost(size: h.Size, reps: int, sample_every=(1, 4, 10, 16)) -> dict:
     """Figure 3: (SM step + refill / sample_every) / MLE step, at several sample_every."""
     model, state, batch, train_step, refill = real_step_setup(size)
-    sm = jax.jit(train_step, static_argnames="with_model")
+    sm = jax.jit(train_step, static_argnames="use_model_rows")
     fill = jax.jit(refill)
     state, _ = fill(state, batch)  # a non-empty buffer
     fns, params, opt_state = make_step_fns(model, size)
     toks, m, n = batch["tokens"], batch["prompt_len"], batch["length"]
     data = jnp.zeros(size.batch, bool)
     calls = {
-        "sm_step": lambda: sm(state, batch, with_model=True),
+        "sm_step": lambda: sm(state, batch, use_model_rows=True),
         "refill": lambda: fill(state, batch),
         "mle": lambda: fns["mle"](params, opt_state, toks, m, n, data),
     }
@@ -308,7 +308,7 @@ def _peak_bytes(compiled) -> int | None:
 def compile_and_memory(size: h.Size) -> dict:
     """Figure 5: compile seconds and XLA's peak-memory estimate (arguments + outputs + temps)."""
     _, state, batch, train_step, refill = real_step_setup(size)
-    t_train, c_train = _compile(train_step, state, batch, with_model=True)
+    t_train, c_train = _compile(train_step, state, batch, use_model_rows=True)
     t_refill, c_refill = _compile(refill, state, batch)
     return {
         "size": size.name,

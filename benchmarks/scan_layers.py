@@ -43,7 +43,7 @@ def one_layout(spec: str, scan: bool) -> dict:
     refill = r.program.refill.lower(state, batch, r.frozen).compile()
     refill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    step = r.program.train_step.lower(state, batch, r.frozen, r.tables, with_model=True)
+    step = r.program.train_step.lower(state, batch, r.frozen, r.tables, use_model_rows=True)
     step = step.compile()
     step_s = time.perf_counter() - t0
     state, _ = refill(state, batch, r.frozen)

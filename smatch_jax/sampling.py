@@ -215,7 +215,7 @@ def sample_traced(
         model = nnx.merge(graphdef, layout.put_weights(weights))
     rows_at = layout.put_rows if layout is not None else lambda x: x
     cache_at = layout.put_cache if layout is not None else lambda x: x
-    heads_at = layout.put_heads if layout is not None else None
+    decode = sharding.layout_decode(model, layout)  # q, k and v where the cache has its heads
     prompts, prompt_len, floor_len = rows_at(prompts), rows_at(prompt_len), rows_at(floor_len)
     B, P = prompts.shape
     stop_ids = (eos_id,) if isinstance(eos_id, int) else tuple(eos_id)  # a chat model's too
@@ -229,7 +229,7 @@ def sample_traced(
     cache = cache_at(init_cache(model.config, B, S))
     pos_BxP = jnp.broadcast_to(jnp.arange(P), (B, P))
     mask = (slots[None, None, :] <= pos_BxP[:, :, None]) & (slots < prompt_len[:, None])[:, None]
-    logits, cache = model.decode(prompts, pos_BxP, mask, cache, jnp.zeros(B, jnp.int32), heads_at)
+    logits, cache = decode(prompts, pos_BxP, mask, cache, jnp.zeros(B, jnp.int32))
     cache, next_logits = cache_at(cache), rows_at(logits[rows, prompt_len - 1])
     state = jnp.zeros((B, S), jnp.int32).at[:, :P].set(prompts)
     state = jnp.where(slots < prompt_len[:, None], state, pad_id)
@@ -310,9 +310,7 @@ def sample_traced(
         state = c["state"].at[rows, jnp.where(is_tok, L, S)].set(a, mode="drop")
         state = jnp.where(slots < new_len[:, None], state, pad_id)
         mask = (slots < new_len[:, None])[:, None, :]
-        logits, cache = model.decode(
-            feed_tok[:, None], feed_at[:, None], mask, c["cache"], feed_at, heads_at
-        )
+        logits, cache = decode(feed_tok[:, None], feed_at[:, None], mask, c["cache"], feed_at)
         logits, cache = rows_at(logits), cache_at(cache)
         step_logits = c["step_logits"]
         if cfg.return_logits:

@@ -25,6 +25,8 @@
   where the training layout gathers every weight for every token: see the JAX scaling book,
   "inference", and benchmarks/RESULTS.md "Pod plans". The copy costs 1/tensor of the
   weights per chip while the sampler runs.
+* Activations are constrained by logical axis name (activations.py): the model names its
+  arrays' axes, the train step's and the sampler's `activations.axis_rules` say where they go.
 * Global batches are assembled from process-local numpy data with
   `jax.make_array_from_process_local_data`, so the same code runs on several hosts.
 """
@@ -43,11 +45,12 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from smatch_jax import activations
+from smatch_jax.activations import BATCH_AXES, fit_spec
 from smatch_jax.errors import UserError
 from smatch_jax.sections import Section
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # rows of a training batch; `tensor` shards hold the same rows
 MIN_SHARD_SIZE = 2**14  # unmatched parameters with fewer elements are replicated
 # A scanned model's block weights (`blocks.` then a name, not a layer number): [L, ...].
 _STACKED = re.compile(r"(?:^|\.)blocks\.(?!\d+(?:\.|$))")
@@ -164,20 +167,6 @@ def path_name(path) -> str:
     return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
 
 
-def _fit(spec: Spec, shape: tuple[int, ...], mesh: Mesh) -> P:
-    """`spec` with every axis that does not divide its dimension dropped (module docstring)."""
-    out = []
-    for entry, dim in zip(spec, shape, strict=True):
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        kept, size = [], 1
-        for a in axes:
-            if mesh.shape[a] > 1 and dim % (size * mesh.shape[a]) == 0:
-                kept.append(a)
-                size *= mesh.shape[a]
-        out.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
-    return P(*out)
-
-
 def _default_spec(shape: tuple[int, ...], fsdp: int) -> P:
     if fsdp == 1 or int(np.prod(shape)) < MIN_SHARD_SIZE:
         return P()
@@ -205,7 +194,7 @@ def param_shardings(abstract_params, mesh: Mesh, rules: str | Sequence[tuple[str
                         f"sharding rule {rx!r} has {len(spec)} entries for {name} of shape "
                         f"{shape}; give one per dimension"
                     )
-                return _fit(spec, shape, mesh)
+                return fit_spec(spec, shape, mesh)
         return _default_spec(shape, fsdp)
 
     def one(path, x):
@@ -222,21 +211,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def put_rows(mesh: Mesh, x: jax.Array) -> jax.Array:
-    """`x` (inside jit) with its leading dimension split over `data` x `fsdp` (the axes that
-    divide it) and the rest copied: where a training batch's activations belong."""
-    spec = _fit((BATCH_AXES,) + (None,) * (x.ndim - 1), x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
-def put_logits(mesh: Mesh, x: jax.Array) -> jax.Array:
-    """Logits [B, T, V+1] (inside jit): rows as `put_rows`, positions over `tensor` (when it
-    divides them). The output layer's work is then split over every chip; V + 1 rarely
-    divides, and with the positions copied each `tensor` shard computed every row's logits."""
-    spec = _fit((BATCH_AXES, "tensor", None), x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-
 def batch_shards(mesh: Mesh) -> int:
     """How many slices a training batch is split into (`data` x `fsdp`)."""
     return mesh.shape["data"] * mesh.shape["fsdp"]
@@ -246,20 +220,23 @@ def batch_shards(mesh: Mesh) -> int:
 class DecodeLayout:
     """Where the sampler keeps its arrays (module docstring): `rows` for [B, ...] arrays,
     `cache` for the [layers, B, slots, kv heads, head dim] KV cache, `heads` for the
-    attention's q, k and v [B, T, heads, head dim] (split like the cache's heads), and
-    `weights`, `(parameter path, spec)` pairs: each weight's training spec without `fsdp`
-    (`decode_weight_specs`), so that the sampler gathers the `fsdp` shards once per call."""
+    attention's q, k and v [B, T, heads, head dim] (split like the cache's heads; the model
+    puts them there under `axis_rules()`), and `weights`, `(parameter path, spec)` pairs: each
+    weight's training spec without `fsdp` (`decode_weight_specs`), so that the sampler
+    gathers the `fsdp` shards once per call."""
 
     rows: NamedSharding
     cache: NamedSharding
     heads: NamedSharding
     weights: tuple[tuple[str, P], ...] = ()
 
+    def axis_rules(self) -> Any:
+        """`activations.axis_rules` for decoding: q, k and v where `heads` puts them."""
+        rows, _, heads, _ = self.heads.spec
+        return activations.axis_rules(self.rows.mesh, (("batch", rows), ("heads", heads)))
+
     def put_rows(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, self.rows)
-
-    def put_heads(self, x: jax.Array) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, self.heads)
 
     def put_cache(self, cache: Any) -> Any:
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.cache), cache)
@@ -282,6 +259,18 @@ class DecodeLayout:
             return x if sh is None else jax.lax.with_sharding_constraint(x, sh)
 
         return jax.tree_util.tree_map_with_path(one, state)
+
+
+def layout_decode(model: Any, layout: DecodeLayout | None) -> Any:
+    """`model.decode` with q, k and v [B, T, heads, D] kept where `layout` keeps the cache's
+    heads (`layout.axis_rules()`), so that attention is local to each chip's heads; `layout`
+    None: where XLA puts them."""
+
+    def decode(*args: Any) -> Any:
+        with layout.axis_rules() if layout is not None else activations.axis_rules(None):
+            return model.decode(*args)
+
+    return decode
 
 
 def decode_weight_specs(*trees: Any) -> tuple[tuple[str, P], ...]:
@@ -313,8 +302,8 @@ def decode_layout(
     data + tensor parallelism, as MaxText and Tunix sample for RL. Decoding in the training
     layout instead gathered the `fsdp` shards of every weight for every token
     (benchmarks/RESULTS.md, "Pod plans")."""
-    rows = _fit((BATCH_AXES,), (batch_size,), mesh)[0]
-    heads = _fit(("tensor",), (n_kv_heads,), mesh)[0]
+    rows = fit_spec((BATCH_AXES,), (batch_size,), mesh)[0]
+    heads = fit_spec(("tensor",), (n_kv_heads,), mesh)[0]
     return DecodeLayout(
         rows=NamedSharding(mesh, P(rows)),
         cache=NamedSharding(mesh, P(None, rows, None, heads, None)),

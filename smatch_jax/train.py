@@ -43,14 +43,9 @@ from smatch_jax import (
     validate,
 )
 from smatch_jax.eval import report
-from smatch_jax.run import Run, setup
+from smatch_jax.run import setup
 
 log = logging.getLogger(__name__)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the last metrics."""
-    return train(config, workdir)[1]
 
 
 def _prepare(config, workdir_p: Path, force_resume: bool):
@@ -73,7 +68,7 @@ def _write_config(config, workdir_p: Path, forced: dict) -> None:
     storage.write_atomic(workdir_p / "config.json", json.dumps(config.to_dict(), indent=2))
 
 
-def _restore(run: Run, ckpt: checkpointing.Checkpointer):
+def _restore(run: steps.Run, ckpt: checkpointing.Checkpointer):
     """(state, sampler stats of the last refill, restored step or None)."""
     newest = ckpt.latest_step()
     with warnings.catch_warnings(record=True) as caught:  # one line below, not one a step
@@ -133,7 +128,7 @@ def _remove_if_unwritten(workdir_p: Path) -> None:
         shutil.rmtree(workdir_p, ignore_errors=True)
 
 
-def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv, progress_every_s):
+def _train(config, run: steps.Run, workdir_p, stop_after, t_start, forced, argv, progress_every_s):
     c = run.typed
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract_state()))
     validate.check_free_space(workdir_p, state_bytes, c.train.keep_ckpts)
@@ -166,11 +161,11 @@ def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv, progr
         progress = metrics.Progress(n, start_step=int(state.step), every_s=progress_every_s)
     stopper = preemption.PreemptionHandler(handle_sigint=True, announce=True).install()
     nonfinite = guard.NonFiniteGuard(c.train.nonfinite, c.train.max_skips, ckpt)
-    sm_on = run.sm_on()
+    samples_model_rows = run.samples_model_rows
     warmup, sample_every = c.loss.bc_warmup_steps, c.sampling.sample_every
     lr_at = c.optim.learning_rate(c.train.num_steps)
     timer = throughput.StepTimer(sync=c.train.time_split)
-    rows = c.train.batch_size + (c.train.model_rows if sm_on else 0)  # the SM step's rows
+    rows = c.train.batch_size + (c.train.model_rows if samples_model_rows else 0)  # SM's rows
     flops_per_step = (
         rows
         * c.data.seq_len
@@ -192,20 +187,21 @@ def _train(config, run: Run, workdir_p, stop_after, t_start, forced, argv, progr
             with timer.phase("data"):
                 batch = timer.ready(sharding.global_batch(run.data.next(), run.mesh))
             profiler.before(step)
-            with_model = sm_on and step >= warmup  # SequenceMatch starts after the warm-up
-            if with_model and step == warmup and host0:
+            # SequenceMatch's model rows join the batch after the warm-up
+            use_model_rows = samples_model_rows and step >= warmup
+            if use_model_rows and step == warmup and host0:
                 log.info(
                     "step %d: SequenceMatch's terms start (the BC warm-up, loss.bc_warmup_steps, "
                     "is over): the loss adds the value and chi2 terms, so its scale jumps; this "
                     "is expected",
                     step,
                 )
-            if with_model and (step - warmup) % sample_every == 0:
+            if use_model_rows and (step - warmup) % sample_every == 0:
                 with timer.phase("refill"):
                     state, sample_stats = run.refill(state, batch)
                     sampled = {k: float(v) for k, v in jax.device_get(sample_stats).items()}
             with timer.phase("train_step"):
-                state, met = run.train_step(state, batch, with_model=with_model)
+                state, met = run.train_step(state, batch, use_model_rows=use_model_rows)
                 timer.ready(met["loss"])
             profiler.after(step, met["loss"])
             if first_step_s is None:  # building, compiling (or loading: the cache), one step

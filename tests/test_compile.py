@@ -103,8 +103,8 @@ def test_paper_configs_load(variant):
 
 @needs_libtpu
 def test_the_program_parses_its_flags_and_names_a_bad_topology():
-    """Run as a program (its flags are defined only then): an unknown slice is one clear
-    error, not a traceback."""
+    """Run as a program (its flags parsed by `cli.parse_config_flags`): an unknown slice is
+    one clear error, not a traceback."""
     import subprocess
     import sys
 
@@ -176,11 +176,11 @@ state = r.init_state()
 strip = lambda t: re.sub(r" loc\\([^\\n]*", "", "\\n".join(
     x for x in t.splitlines() if not x.startswith("#loc")))
 out = {{}}
+train = lambda rows: r.program.train_step.lower(state, batch, r.frozen, r.tables,
+                                                use_model_rows=rows)
 pairs = {{
-    "train_mle": (r.program.train_step.lower(state, batch, r.frozen, r.tables, with_model=False),
-                  compile_plan.lower_train_step(ar, False)),
-    "train_sm": (r.program.train_step.lower(state, batch, r.frozen, r.tables, with_model=True),
-                 compile_plan.lower_train_step(ar, True)),
+    "train_mle": (train(False), compile_plan.lower_train_step(ar, False)),
+    "train_sm": (train(True), compile_plan.lower_train_step(ar, True)),
     "refill": (r.program.refill.lower(state, batch, r.frozen), compile_plan.lower_refill(ar)),
 }}
 for name, (real, plan) in pairs.items():
@@ -194,7 +194,7 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow
 def test_the_plan_lowers_the_program_that_trains(tmp_path):
-    """`run.setup` (real data and weights) and the plan's abstract build (`run.build` on
+    """`run.setup` (real data and weights) and the plan's abstract build (`steps.build` on
     shapes) lower the train step, with and without model rows, and the refill to the same
     StableHLO (source locations dropped) on 8 CPU devices as data 2 x fsdp 2 x tensor 2:
     the same functions, argument order, shardings and donation."""

@@ -56,7 +56,7 @@ assert smatch_jax.__file__.startswith(sys.argv[1]), smatch_jax.__file__
 from smatch_jax import config, train
 c = config.base_config()
 c.data.task, c.data.data_dir, c.data.seq_len = "arithmetic", sys.argv[2], 48
-c.data.difficulty = "easy"
+c.data.arithmetic.difficulty = "easy"
 c.data.train_size, c.data.test_size, c.data.validation_size = 64, 8, 8
 c.model.preset = "tiny_llama"
 c.train.num_steps, c.train.batch_size, c.train.model_rows, c.train.log_every = 1, 8, 8, 1
@@ -109,7 +109,7 @@ def test_train_step_refill_and_sampler_are_traced_once(tmp_path, monkeypatch):
             fn = factory(*args, **kwargs)
 
             def traced(*a, **k):
-                traces[name if "with_model" not in k else f"{name}[{k['with_model']}]"] += 1
+                traces[name if "use_model_rows" not in k else f"{name}[{k['use_model_rows']}]"] += 1
                 return fn(*a, **k)
 
             return traced

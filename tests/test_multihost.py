@@ -53,7 +53,7 @@ cfg.mesh.data, cfg.mesh.fsdp = 1, {ndev}
 run = run_lib.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
 state, _ = run.refill(run.init_state(), batch)
-state, met = run.train_step(state, batch, with_model=True)
+state, met = run.train_step(state, batch, use_model_rows=True)
 host = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
 params = jax.tree.leaves(run.abstract_state().params)
 n_sharded = sum(not x.sharding.is_fully_replicated for x in params)
@@ -154,7 +154,7 @@ def test_one_step_equal_on_1_device_and_2_processes_x_4_devices(tmp_path):
     assert _rows(mh_batch) == _rows(own)
     batch = sharding.global_batch(own, run.mesh)
     state, _ = run.refill(run.init_state(), batch)
-    state, met = run.train_step(state, batch, with_model=True)
+    state, met = run.train_step(state, batch, use_model_rows=True)
 
     np.testing.assert_array_equal(mh["replay"], np.asarray(state.replay.tokens))
     assert float(mh["loss"]) == pytest.approx(float(met["loss"]), rel=1e-5, abs=1e-6)

@@ -4,7 +4,6 @@ inside while loops (hlo_stats.py). Specs are checked on abstract meshes; that th
 moves activations and not weights, and the host slices of a v5e-32, on the TPU compiler's
 compile-only devices (no TPU needed)."""
 
-import functools
 import importlib.util
 
 import jax
@@ -16,8 +15,8 @@ from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import arithmetic
+from smatch_jax import activations, sharding
 from smatch_jax import config as config_lib
-from smatch_jax import sharding
 from smatch_jax.models import lora
 from smatch_jax.models.config import ModelConfig
 from smatch_jax.models.transformer import Transformer
@@ -131,21 +130,55 @@ def test_decode_weights_keep_only_their_tensor_split():
     assert placed == [specs[k] for k in ("embed", "o", "q")]  # in the pytree's key order
 
 
+def _constraints(fn, *args):
+    eqns = jax.make_jaxpr(fn)(*args).eqns
+    return [e.params["sharding"].spec for e in eqns if e.primitive.name == "sharding_constraint"]
+
+
 def test_the_train_steps_activations_keep_their_rows_split():
-    """Residual stream: rows over data x fsdp; logits: positions over tensor too (V + 1 does
-    not divide). Axes that do not divide a dimension are dropped."""
+    """Under `TRAIN_RULES`: the residual stream's rows over data x fsdp; the logits' positions
+    over tensor too (V + 1 does not divide). Axes that do not divide a dimension are dropped;
+    outside `axis_rules`, or with no mesh, nothing is constrained."""
     mesh = _mesh(data=2, fsdp=2, tensor=2)
+    residual, logits = ("batch", "length", "embed"), ("batch", "logits_length", "vocab")
 
-    def specs(fn, x):
-        eqns = jax.make_jaxpr(functools.partial(fn, mesh))(x).eqns
-        return [
-            e.params["sharding"].spec for e in eqns if e.primitive.name == "sharding_constraint"
-        ]
+    def specs(names, x, mesh=mesh):
+        def fn(x):
+            with activations.axis_rules(mesh, activations.TRAIN_RULES):
+                return activations.constrain(x, names)
 
-    assert specs(sharding.put_rows, jnp.ones((8, 6, 4))) == [P(("data", "fsdp"), None, None)]
-    assert specs(sharding.put_rows, jnp.ones((2, 6, 4))) == [P("data", None, None)]
-    assert specs(sharding.put_logits, jnp.ones((8, 6, 33))) == [P(("data", "fsdp"), "tensor", None)]
-    assert specs(sharding.put_logits, jnp.ones((8, 5, 33))) == [P(("data", "fsdp"), None, None)]
+        return _constraints(fn, x)
+
+    assert specs(residual, jnp.ones((8, 6, 4))) == [P(("data", "fsdp"), None, None)]
+    assert specs(residual, jnp.ones((2, 6, 4))) == [P("data", None, None)]
+    assert specs(logits, jnp.ones((8, 6, 33))) == [P(("data", "fsdp"), "tensor", None)]
+    assert specs(logits, jnp.ones((8, 5, 33))) == [P(("data", "fsdp"), None, None)]
+    assert _constraints(lambda x: activations.constrain(x, residual), jnp.ones((8, 6, 4))) == []
+    assert specs(residual, jnp.ones((8, 6, 4)), mesh=None) == []
+
+
+def test_axis_rules_nest_and_the_innermost_is_in_force():
+    """The decode layout's rules inside the train rules: q, k and v [B, T, H, D] on the
+    layout's rows and heads; after them, the train rules again; then nothing."""
+    mesh = _mesh(data=2, fsdp=2, tensor=2)
+    lay = sharding.decode_layout(mesh, batch_size=8, n_kv_heads=4)
+    heads = ("batch", "length", "heads", "head_dim")
+    seen = []
+
+    def fn(x):
+        with activations.axis_rules(mesh, activations.TRAIN_RULES):
+            with lay.axis_rules():
+                seen.append(activations.constraining())
+                x = activations.constrain(x, heads)
+            x = activations.constrain(x, heads)
+        seen.append(activations.constraining())
+        return activations.constrain(x, heads)
+
+    assert _constraints(fn, jnp.ones((8, 3, 4, 2))) == [
+        lay.heads.spec,
+        P(("data", "fsdp"), None, None, None),
+    ]
+    assert seen == [True, False]
 
 
 needs_libtpu = pytest.mark.skipif(
@@ -351,8 +384,8 @@ def test_weight_all_gathers_of_a_real_compile_equal_the_weight_bytes(scan):
     def forward(p, x):
         pos = jnp.broadcast_to(jnp.arange(T), (B, T))
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
-        place = functools.partial(sharding.put_rows, mesh)
-        return nnx.merge(graphdef, p).forward_embeddings(x, pos, mask, place=place)
+        with activations.axis_rules(mesh, activations.TRAIN_RULES):
+            return nnx.merge(graphdef, p).forward_embeddings(x, pos, mask)
 
     x = jax.ShapeDtypeStruct((B, T, 128), jnp.bfloat16, sharding=rows)
     text = jax.jit(forward, out_shardings=rows).lower(args, x).compile().as_text()

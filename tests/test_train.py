@@ -133,7 +133,7 @@ run = run_lib.setup(cfg)
 batch = sharding.global_batch(run.data.next(), run.mesh)
 state, _ = run.refill(run.init_state(), batch)  # the sampler in the decode layout
 replay_rows = np.asarray(state.replay.tokens)
-state, met = run.train_step(state, batch, with_model=True)
+state, met = run.train_step(state, batch, use_model_rows=True)
 leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
 before = [np.asarray(x) for x in jax.tree.leaves(run.init_state().params)]
 moved = sum(bool(np.any(a != b)) for a, b in zip(before, leaves))
@@ -225,7 +225,7 @@ def test_unknown_variant_is_rejected():
 def test_every_text_variant_loads(variant):
     c = text.get_config(variant)
     assert c.data.task == "text"
-    assert c.data.seq_len >= c.data.prompt_tokens + c.data.completion_tokens + 1
+    assert c.data.seq_len >= c.data.text.prompt_tokens + c.data.text.completion_tokens + 1
     _build_abstractly(c)
 
 

@@ -12,13 +12,13 @@ RoPE uses the Hugging Face "rotate_half" convention (see transformer.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from smatch_jax import activations
 from smatch_jax.models.config import ModelConfig
 
 INIT_STD = 0.02  # GPT-2 initialiser: normal(0, 0.02); residual outputs get 0.02 / sqrt(2 L)
@@ -139,14 +139,14 @@ class Attention(nnx.Module):
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
         layer: int | jax.Array = 0,
-        place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """Without a cache S = T (self-attention over x); with one, writes K/V then attends.
 
         `cache_kv` is the (k, v) pair of the whole stacked cache [L, B, S, K, D]; this block's
-        K/V go to `layer`, and the updated pair is returned. `place_heads` (decoding on a mesh)
-        puts q, k and v [B, T, heads, D] where the cache keeps its heads, so that attention
-        is local to each chip's heads (sharding.DecodeLayout).
+        K/V go to `layer`, and the updated pair is returned. Decoding on a mesh (the
+        sampler's `sharding.DecodeLayout.axis_rules()` in force), q, k and v [B, T, heads, D]
+        are put where the cache keeps its heads, so that attention is local to each chip's
+        heads.
         """
         cfg = self.config
         B, T, _ = x_BxTxD.shape
@@ -156,12 +156,15 @@ class Attention(nnx.Module):
         if cfg.family == "llama":
             q_BxTxHxD = rope_rotate(q_BxTxHxD, positions_BxT, cfg.rope_theta)
             k_BxTxKxD = rope_rotate(k_BxTxKxD, positions_BxT, cfg.rope_theta)
-        if place_heads is not None:
-            q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = map(place_heads, (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD))
         new_cache_kv = None
         if cache_kv is not None:
+            names = ("batch", "length", "heads", "head_dim")
+            q_BxTxHxD, k_BxTxKxD, v_BxTxKxD = (
+                activations.constrain(x, names) for x in (q_BxTxHxD, k_BxTxKxD, v_BxTxKxD)
+            )
+            by_select = activations.constraining()
             new_cache_kv = tuple(
-                _write_rows(c, layer, new, cache_index_B, place_heads is not None)
+                _write_rows(c, layer, new, cache_index_B, by_select)
                 for c, new in zip(cache_kv, (k_BxTxKxD, v_BxTxKxD), strict=True)
             )
             k_BxTxKxD, v_BxTxKxD = new_cache_kv[0][layer], new_cache_kv[1][layer]  # [B, S, K, D]

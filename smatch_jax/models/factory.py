@@ -66,14 +66,14 @@ def build_model(
     seed: int,
     tokenizer=None,
     trained: tuple[Transformer, Any] | None = None,
-    place: Any = None,
+    shardings: Any = None,
 ) -> Transformer:
     """The model of `spec` for a vocabulary of `vocab_size` and rows of `seq_len` tokens.
 
     `trained`: `(model, tokenizer)` of the run a `ckpt:<workdir>` init names, restored by the
-    caller (`run.setup`); `tokenizer` (optional) must equal that run's tokenizer. `place`
-    (the abstract params -> their shardings): an `hf:` checkpoint is read shard by shard onto
-    them, each process reading only what its devices hold (`convert.load_hf_sharded`).
+    caller (`run.setup`); `tokenizer` (optional) must equal that run's tokenizer.
+    `shardings` (the abstract params -> their shardings): an `hf:` checkpoint is read shard by
+    shard onto them, each process reading only what its devices hold (`convert.load_hf_sharded`).
     """
     init, scan = spec.init, spec.scan_layers
     if init == "scratch":
@@ -87,8 +87,8 @@ def build_model(
         model = Transformer(mc, rngs=nnx.Rngs(seed))
     elif init == "smollm2":
         model = convert.smollm2(dtype=spec.dtype, scan_layers=scan)
-    elif init.startswith("hf:") and place is not None:
-        model = convert.load_hf_sharded(init[3:], place, dtype=spec.dtype, scan_layers=scan)
+    elif init.startswith("hf:") and shardings is not None:
+        model = convert.load_hf_sharded(init[3:], shardings, dtype=spec.dtype, scan_layers=scan)
     elif init.startswith("hf:"):
         model = convert.load_hf(init[3:], dtype=spec.dtype, scan_layers=scan)
     elif init.startswith("ckpt:"):  # fine-tune a model trained here (e.g. MLE pretraining)

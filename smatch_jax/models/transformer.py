@@ -34,18 +34,24 @@ cached decode run it under `jax.lax.scan`, so XLA traces and compiles one block 
 (MaxText's `scan_layers`). The weights are those of the unrolled model built from the same
 seed, stacked (`stack_blocks`); `relayout` converts a model between the two layouts, and the
 importers (`convert/`) and LoRA build either. Rematerialisation applies to the scanned body.
+
+Activation sharding: the model names the axes of the arrays it constrains
+(`activations.constrain`: the residual stream before every block, `("batch", "length",
+"embed")`; q, k and v when decoding, `("batch", "length", "heads", "head_dim")`); the
+`activations.axis_rules` in force when it is traced (the train step's, the sampler's) map the
+names to mesh axes, and outside them nothing is constrained.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from smatch_jax import activations
 from smatch_jax.models.attention import INIT_STD, Attention, KVCache, init_cache, linear
 from smatch_jax.models.config import ModelConfig
 
@@ -108,16 +114,9 @@ class Block(nnx.Module):
         cache_kv: tuple[jax.Array, jax.Array] | None = None,
         cache_index_B: jax.Array | None = None,
         layer: int | jax.Array = 0,
-        place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         attn_BxTxD, new_cache_kv = self.attn(
-            self.attn_norm(x_BxTxD),
-            positions_BxT,
-            mask_BxTxS,
-            cache_kv,
-            cache_index_B,
-            layer,
-            place_heads,
+            self.attn_norm(x_BxTxD), positions_BxT, mask_BxTxS, cache_kv, cache_index_B, layer
         )
         x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
@@ -217,15 +216,8 @@ class Transformer(nnx.Module):
         positions_BxT: jax.Array,
         attn_mask_BxTxT: jax.Array,
         remat: str = "none",
-        place: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         """Logits [B, T, V+1] float32 from input embeddings (as returned by `embed`).
-
-        `place` (on a mesh): a sharding constraint for the residual stream [B, T, d], applied
-        before every block (the training step keeps rows split over the batch's mesh axes
-        there; left alone, XLA followed the embedding table's feature split and gathered the
-        whole batch's activations on every chip). Before the output layer it is the caller's
-        choice (`hidden`, then `head`: steps.py).
 
         `remat` (`REMAT`): what a gradient keeps of each block's forward pass. 'none' keeps
         every activation; 'full' only the block's input, recomputing the rest in the backward
@@ -233,7 +225,7 @@ class Transformer(nnx.Module):
         projections, not the attention's scores), so only cheap elementwise work is redone."""
         if remat not in REMAT:
             raise ValueError(f"remat={remat!r}; use one of {sorted(REMAT)}")
-        x_BxTxD = self.hidden(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat, place)
+        x_BxTxD = self.hidden(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat)
         return self.head(x_BxTxD)
 
     def hidden(
@@ -242,14 +234,14 @@ class Transformer(nnx.Module):
         positions_BxT: jax.Array,
         attn_mask_BxTxT: jax.Array,
         remat: str = "none",
-        place: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
-        """The residual stream [B, T, d] after the last block (before `final_norm`); `remat`,
-        `place`: see `forward_embeddings`."""
-        place = place or (lambda x: x)
+        """The residual stream [B, T, d] after the last block (before `final_norm`), its rows
+        constrained before every block (module docstring; the output layer's input is the
+        caller's: `hidden`, then `head`); `remat`: see `forward_embeddings`."""
 
         def run(weights, x_BxTxD, graphdef):  # one block, a pure function of its weights
-            return nnx.merge(graphdef, weights)(place(x_BxTxD), positions_BxT, attn_mask_BxTxT)[0]
+            x_BxTxD = activations.constrain(x_BxTxD, ("batch", "length", "embed"))
+            return nnx.merge(graphdef, weights)(x_BxTxD, positions_BxT, attn_mask_BxTxT)[0]
 
         if remat != "none":  # weights may come from several traces (LoRA: trainable adapters
             # under the gradient, the frozen base outside it): checkpoint a pure function
@@ -269,12 +261,11 @@ class Transformer(nnx.Module):
         positions_BxT: jax.Array,
         attn_mask_BxTxT: jax.Array,
         remat: str = "none",
-        place: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:
         """Full pass: logits [B, T, V+1] float32; attn_mask[b, q, k] True if q may see k.
-        `remat`, `place`: see `forward_embeddings`."""
+        `remat`: see `forward_embeddings`."""
         x_BxTxD = self.embed(input_ids_BxT, positions_BxT)
-        return self.forward_embeddings(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat, place)
+        return self.forward_embeddings(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat)
 
     def decode(
         self,
@@ -283,7 +274,6 @@ class Transformer(nnx.Module):
         attn_mask_BxKxS: jax.Array,
         cache: KVCache,
         cache_index_B: jax.Array,
-        place_heads: Callable[[jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache]:
         """Cached pass over K new tokens per row; returns (logits [B, K, V+1], new cache).
 
@@ -292,7 +282,7 @@ class Transformer(nnx.Module):
         `dynamic_update_slice` clamps out-of-range starts), overwriting whatever was there.
         The K queries then attend over all S slots of the updated cache as allowed by
         `attn_mask[b, k, s]`; the caller marks which slots are valid (including the new
-        tokens' own slots). The module is not mutated. `place_heads`: see `Attention`.
+        tokens' own slots). The module is not mutated.
         """
         x_BxKxD = self.embed(input_ids_BxK, positions_BxK)
         kv = (cache.k, cache.v)
@@ -304,13 +294,13 @@ class Transformer(nnx.Module):
                 x_BxKxD, kv = carry
                 weights, layer = weights_and_layer
                 block = nnx.merge(graphdef, weights)
-                return block(x_BxKxD, *args, kv, cache_index_B, layer, place_heads)
+                return block(x_BxKxD, *args, kv, cache_index_B, layer)
 
             layers = jnp.arange(self.config.n_layers, dtype=jnp.int32)
             x_BxKxD, kv = _scan_blocks(step, (x_BxKxD, kv), (weights, layers))
         else:
             for layer, block in enumerate(self.blocks):
-                x_BxKxD, kv = block(x_BxKxD, *args, kv, cache_index_B, layer, place_heads)
+                x_BxKxD, kv = block(x_BxKxD, *args, kv, cache_index_B, layer)
         return self.head(x_BxKxD), KVCache(k=kv[0], v=kv[1])
 
     def head(self, x_BxTxD: jax.Array) -> jax.Array:
