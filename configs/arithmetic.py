@@ -26,7 +26,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.task = "arithmetic"  # dataset: arithmetic (add_or_sub_in_base)
     c.data.train_size = 5000  # training examples (the paper: 5,000)
     c.data.test_size = 200  # held-out questions (the paper: 200)
-    c.data.difficulty = "all"  # train entropy: easy | medium | hard | all (test: interpolate)
+    c.data.arithmetic.difficulty = (
+        "all"  # train entropy: easy | medium | hard | all (test: interpolate)
+    )
     c.data.seq_len = 96  # T: prompt + actions (noise and backspaces included)
 
     c.model.preset = "small_llama"  # an architecture of smatch_jax/models/config.py PRESETS
@@ -57,12 +59,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.train.eval_every = 300
             c.train.ckpt_every = 300
         elif variant == "smollm2":  # a pretrained LM in its own tokenizer, fine-tuned directly
-            c.data.tokenizer = "smollm2"  # rows in the qa prompt format (data.prompt_format auto)
+            c.data.tokenizer = (
+                "smollm2"  # rows in the qa prompt format (data.arithmetic.prompt_format auto)
+            )
             c.model.init, c.model.lora_rank, c.model.lora_alpha = "smollm2", 16, 32.0
             # 30 layers: the train step compiles in 5 s instead of 19 and steps 0.90x as long
             # on a 2-core CPU (benchmarks/RESULTS.md, "Pod plans: one program, scanned layers")
             c.model.scan_layers = True
-            c.data.difficulty = c.data.test_difficulty = "easy"
+            c.data.arithmetic.difficulty = c.data.arithmetic.test_difficulty = "easy"
             c.data.seq_len = 48  # easy rows: prompts <= 32 tokens, answers ~5 + eos
             c.train.batch_size = c.train.model_rows = 16
             c.train.num_steps = 300
@@ -100,7 +104,9 @@ VARIANTS = (*common.LOSS_VARIANTS, "smoke", "pretrain", "pretrain_long", "finetu
 def _cpu_scale(c: ml_collections.ConfigDict) -> None:
     """The 2-core CPU scale of experiments/arithmetic.py (the paper's data, a smaller model)."""
     c.model.preset = "mini_llama"
-    c.data.difficulty = c.data.test_difficulty = "easy"  # a 3-layer model learns it on 2 cores
+    c.data.arithmetic.difficulty = c.data.arithmetic.test_difficulty = (
+        "easy"  # a 3-layer model learns it on 2 cores
+    )
     c.data.seq_len = 64
     c.train.batch_size = 32
     c.train.model_rows = 32

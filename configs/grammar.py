@@ -21,10 +21,10 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.base_config()
     c.data.task = "grammar"
-    c.data.max_depth = 6  # nesting bound
-    c.data.max_len = 40  # brackets per word at most (mean 12.5 at these settings)
-    c.data.p_end = 0.3  # stop at depth 0
-    c.data.p_open = 0.5  # open below the bound
+    c.data.grammar.max_depth = 6  # nesting bound
+    c.data.grammar.max_len = 40  # brackets per word at most (mean 12.5 at these settings)
+    c.data.grammar.p_end = 0.3  # stop at depth 0
+    c.data.grammar.p_open = 0.5  # open below the bound
     c.data.train_size = 5000
     c.data.validation_size = 500
     c.data.test_size = 500  # words sampled per evaluation seed; recovery prompts

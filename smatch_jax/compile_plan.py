@@ -1,11 +1,12 @@
 """A run built abstractly and compiled for a TPU topology on a CPU host: the pod plan.
 
-`abstract_run(config, devices)` is `run.build`, the builder `run.setup` trains with, on a
+`abstract_run(config, devices)` is `steps.build`, the builder `run.setup` trains with, on a
 model made of shapes (`nnx.eval_shape`) and a mesh of `devices` (e.g. the compile-only devices
 of `topologies.compile_devices('v5e-32')`): the same jitted train step and refill, with the
 same argument order, shardings and donation. No weight is allocated and no data is read; the
 vocabulary comes from `vocab_size` or the pretrained preset (`models/config.py: VOCAB_SIZES`),
-the sampler's prompt width from `data.prompt_max` (text: `data.prompt_tokens`).
+the sampler's prompt width from `data.prompt_max` (else the task's `prompt_width`: text's
+prompt_tokens).
 
 `compile_pieces(ar)` lowers and compiles:
 
@@ -49,7 +50,7 @@ import ml_collections
 from flax import nnx
 
 from smatch_jax import config as config_lib
-from smatch_jax import hlo_stats, run, sampling, sharding, steps, validate
+from smatch_jax import hlo_stats, sampling, sharding, steps, tasks, validate
 from smatch_jax.eval import decoding
 from smatch_jax.models import factory, init_cache
 
@@ -67,9 +68,9 @@ _LOOP_BODY = {"refill": "decode_step_refill", "eval_decode": "decode_step_eval"}
 
 @dataclasses.dataclass
 class AbstractRun:
-    """`run.build` of a config on shapes, and what the plan needs besides."""
+    """`steps.build` of a config on shapes, and what the plan needs besides."""
 
-    built: run.Built
+    built: steps.Built
     tables: steps.NoiseTables  # ShapeDtypeStructs, replicated
     vocab_size: int
     model_bytes: int  # all weights (trainable and frozen), in their storage dtype
@@ -92,8 +93,9 @@ def resolve_prompt_max(c: config_lib.Typed) -> int:
     """The sampler's prompt width without reading the data."""
     if c.data.prompt_max:
         return c.data.prompt_max
-    if c.data.task == "text":
-        return c.data.prompt_tokens
+    width = tasks.get(c.data.task).prompt_width(c.data)
+    if width is not None:
+        return width
     raise ValueError(
         f"data.prompt_max=0 takes the longest prompt of the {c.data.task} data, which an "
         "abstract build does not read; set data.prompt_max (the longest prompt in tokens)"
@@ -112,12 +114,13 @@ def abstract_run(
     tokenizer: Any = None,
     n_layers: int | None = None,
 ) -> AbstractRun:
-    """`run.build(config)` as shapes and shardings on a mesh of `devices` (module docstring).
+    """`steps.build(config)` as shapes and shardings on a mesh of `devices` (module docstring).
     `tokenizer`: the ids the steps use (`bkspc_id`, `eos_id`, `pad_id`; default a stand-in
     with the vocabulary's size: the ids change no shape); `n_layers`: a cost probe with that
     many unrolled layers."""
     c = validate.check_config(config)
-    if c.noise.kind == "errors" or (c.noise.kind == "model" and c.data.task == "grammar"):
+    automaton = tasks.get(c.data.task).has_automaton
+    if c.noise.kind == "errors" or (c.noise.kind == "model" and automaton):
         raise ValueError(
             f"noise.kind={c.noise.kind!r} on the {c.data.task} task draws from its prefix "
             "automaton, which an abstract build does not make; plan the run with "
@@ -128,13 +131,15 @@ def abstract_run(
         if tokenizer is not None
         else factory.vocab_size_of(c.model, vocab_size)
     )
-    P, T = resolve_prompt_max(c), c.data.seq_len
-    if P >= T:
-        raise ValueError(f"data.prompt_max={P} leaves no room for actions in data.seq_len={T}")
+    prompt_max, T = resolve_prompt_max(c), c.data.seq_len
+    if prompt_max >= T:
+        raise ValueError(
+            f"data.prompt_max={prompt_max} leaves no room for actions in data.seq_len={T}"
+        )
     tok = tokenizer or types.SimpleNamespace(vocab_size=V, bkspc_id=V, eos_id=1, pad_id=0)
     mesh = sharding.mesh_of(c.mesh, devices=devices)
     model = factory.abstract_model(c.model, V, c.data.seq_len, c.seed, n_layers)
-    built = run.build(c, model, tok, P, mesh)
+    built = steps.build(c, model, tok, prompt_max, mesh)
     leaves = jax.tree.leaves(built.params) + jax.tree.leaves(built.frozen)
     tables = steps.NoiseTables(_sds((V,), jnp.float32, sharding.replicated(mesh)))
     return AbstractRun(
@@ -164,16 +169,16 @@ def frozen_abstract(ar: AbstractRun) -> Any:
     return jax.tree.map(lambda x, s: _sds(x.shape, x.dtype, s), ar.built.frozen, ar.built.frozen_sh)
 
 
-def lower_train_step(ar: AbstractRun, with_model: bool) -> Any:
-    """The train step as `run.setup`'s `train_step` calls it, lowered."""
+def lower_train_step(ar: AbstractRun, use_model_rows: bool) -> Any:
+    """The train step as `steps.Run.train_step` calls it, lowered."""
     b = ar.built
     return b.program.train_step.lower(
-        b.abstract, data_batch(ar), frozen_abstract(ar), ar.tables, with_model=with_model
+        b.abstract, data_batch(ar), frozen_abstract(ar), ar.tables, use_model_rows=use_model_rows
     )
 
 
 def lower_refill(ar: AbstractRun) -> Any:
-    """The replay refill as `run.setup`'s `refill` calls it, lowered."""
+    """The replay refill as `steps.Run.refill` calls it, lowered."""
     b = ar.built
     return b.program.refill.lower(b.abstract, data_batch(ar), frozen_abstract(ar))
 
@@ -187,27 +192,29 @@ def lower_eval_decode(ar: AbstractRun) -> Any:
     """`sampling.sample_jit` with the arguments `sampling.sample` gives it during evaluation:
     the whole model's state, 256 prompts and their lengths (uncommitted numpy: copied), a
     key."""
-    b, st = ar.built, ar.settings
+    b, settings = ar.built, ar.settings
     model = nnx.merge(b.graphdef, b.abstract.params, frozen_abstract(ar))
     graphdef, weights = nnx.split(model)
     layout = sampling.layout_of(graphdef, weights, EVAL_BATCH)
     rep = sharding.replicated(ar.mesh)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    B, P = EVAL_BATCH, st.prompt_max
+    B = EVAL_BATCH
     args = (
         graphdef,
         weights,
-        _sds((B, P), jnp.int32, rep),
+        _sds((B, settings.prompt_max), jnp.int32, rep),
         _sds((B,), jnp.int32, rep),
         _sds(key.shape, key.dtype, rep),
         _sds((B,), jnp.int32, rep),
     )
-    kw = dict(cfg=eval_decoding_config(ar), eos_id=st.eos_id, pad_id=st.pad_id, layout=layout)
+    kw = dict(
+        cfg=eval_decoding_config(ar), eos_id=settings.eos_id, pad_id=settings.pad_id, layout=layout
+    )
     return sampling.sample_jit.lower(*args, **kw)
 
 
 def layout(ar: AbstractRun, batch_size: int) -> sharding.DecodeLayout:
-    """The sampler's decode layout for `batch_size` rows (what run.build gives the refill)."""
+    """The sampler's decode layout for `batch_size` rows (what steps.build gives the refill)."""
     b = ar.built
     weights = sharding.decode_weight_specs(b.abstract.params, b.frozen_sh)
     return sharding.decode_layout(ar.mesh, batch_size, b.model_config.n_kv_heads, weights)
@@ -223,7 +230,7 @@ def lower_decode_step(ar: AbstractRun, batch_size: int, cache_len: int) -> Any:
 
     def step(params, frozen, cache, tok, pos, mask, write_at):
         model = nnx.merge(b.graphdef, params, frozen)
-        logits, cache = model.decode(tok, pos, mask, cache, write_at, lay.put_heads)
+        logits, cache = sharding.layout_decode(model, lay)(tok, pos, mask, cache, write_at)
         return lay.put_rows(logits), lay.put_cache(cache)
 
     model = nnx.merge(b.graphdef, b.abstract.params, b.frozen)
@@ -249,11 +256,11 @@ def lower_decode_step(ar: AbstractRun, batch_size: int, cache_len: int) -> Any:
 
 def lowerings(ar: AbstractRun) -> dict[str, Callable[[], Any]]:
     """Per piece (`PIECES`, those the run has), a thunk that lowers it."""
-    st, c = ar.settings, ar.typed
-    S_eval = st.prompt_max + eval_decoding_config(ar).max_new_tokens
+    settings, c = ar.settings, ar.typed
+    S_eval = settings.prompt_max + eval_decoding_config(ar).max_new_tokens
     out = {"train_mle": lambda: lower_train_step(ar, False)}
-    if st.model_rows:
-        S = st.prompt_max + st.sampling.max_new_tokens
+    if settings.model_rows:
+        S = settings.prompt_max + settings.sampling.max_new_tokens
         out |= {
             "train_sm": lambda: lower_train_step(ar, True),
             "refill": lambda: lower_refill(ar),
@@ -284,7 +291,7 @@ class Piece:
     loop_trips: int = 1
     step_name: str = ""
     layers_counted: int = 1  # a scanned model: n_layers once its probes compiled, else 1
-    donated: bool = False  # an argument's buffers become the outputs' (run.Program: state)
+    donated: bool = False  # an argument's buffers become the outputs' (steps.Program: state)
     seconds: float = 0.0  # lowering and compilation (both compiles of a scanned model)
     error: str = ""
     needed_bytes: int = 0

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import ml_collections
 
+from smatch_jax import tasks
 from smatch_jax.data.train_data import DataConfig
 from smatch_jax.eval.decoding import EvalConfig
 from smatch_jax.models.factory import ModelSpec
@@ -109,12 +110,19 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
+def section_classes() -> tuple[type[Section], ...]:
+    """Every typed config class of the schema: the top level, the sections, and the
+    registered tasks' subsections of `data`."""
+    own = tuple(tasks.get(name).Config for name in tasks.names())
+    return (TopLevel, *SECTIONS.values(), *own)
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field with its default (the comments are in the section classes)."""
     c = ml_collections.ConfigDict()
     c.seed = TopLevel.seed
     for name, cls in SECTIONS.items():
-        c[name] = ml_collections.ConfigDict(cls.defaults())
+        c[name] = ml_collections.ConfigDict(cls.schema())
     c.distributed = TopLevel.distributed
     return c
 
@@ -156,11 +164,27 @@ def typed(config: Mapping[str, Any]) -> Typed:
 
 
 def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A config read from an older workdir, made explicit: a `loss` section saved before the
-    objective's revision 2 ran revision 1, so its missing revision-2 fields get those values
-    (not the current defaults)."""
+    """A config read from an older workdir, made explicit:
+
+    * a `loss` section saved before the objective's revision 2 ran revision 1, so its missing
+      revision-2 fields get those values (not the current defaults);
+    * a `data` section saved before tasks had their own subsections kept every task's fields
+      flat: the run's task's move to its subsection (`data.difficulty` to
+      `data.arithmetic.difficulty`), the other tasks' (which did nothing) are dropped.
+    """
     out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in saved.items()}
     loss = out.get("loss")
     if isinstance(loss, dict) and "temperature" not in loss:
         out["loss"] = {**LossConfig.REVISION_1, **loss}
+    data = out.get("data")
+    if isinstance(data, dict) and data.get("task") in tasks.names():
+        shared, own = DataConfig.defaults(), tasks.get(data["task"]).Config.defaults()
+        others = {k for n in tasks.names() for k in tasks.get(n).Config.defaults()}
+        flat = [k for k in data if k not in shared and not isinstance(data[k], Mapping)]
+        moved = {k: data.pop(k) for k in flat if k in own}
+        for k in flat:  # another task's field: it did nothing in this run
+            if k in others and k not in own:
+                data.pop(k)
+        if moved:
+            data[data["task"]] = {**dict(data.get(data["task"], {})), **moved}
     return out

@@ -76,6 +76,14 @@ def range_problem(key: str, value: Any, low, high, inclusive: bool) -> str | Non
     return f"{key}={value} is out of range; it must be in {'[' if inclusive else '('}{lo}, {hi}]"
 
 
+SUBSECTION = {"subsection": True}  # metadata of a field holding a typed subsection
+
+
+def is_subsection(field: dataclasses.Field) -> bool:
+    """A field that holds a subsection (its own typed config), not a value."""
+    return bool(field.metadata.get("subsection"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """Base of the typed config sections (see the module docstring)."""
@@ -86,13 +94,22 @@ class Section:
     RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = ()
 
     def __post_init__(self) -> None:
-        problems = self.problems_of(dataclasses.asdict(self))
+        problems = self.problems_of(
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        )
         if problems:
             raise ValueError("\n".join(problems))
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
-        return {f.name: f.default for f in dataclasses.fields(cls)}
+        """{field: default} of the section's own values (not its subsections)."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if not is_subsection(f)}
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        """The section as it appears in a config: its defaults, and any subsections' (a dict
+        each; override)."""
+        return cls.defaults()
 
     @classmethod
     def problems_of(cls, values: Mapping[str, Any]) -> list[str]:
@@ -142,7 +159,7 @@ def field_comments(cls: type) -> dict[str, str]:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
         return {}
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if not is_subsection(f)}
     out: dict[str, str] = {}
     prev, block = None, []  # the last field with a comment, the comment lines since
     for line in lines:

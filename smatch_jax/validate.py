@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from smatch_jax import config as config_lib
-from smatch_jax import storage
+from smatch_jax import storage, tasks
 from smatch_jax.errors import UserError
 from smatch_jax.sections import did_you_mean, flatten
 
@@ -93,10 +93,11 @@ def _compatibility_problems(c) -> list[str]:
             "loss.value_on='mix' needs rows sampled from the model, but train.model_rows=0; "
             "set train.model_rows > 0, or loss.value_on='data' (offline SequenceMatch)"
         )
-    if c.noise.kind == "errors" and c.data.task != "grammar":
+    if c.noise.kind == "errors" and not tasks.get(c.data.task).has_automaton:
+        with_one = [n for n in tasks.names() if tasks.get(n).has_automaton]
         problems.append(
-            f"noise.kind='errors' needs a task with a prefix automaton (grammar), not "
-            f"{c.data.task!r}; use noise.kind='ground_truth' or 'random'"
+            f"noise.kind='errors' needs a task with a prefix automaton ({' / '.join(with_one)}), "
+            f"not {c.data.task!r}; use noise.kind='ground_truth' or 'random'"
         )
     return problems
 

@@ -290,8 +290,6 @@ def test_text_builder_on_a_directory(tmp_path, data_dir):
         assert (r["prompt_len"] == 8).all() and (r["length"] <= 8 + 6 + 1).all()
         docs[split] = set(r["doc"])
     assert not docs["train"] & docs["test"] and not docs["train"] & docs["validation"]
-    with pytest.raises(ValueError, match="rows would not fit"):
-        builders.make_config("text", **{**kw, "T": 14})
 
 
 def test_text_builder_shakespeare(data_dir):
@@ -321,8 +319,6 @@ def test_text_builder_shakespeare(data_dir):
 def test_clear_errors(tmp_path, arith, monkeypatch):
     with pytest.raises(ValueError, match="unknown data task"):
         builders.build("nope", data_dir=tmp_path)
-    with pytest.raises(ValueError, match="train_size must be >= 1"):
-        builders.make_config("arithmetic", train_size=0)
     with pytest.raises(ValueError, match="unknown difficulty"):
         builders.make_config("arithmetic", difficulty="insane")
     with pytest.raises(ValueError, match="unknown split"):

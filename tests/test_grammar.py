@@ -11,7 +11,7 @@ import pytest
 
 from configs import grammar as grammar_config
 from experiments import grammar as grammar_exp
-from smatch_jax import noise, train
+from smatch_jax import noise, train, validate
 from smatch_jax.data import builders
 from smatch_jax.data import grammar as g
 from smatch_jax.eval import grammar as grammar_eval
@@ -130,8 +130,11 @@ def test_builder_is_deterministic_per_seed(tmp_path):
     np.testing.assert_array_equal(a["tokens"], b["tokens"])
     assert a["word"] == b["word"] and a["word"] != c["word"]
     assert all(g.is_valid(g.GrammarSpec(), w) for w in a["word"])
-    with pytest.raises(ValueError, match="raise T or lower max_len"):
-        builders.make_config("grammar", T=30)
+    # Rows that cannot fit are the config section's to refuse, before any data is built.
+    c = grammar_config.get_config("smoke")
+    c.data.seq_len = 30
+    with pytest.raises(validate.ConfigError, match=r"max_len \+ 2 \(prompt, eos\) = 42"):
+        validate.check_config(c)
 
 
 def test_recovery_prompts_end_in_the_first_error():

@@ -32,8 +32,11 @@ def _edited(c, key, value):
     """`c` with `key` set to `value`, as a config loaded from JSON would have it (a
     ConfigDict refuses a wrong type on assignment, a freshly built one does not)."""
     d = c.to_dict()
-    section, _, field = key.rpartition(".")
-    (d[section] if section else d)[field] = value
+    *path, field = key.split(".")
+    node = d
+    for part in path:
+        node = node[part]
+    node[field] = value
     return ml_collections.ConfigDict(d)
 
 
@@ -58,7 +61,7 @@ def _edited(c, key, value):
         ("loss.masked_actions", "env", r"choose one of \['unrewarded', 'environment'\]"),
         ("loss.normalize", "episode", r"choose one of \['token', 'row'\]"),
         ("data.eval_split", "dev", r"data.eval_split='dev' is not a split of arithmetic"),
-        ("data.difficulty", "", r"data.difficulty='' is unknown; choose one of \['easy'"),
+        ("data.arithmetic.difficulty", "", r"data.arithmetic.difficulty='' is unknown; choose"),
         ("eval.decodings", "greedy,beam", r"eval.decodings='greedy,beam': unknown decoding 'beam'"),
         ("loss.temperature", 0.0, r"loss.temperature=0.0 is out of range; it must be in \(0.0"),
         ("loss.truncated_weight", 2.0, r"loss.truncated_weight=2.0 is out of range"),
@@ -86,7 +89,7 @@ def test_offline_value_term_needs_no_model_rows(cfg):
 
 def test_text_row_longer_than_seq_len_is_refused():
     c = text.get_config("smoke")
-    c.data.seq_len = c.data.prompt_tokens + 1
+    c.data.seq_len = c.data.text.prompt_tokens + 1
     with pytest.raises(validate.ConfigError, match=r"data.seq_len=\d+ is shorter than a text row"):
         validate.check_config(c)
 
@@ -207,6 +210,26 @@ def test_run_length_and_cadence_may_change_on_resume(cfg, tmp_path):
     longer = tiny_config(tmp_path / "data", num_steps=100, log_every=7, ckpt_every=9)
     diff = validate.prepare_workdir(wd, longer.to_dict())
     assert set(diff) == {"train.num_steps", "train.log_every", "train.ckpt_every"}
+
+
+def test_a_workdir_saved_before_task_subsections_resumes(cfg, tmp_path):
+    """A config.json from before `data.<task>` subsections (every task's fields flat in
+    `data`, the other tasks' at their old defaults) is the same run, not another config."""
+    old = cfg.to_dict()
+    data = old["data"]
+    for name in ("grammar", "text"):
+        del data[name]
+    data.update(data.pop("arithmetic"))
+    data.update(corpus="", prompt_tokens=0, completion_tokens=0, max_files=0, split_seed=-1)
+    data.update(max_depth=6, max_len=40, p_end=0.3, p_open=0.5)  # the old flat defaults
+    wd = tmp_path / "w"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(old))
+    assert validate.prepare_workdir(wd, cfg.to_dict()) == {}
+    changed = cfg.to_dict()
+    changed["data"]["arithmetic"]["difficulty"] = "hard"
+    with pytest.raises(validate.WorkdirError, match=r"data.arithmetic.difficulty: 'all'"):
+        validate.prepare_workdir(wd, changed)
 
 
 def test_every_shipped_config_passes():

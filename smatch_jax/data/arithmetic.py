@@ -138,7 +138,8 @@ def generate_problems(
                     f"only {len(out)}/{n} acceptable unique questions after {stats.generated} "
                     f"samples ({stats}); {stats.too_long_row} did not fit a row (data.seq_len "
                     "tokens): raise data.seq_len, or ask for fewer questions "
-                    "(data.train_size, test_size, validation_size) or another data.difficulty"
+                    "(data.train_size, test_size, validation_size) or another "
+                    "data.arithmetic.difficulty"
                 )
             problem = module()
             stats.generated += 1

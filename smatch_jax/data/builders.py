@@ -1,4 +1,5 @@
-"""TFDS builders (array_record files) for the data tasks, and split accessors.
+"""TFDS builders (array_record files) for the built-in tasks' rows, and split accessors.
+The builders check nothing the task's config section already has (`smatch_jax/tasks`).
 
     builder = build("arithmetic", train_size=5000, difficulty="all", seed=0, T=96)
     builder = build("text", corpus="shakespeare", tokenizer="bpe_train:1000", T=129)
@@ -63,7 +64,7 @@ def _row_features(T: int, **extra: tfds.features.FeatureConnector) -> tfds.featu
 
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Works around TFDS 4.9.10 needing `importlib_resources` (declared only for Python < 3.9)
-    to find a packaged builder's source; we have no checksums file, so any path will do."""
+    to find a packaged builder's source (we have no checksums file: any path will do)."""
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -74,17 +75,20 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 _BASE_FIELDS = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
 
 
-def _own_params(config: tfds.core.BuilderConfig) -> dict[str, Any]:
-    """The task parameters of a config (its fields minus TFDS's name, version, ...)."""
-    return {
-        f.name: getattr(config, f.name)
-        for f in dataclasses.fields(config)
-        if f.name not in _BASE_FIELDS
-    }
+@dataclasses.dataclass(eq=False)
+class _Config(tfds.core.BuilderConfig):
+    def params(self) -> dict[str, Any]:
+        """The task parameters of a config (its fields minus TFDS's name, version, ...)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in _BASE_FIELDS}  # fmt: skip
+
+    def canonical(self) -> dict[str, Any]:
+        """The parameters as the dataset's identity (its config's name hashes them)."""
+        return self.params()
 
 
 @dataclasses.dataclass(eq=False)
-class ArithmeticConfig(tfds.core.BuilderConfig):
+class ArithmeticConfig(_Config):
     """Parameters of `arithmetic.generate_splits`."""
 
     train_size: int = 5000
@@ -99,8 +103,9 @@ class ArithmeticConfig(tfds.core.BuilderConfig):
     tokenizer: str = "char"  # 'char' (the task's characters) or a `get_tokenizer` name
     prompt_format: str = "auto"  # arithmetic.PROMPT_FORMATS ('auto' is resolved by make_config)
 
-    def params(self) -> dict[str, Any]:
-        return _own_params(self)
+    def canonical(self) -> dict[str, Any]:
+        """`arithmetic.resolve_params`: e.g. the prompt format resolved."""
+        return arithmetic.resolve_params(self.params())
 
 
 class SmatchArithmetic(_Builder):
@@ -134,6 +139,12 @@ class SmatchArithmetic(_Builder):
             log.info("arithmetic %s: %s", name, s)
         return {name: self._generate_examples(pairs, tok) for name, pairs in splits.items()}
 
+    def tokenizer(self) -> Tokenizer:
+        meta = self.info.metadata
+        if "alphabet" in meta:  # its own characters
+            return arithmetic.tokenizer_for(meta["alphabet"])
+        return text.load_tokenizer(meta["tokenizer"])
+
     def _generate_examples(self, pairs: list[tuple[str, str]], tok: Tokenizer) -> Any:
         cfg = self.builder_config
         for i, (q, a) in enumerate(pairs):
@@ -144,7 +155,7 @@ class SmatchArithmetic(_Builder):
 
 
 @dataclasses.dataclass(eq=False)
-class TextConfig(tfds.core.BuilderConfig):
+class TextConfig(_Config):
     """Parameters of the text task (see `smatch_jax.data.text`)."""
 
     corpus: str = "shakespeare"
@@ -158,8 +169,12 @@ class TextConfig(tfds.core.BuilderConfig):
     seed: int = 0
     max_files: int = 0  # 0: all files
 
-    def params(self) -> dict[str, Any]:
-        return _own_params(self)
+    def canonical(self) -> dict[str, Any]:
+        """A corpus directory's path resolved."""
+        p = self.params()
+        if p["corpus"] != "shakespeare":
+            p["corpus"] = str(Path(p["corpus"]).expanduser().resolve())
+        return p
 
 
 class SmatchText(_Builder):
@@ -216,6 +231,9 @@ class SmatchText(_Builder):
         )
         return {name: self._generate_examples(r, tok) for name, r in rows.items()}
 
+    def tokenizer(self) -> Tokenizer:
+        return text.load_tokenizer(self.info.metadata["tokenizer"])
+
     def _generate_examples(self, rows: list[tuple[str, list[int], list[int]]], tok: Tokenizer):
         T = self.builder_config.T
         for i, (key, p, c) in enumerate(rows):
@@ -224,7 +242,7 @@ class SmatchText(_Builder):
 
 
 @dataclasses.dataclass(eq=False)
-class GrammarConfig(tfds.core.BuilderConfig):
+class GrammarConfig(_Config):
     """Parameters of the grammar task (see `smatch_jax.data.grammar`)."""
 
     max_depth: int = 6
@@ -236,9 +254,6 @@ class GrammarConfig(tfds.core.BuilderConfig):
     test_size: int = 500
     seed: int = 0
     T: int = 64
-
-    def params(self) -> dict[str, Any]:
-        return _own_params(self)
 
     def spec(self) -> grammar.GrammarSpec:
         return grammar.GrammarSpec(self.max_depth, self.max_len, self.p_end, self.p_open)
@@ -275,13 +290,16 @@ class SmatchGrammar(_Builder):
         tok = grammar.tokenizer()
         return {name: self._generate_examples(w, tok) for name, w in words.items()}
 
+    def tokenizer(self) -> Tokenizer:
+        return grammar.tokenizer()
+
     def _generate_examples(self, words: list[str], tok: Tokenizer) -> Any:
         T = self.builder_config.T
         for i, w in enumerate(words):
             yield i, {**grammar.encode_example(w, tok, T=T), "index": np.int32(i)}
 
 
-TASKS: dict[str, tuple[type[tfds.core.GeneratorBasedBuilder], type, str]] = {
+DATASETS: dict[str, tuple[type[tfds.core.GeneratorBasedBuilder], type, str]] = {
     "arithmetic": (SmatchArithmetic, ArithmeticConfig, "arith"),
     "grammar": (SmatchGrammar, GrammarConfig, "dyck"),
     "text": (SmatchText, TextConfig, "text"),
@@ -290,30 +308,10 @@ TASKS: dict[str, tuple[type[tfds.core.GeneratorBasedBuilder], type, str]] = {
 
 def make_config(task: str, **params: Any) -> tfds.core.BuilderConfig:
     """The builder config of `task` with `params` (unknown names raise TypeError)."""
-    if task not in TASKS:
-        raise ValueError(f"unknown data task {task!r}; valid: {sorted(TASKS)}")
-    _, config_cls, prefix = TASKS[task]
-    full = config_cls(name="tmp", **params).params()
-    if task == "text":
-        if full["T"] < full["prompt_tokens"] + full["completion_tokens"] + 1:
-            raise ValueError(
-                f"T={full['T']} < prompt_tokens + completion_tokens + 1 = "
-                f"{full['prompt_tokens'] + full['completion_tokens'] + 1}: rows would not fit"
-            )
-        if full["corpus"] != "shakespeare":  # the path is part of the identity, resolved
-            full["corpus"] = str(Path(full["corpus"]).expanduser().resolve())
-    elif task == "grammar":
-        grammar.GrammarSpec(full["max_depth"], full["max_len"], full["p_end"], full["p_open"])
-        if full["T"] < full["max_len"] + 2:
-            raise ValueError(
-                f"T={full['T']} < max_len + 2 = {full['max_len'] + 2} (prompt and eos): the "
-                "longest words would not fit; raise T or lower max_len"
-            )
-    else:
-        full = arithmetic.resolve_params(full)
-    for k in ("train_size", "test_size", "test_large_size", "validation_size"):
-        if k in full and full[k] < 1:
-            raise ValueError(f"{k} must be >= 1 (an empty split cannot be built), got {full[k]}")
+    if task not in DATASETS:
+        raise ValueError(f"unknown data task {task!r}; valid: {sorted(DATASETS)}")
+    _, config_cls, prefix = DATASETS[task]
+    full = config_cls(name="tmp", **params).canonical()
     return config_cls(name=_config_name(prefix, full), **full)
 
 
@@ -340,8 +338,8 @@ def build(
     """The prepared builder of `task` (generated and written on first use, then cached)."""
     config = make_config(task, **params)
     data_dir = str(data_dir or default_data_dir())
-    make = lambda: TASKS[task][0](config=config, data_dir=data_dir, file_format="array_record")
-    root, name = Path(data_dir), TASKS[task][0].name
+    make = lambda: DATASETS[task][0](config=config, data_dir=data_dir, file_format="array_record")
+    root, name = Path(data_dir), DATASETS[task][0].name
     ours = (root, root / name, root / name / config.name, root / "downloads")
     made = [d for d in ours if not d.exists()]  # a failed preparation removes these
     with _quiet_tfds():
@@ -364,12 +362,7 @@ def build(
 
 def load_tokenizer(builder: tfds.core.DatasetBuilder) -> Tokenizer:
     """The tokenizer a built dataset was encoded with (bkspc_id == vocab_size)."""
-    meta = builder.info.metadata
-    if isinstance(builder, SmatchArithmetic) and "alphabet" in meta:  # its own characters
-        return arithmetic.tokenizer_for(meta["alphabet"])
-    if isinstance(builder, SmatchGrammar):
-        return grammar.tokenizer()
-    return text.load_tokenizer(meta["tokenizer"])
+    return builder.tokenizer()
 
 
 def data_source(builder: tfds.core.DatasetBuilder, split: str) -> Any:

@@ -7,126 +7,98 @@ the training rows (for the ground-truth noise distribution) and the evaluation s
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
 
-from smatch_jax import masks
-from smatch_jax.data import arithmetic, builders, grammar, pipeline
+from smatch_jax import masks, tasks
+from smatch_jax.data import pipeline
 from smatch_jax.data.tokenizer_base import Tokenizer
-from smatch_jax.sections import Section
-
-TASKS = tuple(builders.TASKS)  # the tasks that have a dataset builder
-# The splits `data.eval_split` may name per task; the first is the default ('').
-EVAL_SPLITS = {
-    "arithmetic": ("test", "validation", "test_large"),
-    "text": ("validation", "test"),
-    "grammar": ("test", "validation"),
-}
+from smatch_jax.sections import SUBSECTION, Section, did_you_mean
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
-    """`config.data`: the task, its dataset and the row format."""
+    """`config.data`: the task, its dataset and the row format. The fields here are every
+    task's; each task's own are in its subsection `config.data.<task>` (`tasks.Task.Config`),
+    of which the run's is `task_config`."""
 
     NAME: ClassVar[str] = "data"
-    task: str = ""  # dataset name (set by the experiment config): arithmetic | text
+    task: str = ""  # the task (set by the experiment config): arithmetic | grammar | text | ...
     data_dir: str = ""  # where prepared datasets live ('' = $SMATCH_JAX_DATA or default)
-    train_size: int = 0  # training examples
-    test_size: int = 0  # evaluation examples
-    validation_size: int = 500  # arithmetic: questions of the validation split
-    eval_split: str = ""  # split evaluated in training ('': test for arithmetic, validation
-    # for text); arithmetic experiments choose settings on 'validation'
-    difficulty: str = ""  # task-specific difficulty (arithmetic: of the train split)
-    test_difficulty: str = ""  # arithmetic: of the test split ('': 'interpolate')
+    train_size: int = 0  # training examples (generated tasks)
+    test_size: int = 0  # evaluation examples (text: the first test_size chunks; 0: all)
+    validation_size: int = 500  # questions of the validation split (generated tasks)
+    eval_split: str = ""  # split evaluated in training ('': the task's first, e.g. test for
+    # arithmetic, validation for text); arithmetic experiments choose settings on 'validation'
     seq_len: int = 0  # T, row length including noise and backspaces
     prompt_max: int = 0  # sampler prompt width (0: the longest prompt in the data)
-    corpus: str = ""  # text: 'shakespeare' or a directory of .txt files
     tokenizer: str = ""  # text: 'bpe_train:<vocab>', 'gpt2', 'smollm2' or 'bpe:<json>';
     # arithmetic: '' / 'char' (its own characters), 'smollm2', 'gpt2' or 'bpe:<json>'
-    prompt_format: str = "auto"  # arithmetic: 'compact' ("q a"), 'qa' ("Question: q\nAnswer:
-    # a"), 'auto' (compact for char, qa for a pretrained LM's tokenizer)
-    prompt_tokens: int = 0  # text: prompt length in tokens
-    completion_tokens: int = 0  # text: continuation length in tokens
-    max_files: int = 0  # text: read at most this many corpus files (0: all)
-    split_seed: int = -1  # text: seed of the document split and BPE (-1: the run's seed)
-    max_depth: int = 6  # grammar: nesting bound of the Dyck-2 words
-    max_len: int = 40  # grammar: brackets per word at most
-    p_end: float = 0.3  # grammar: the generator stops at depth 0 with this probability
-    p_open: float = 0.5  # grammar: below the depth bound it opens with this probability
+    task_config: Any = dataclasses.field(default=None, metadata=SUBSECTION)  # data.<task>
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "task": TASKS,
-        "prompt_format": arithmetic.PROMPT_FORMATS,
-    }
     RANGES: ClassVar[tuple[tuple[str, Any, Any, bool], ...]] = (
         ("seq_len", 2, None, True),
         ("prompt_max", 0, None, True),
+        ("train_size", 0, None, True),
+        ("test_size", 0, None, True),
+        ("validation_size", 0, None, True),
     )
+
+    def __post_init__(self) -> None:
+        if self.task_config is None and self.task in tasks.names():  # built directly
+            object.__setattr__(self, "task_config", tasks.get(self.task).Config())
+        super().__post_init__()
+
+    @classmethod
+    def schema(cls) -> dict[str, Any]:
+        """The shared fields and every registered task's subsection."""
+        subsections = {name: tasks.get(name).Config.defaults() for name in tasks.names()}
+        return {**cls.defaults(), **subsections}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> DataConfig:
+        """The typed section of `config.data`: its fields, and every registered task's
+        subsection checked (the run's task's kept as `task_config`)."""
+        items = dict(values.items())
+        subs = {k: items.pop(k) for k in list(items) if hasattr(items[k], "items")}
+        registered = tasks.names()
+        problems = [
+            did_you_mean(f"data.{k}", [f"data.{n}" for n in registered])
+            for k in subs
+            if k not in registered
+        ]
+        own = {}
+        for name in registered:
+            try:
+                own[name] = tasks.get(name).Config.from_mapping(subs.get(name, {}))
+            except ValueError as e:
+                problems += str(e).splitlines()
+        if "task_config" in items:
+            problems.append(did_you_mean("data.task_config", [f"data.{k}" for k in cls.defaults()]))
+        if problems:
+            raise ValueError("\n".join(problems))
+        return super().from_mapping({**items, "task_config": own.get(items.get("task", ""))})
 
     @classmethod
     def cross_problems(cls, values: dict[str, Any]) -> list[str]:
+        task, T, prompt_max = values["task"], values["seq_len"], values["prompt_max"]
+        if task not in tasks.names():
+            return [f"data.task={task!r} is unknown; choose one of {list(tasks.names())}"]
         problems = []
-        T, prompt_max, task = values["seq_len"], values["prompt_max"], values["task"]
         if prompt_max and prompt_max >= T:
             problems.append(
                 f"data.prompt_max={prompt_max} leaves no room for actions in data.seq_len={T}; "
                 "raise data.seq_len or lower data.prompt_max (0: the longest prompt in the data)"
             )
-        splits = EVAL_SPLITS[task]
+        splits = tasks.get(task).eval_splits
         if values["eval_split"] and values["eval_split"] not in splits:
             problems.append(
                 f"data.eval_split={values['eval_split']!r} is not a split of {task}; choose "
                 f"one of {list(splits)} ('' for {splits[0]!r})"
             )
-        if task == "arithmetic":
-            try:
-                arithmetic.check_tokenizer_name(values["tokenizer"])
-            except ValueError as e:
-                problems.append(f"data.tokenizer: {e}")
-            for key in ("difficulty", "test_difficulty"):
-                allowed = arithmetic.DIFFICULTIES + (("",) if key == "test_difficulty" else ())
-                if values[key] not in allowed:
-                    problems.append(
-                        f"data.{key}={values[key]!r} is unknown; choose one of {list(allowed)}"
-                    )
-        if task in ("arithmetic", "grammar"):  # their splits are generated at these sizes
-            for key in ("train_size", "test_size", "validation_size"):
-                if values[key] < 1:
-                    problems.append(
-                        f"data.{key}={values[key]} would make an empty split; set it >= 1"
-                    )
-        if task == "grammar":
-            if values["tokenizer"] not in ("", "char"):
-                problems.append(
-                    f"data.tokenizer={values['tokenizer']!r}: the grammar task is character-level "
-                    "(its prefix automaton and error noise are over single brackets); leave it ''"
-                )
-            try:
-                grammar_spec(values)
-            except ValueError as e:
-                problems.append(f"data: {e}; fix data.max_depth/max_len/p_end/p_open")
-            if values["max_len"] + 2 > T:
-                problems.append(
-                    f"data.seq_len={T} is shorter than the longest grammar row: max_len + 2 "
-                    f"(prompt, eos) = {values['max_len'] + 2}; raise data.seq_len"
-                )
-        if task == "text":
-            need = values["prompt_tokens"] + values["completion_tokens"] + 1
-            if values["prompt_tokens"] < 1:
-                problems.append("data.prompt_tokens must be >= 1 for the text task")
-            if need > T:
-                problems.append(
-                    f"data.seq_len={T} is shorter than a text row: prompt_tokens + "
-                    f"completion_tokens + 1 (eos) = {need}; raise data.seq_len to at least {need}"
-                )
-        return problems
-
-
-def grammar_spec(d: DataConfig | dict[str, Any]) -> grammar.GrammarSpec:
-    """The grammar generator of a `config.data` (or of its fields as a dict)."""
-    get = d.get if isinstance(d, dict) else lambda k: getattr(d, k)
-    return grammar.GrammarSpec(get("max_depth"), get("max_len"), get("p_end"), get("p_open"))
+        return problems + tasks.get(task).problems(values, values["task_config"])
 
 
 @dataclasses.dataclass
@@ -138,7 +110,7 @@ class TrainData:
     prompt_max: int  # longest prompt in train and eval
     iterator: Any  # grain DatasetIterator of process-local batches
     # The task's prefix automaton (table [S, V] of next states, -1 = error; start state), for
-    # noise kinds 'errors' and 'model'; None when the task has none (grammar has one).
+    # noise kinds 'errors' and 'model'; None when the task has none (`tasks.Task.automaton`).
     automaton: tuple[np.ndarray, int] | None = None
 
     def next(self) -> dict[str, np.ndarray]:
@@ -156,49 +128,9 @@ def build_train_data(
 ) -> TrainData:
     """The data of a run: `d` is its `config.data`, `seed` its seed, `batch_size` the global
     number of data rows per step (split over the processes)."""
-    eval_name = d.eval_split or EVAL_SPLITS[d.task][0]
-    common = dict(data_dir=d.data_dir or None, T=d.seq_len, seed=seed)
-    if d.task == "arithmetic":
-        b = builders.build(
-            "arithmetic",
-            train_size=d.train_size,
-            test_size=d.test_size,
-            difficulty=d.difficulty,
-            test_difficulty=d.test_difficulty or "interpolate",
-            validation_size=d.validation_size,
-            tokenizer=d.tokenizer,
-            prompt_format=d.prompt_format,
-            **common,
-        )
-    elif d.task == "grammar":
-        spec = grammar_spec(d)
-        b = builders.build(
-            "grammar",
-            max_depth=spec.max_depth,
-            max_len=spec.max_len,
-            p_end=spec.p_end,
-            p_open=spec.p_open,
-            train_size=d.train_size,
-            validation_size=d.validation_size,
-            test_size=d.test_size,
-            **common,
-        )
-    else:
-        b = builders.build(
-            "text",
-            corpus=d.corpus,
-            tokenizer=d.tokenizer,
-            prompt_tokens=d.prompt_tokens,
-            completion_tokens=d.completion_tokens,
-            max_files=d.max_files,
-            **{**common, "seed": seed if d.split_seed < 0 else d.split_seed},
-        )
-    tok = builders.load_tokenizer(b)
-    train = builders.load_split(b, "train")
-    ev = builders.load_split(b, eval_name)
-    # Text: evaluate on the first test_size chunks (arithmetic splits have their own sizes).
-    if d.task == "text" and d.test_size and len(ev["prompt_len"]) > d.test_size:
-        ev = {k: v[: d.test_size] for k, v in ev.items()}
+    task = tasks.get(d.task)
+    eval_name = d.eval_split or task.eval_splits[0]
+    tok, train, ev = task.load(d, seed=seed, eval_split=eval_name)
     for name, split in (("train", train), (eval_name, ev)):
         if len(split["prompt_len"]) == 0:
             raise ValueError(f"the {name} split is empty; check data.train_size / data.test_size")
@@ -224,5 +156,4 @@ def build_train_data(
         process_count=process_count,
     )
     rows = (train["tokens"], train["prompt_len"], train["length"])
-    auto = grammar.automaton(grammar_spec(d), tok) if d.task == "grammar" else None
-    return TrainData(tok, rows, ev, eval_name, prompt_max, it, auto)
+    return TrainData(tok, rows, ev, eval_name, prompt_max, it, task.automaton(d, tok))
