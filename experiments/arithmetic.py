@@ -20,22 +20,17 @@ command continues the sweep. MLE never sees noise: its accuracy is the same at e
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from configs import arithmetic as arith_config
-from experiments import arithmetic_objective, common
+from experiments import arithmetic_objective as objective
+from experiments import common
+from experiments.common import plt
 from smatch_jax import train
 
-MODULE = "experiments.arithmetic"
 METHODS = {  # key: (label, config variant, config edits)
     "mle": ("MLE", "mle", {}),
     "bc": ("BC (MLE + `<bkspc>`)", "bc", {}),
@@ -46,6 +41,7 @@ METHODS = {  # key: (label, config variant, config edits)
     "bc_model": ("BC, the model's own mistakes as noise", "bc", {"kind": "model"}),
     "sm_model": ("SequenceMatch, the model's own mistakes as noise", "sm_chi2", {"kind": "model"}),
 }
+LABELS = {m: label for m, (label, _, _) in METHODS.items()}
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
 PAPER = (  # the paper's Figure 3 is a plot without a table: its findings, not numbers
     "The paper (Figure 3: Llama2-7B, 5,000 questions, 2 seeds; a plot, no table): SequenceMatch "
@@ -188,28 +184,9 @@ MECHANISM = [  # (result key, heading): does the model know its own errors? (eva
 ]
 
 
-def _cell(rs: list[dict] | None, key: str) -> str:
-    """Mean ± 95% t-interval over seeds; one seed: the headline's bootstrap interval."""
-    vals = common.measured(rs, key)
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        if key != "eval/accuracy":
-            return f"{vals[0]:.3f}"
-        m, (lo, hi) = interval(rs)
-        return f"{m:.3f} [{m - lo:.2f}, {m + hi:.2f}]"
-    m, h = common.mean_ci(vals)
-    return f"{m:.3f} ± {h:.3f}"
-
-
 def method_table(by: dict, levels: list[float], key: str) -> str:
-    mle = by.get(("mle", 0.0))
-    rows = []
-    for method, (label, _, _) in METHODS.items():
-        cells = [_cell(mle if method == "mle" else by.get((method, n)), key) for n in levels]
-        if any(c != "-" for c in cells):
-            rows.append([label, *cells])
-    return common.markdown_table(["method", *[f"noise {n:g}" for n in levels]], rows)
+    """Mean ± 95% t-interval over seeds; one seed: the headline's bootstrap interval."""
+    return common.noise_table(by, levels, LABELS, key, bootstrap=key == "eval/accuracy")
 
 
 def table2(by: dict, noise: float) -> str:
@@ -234,9 +211,7 @@ def table2(by: dict, noise: float) -> str:
 
 
 def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
-    by = {}
-    for r in results:
-        by.setdefault((r["method"], r["noise"]), []).append(r)
+    by = common.group(results, "method", "noise")
     levels = sorted({n for _, n in by})
     acc_table = method_table(by, levels, "eval/accuracy")
     per_decoding = "".join(
@@ -265,17 +240,12 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         ("sm/r_model", "r model"),
         ("sm/pi_bkspc_model", "pi(bkspc) on model rows"),
     ]
-    diag_rows = []
-    for r in sorted(results, key=lambda r: (r["noise"], r["method"], r["seed"])):
-        vals = [common.cell(r, k) for k, _ in diag_keys]
-        diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
     mechanism = "".join(
         f"\n**{head}**\n\n" + method_table(by, levels, key) for key, head in MECHANISM
     )
-    diag = common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag_rows)
+    diag = common.run_table(results, diag_keys)
     n_seeds = len({r["seed"] for r in results})
     examples = table2(by, ABLATION_NOISE)
-    labels = {m: label for m, (label, _, _) in METHODS.items()}
     text = (
         "# Arithmetic: accuracy vs noise level (the paper's Figure 3, CPU scale)"
         + (": the model's own mistakes as noise" if "model_noise" in out.name else "")
@@ -289,7 +259,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         "from (`greedy_no_repeat`; equal to greedy for a model that never deletes). MLE never "
         "sees noise: one value for every level. The pretrained "
         f"model alone scores {pre.get('eval/accuracy', float('nan')):.3f} (seed 1000 test).\n\n"
-        + common.verdict(by, levels, labels, "eval/accuracy", "Verdict (headline exact match)")
+        + common.verdict(by, levels, LABELS, "eval/accuracy", "Verdict (headline exact match)")
         + "\n\n"
         + acc_table
         + "\n"
@@ -339,10 +309,7 @@ TUNING_COLUMNS = [
 
 
 def summarise_tuning(results: list[dict], header: str) -> str:
-    rows = [
-        [r["method"], *[f"{r[k]:.3g}" if k in r else "-" for k, _ in TUNING_COLUMNS]]
-        for r in results
-    ]
+    rows = [[r["method"], *[common.cell(r, k) for k, _ in TUNING_COLUMNS]] for r in results]
     return (
         "# Arithmetic: SequenceMatch settings tried (noise 0.1, seed 0)\n\n"
         + header
@@ -399,104 +366,109 @@ def plot(by, levels, path: Path, panels: list[tuple[str, str]]) -> None:
     )
     if np.atleast_1d(axes)[0].get_legend_handles_labels()[0]:
         np.atleast_1d(axes)[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="MLE, BC, SM at noise 0.1, one seed")
-    ap.add_argument("--tune", action="store_true", help="SequenceMatch settings, one at a time")
-    ap.add_argument(
-        "--objective",
-        action="store_true",
-        help="the objective's ablation (experiments/arithmetic_objective.py)",
-    )
-    ap.add_argument(
-        "--shard",
-        default="0/1",
-        help="i/n: run every n-th planned run from the i-th (for n processes; shard 0 pretrains)",
-    )
-    ap.add_argument(
-        "--export_base",
-        action="store_true",
-        help="pretrain the stronger base (pretrain_long) and write it to experiments/assets/",
-    )
-    ap.add_argument(
-        "--base",
-        choices=("short", "long"),
-        default="short",
-        help="fine-tune from the 6,000-step pretraining run here (short, 0.295 held-out) or "
-        "from the committed 15,000-step base experiments/assets/arithmetic_base_long.npz "
-        "(long, 0.700; no pretraining); long writes <name>_long.md",
-    )
-    ap.add_argument(
-        "--model_noise",
-        action="store_true",
-        help="BC and SequenceMatch with noise kind 'model' (the policy's own mistakes) at "
-        "noise 0.1, beside MLE, BC and SequenceMatch with ground-truth noise; writes "
-        "<name>_model_noise.md",
-    )
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument(
-        "--decoding",
-        default="all",
-        help="evaluation decodings: all, or a comma list of greedy,greedy_no_repeat,sample",
-    )
-    ap.add_argument("--temperature", type=float, default=1.0, help="of the sample decoding")
-    ap.add_argument("--num_samples", type=int, default=4, help="sampling seeds (sample)")
-    ap.add_argument(
-        "--summarise_only", action="store_true", help="no training: report the finished runs"
-    )
-    ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic")
-    ap.add_argument("--out", default="", help=common.OUT_HELP)
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    root, data_dir = common.prepare_root(args.workdir)
-    shard = common.parse_shard(args.shard, root / "pretrain" if args.base == "short" else None)
-    if args.export_base:
-        print(f"wrote {LONG_BASE}: sha256 {export_base(root, data_dir)}")
-        return
-    evaluation = dict(
-        decodings=args.decoding, temperature=args.temperature, num_samples=args.num_samples
-    )
-    if args.base == "long":
-        if args.objective or args.tune:
-            raise SystemExit("--base long runs the comparison (--quick or the full sweep) only")
+def name(args) -> str:
+    if args.objective:
+        return "arithmetic_objective"
+    name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
+    name = "arithmetic_model_noise" if args.model_noise else name
+    return name + ("_long" if args.base == "long" else "")
+
+
+def plan_of(ctx: common.Context) -> list[common.Job]:
+    a = ctx.args
+    if a.base == "long" and (a.objective or a.tune):
+        raise SystemExit("--base long runs the comparison (--quick or the full sweep) only")
+    if a.objective:
+        return objective.plan(a.seeds)
+    return tuning_plan() if a.tune else plan(a.quick, a.seeds, a.model_noise)
+
+
+def setup(ctx: common.Context) -> list[dict]:
+    """The pretraining (short base); the long base is committed, with its evaluation."""
+    if ctx.args.base == "long":
         if not LONG_BASE.exists():
             raise SystemExit(
                 f"{LONG_BASE} is missing: restore it from git, or regenerate it with "
                 "python -m experiments.arithmetic --export_base"
             )
-        init, sha = f"npz:{LONG_BASE}", LONG_BASE_SHA256
-        pre = json.loads(LONG_BASE.with_suffix(".json").read_text())
-    else:
-        pre_wd = pretrain(root, data_dir)
-        init, sha = f"ckpt:{pre_wd}", ""
-        pre = json.loads((pre_wd / "result.json").read_text())
-    train_fn = make_train_fn(init, data_dir, init_sha256=sha, evaluation=evaluation)
-    if args.objective:
-        arithmetic_objective.main(args, root, pre_wd, train_fn, t0, shard)
-        return
-    runs = tuning_plan() if args.tune else plan(args.quick, args.seeds, args.model_noise)
-    suffix = "_long" if args.base == "long" else ""
-    results = common.run_sharded(
-        runs, root / f"runs{suffix}", train_fn, shard, train=not args.summarise_only
-    )
-    if not results:
-        raise SystemExit(f"no finished runs under {root / f'runs{suffix}'}")
-    name = "arithmetic_tuning" if args.tune else "arithmetic_quick" if args.quick else "arithmetic"
-    name = "arithmetic_model_noise" if args.model_noise else name
-    out = common.out_dir(args.out, args.workdir) / (name + suffix)
-    header = common.results_header(t0, MODULE, results, pre, len(runs))
-    tuned = args.tune
-    text = summarise_tuning(results, header) if tuned else summarise(results, pre, header, out)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(text.split("\n## Every decoding")[0].split("\n## Every run")[0])  # the headline
-    print(f"wrote {out}.md (every decoding, recovery, the mechanism, every run), .json, .png")
+        return []
+    return [common.base_row(pretrain(ctx.root, ctx.data_dir))]
 
+
+def run(job: common.Job, wd: Path, ctx: common.Context) -> dict:
+    a = ctx.args
+    if a.base == "long":
+        init, sha = f"npz:{LONG_BASE}", LONG_BASE_SHA256
+    else:
+        init, sha = f"ckpt:{ctx.root / 'pretrain'}", ""
+    evaluation = dict(decodings=a.decoding, temperature=a.temperature, num_samples=a.num_samples)
+    return make_train_fn(init, ctx.data_dir, init_sha256=sha, evaluation=evaluation)(job, wd)
+
+
+def summarise_rows(rows: list[dict], ctx: common.Context) -> str:
+    pre, runs = common.split(rows)
+    if ctx.args.objective:
+        return objective.summarise(runs, ctx.header, ctx.out, ctx.args.seeds)
+    if ctx.args.tune:
+        return summarise_tuning(runs, ctx.header)
+    if ctx.args.base == "long":
+        pre = json.loads(LONG_BASE.with_suffix(".json").read_text())
+    return summarise(runs, pre, ctx.header, ctx.out)
+
+
+def finish(rows: list[dict], ctx: common.Context) -> list[dict]:
+    """The objective's ablation: its choice and the baselines, evaluated on the test split."""
+    return objective.evaluate_on_test(rows, ctx.runs, ctx.args.seeds) if ctx.args.objective else []
+
+
+def export(ctx: common.Context) -> None:
+    print(f"wrote {LONG_BASE}: sha256 {export_base(ctx.root, ctx.data_dir)}")
+
+
+EXPERIMENT = common.Experiment(
+    module="experiments.arithmetic",
+    doc=__doc__,
+    workdir="/tmp/smatch_jax_experiments/arithmetic",
+    name=name,
+    plan=plan_of,
+    setup=setup,
+    run=run,
+    finish=finish,
+    summarise=summarise_rows,
+    commands={"export_base": export},
+    runs_dir=lambda a: "objective" if a.objective else "runs_long" if a.base == "long" else "runs",
+    flags={
+        "quick": common.switch("MLE, BC, SM at noise 0.1, one seed"),
+        "tune": common.switch("SequenceMatch settings, one at a time"),
+        "objective": common.switch(
+            "the objective's ablation (experiments/arithmetic_objective.py)"
+        ),
+        "export_base": common.switch(
+            "pretrain the stronger base (pretrain_long) and write it to experiments/assets/"
+        ),
+        "base": dict(
+            choices=("short", "long"),
+            default="short",
+            help="fine-tune from the 6,000-step pretraining run here (short, 0.295 held-out) "
+            "or from the committed 15,000-step base experiments/assets/arithmetic_base_long.npz "
+            "(long, 0.700; no pretraining); long writes <name>_long.md",
+        ),
+        "model_noise": common.switch(
+            "BC and SequenceMatch with noise kind 'model' (the policy's own mistakes) at "
+            "noise 0.1, beside MLE, BC and SequenceMatch with ground-truth noise; writes "
+            "<name>_model_noise.md"
+        ),
+        "decoding": dict(
+            default="all",
+            help="evaluation decodings: all, or a comma list of greedy,greedy_no_repeat,sample",
+        ),
+        "temperature": dict(type=float, default=1.0, help="of the sample decoding"),
+        "num_samples": dict(type=int, default=4, help="sampling seeds (sample)"),
+    },
+)
 
 if __name__ == "__main__":
-    main()
+    common.main(EXPERIMENT)

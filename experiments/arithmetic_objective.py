@@ -1,7 +1,7 @@
 """The objective's ablation (docs/method.md §2.7) on arithmetic: which revision-2 option matters.
 
-    python -m experiments.arithmetic --objective            # 3 seeds, noise 0 and 0.1
-    python -m experiments.arithmetic --objective --shard 1/2  # half of the runs (2 processes)
+    python -m experiments.arithmetic --objective   # 3 seeds, noise 0 and 0.1 (run it twice
+                                                   # at once: two processes share the runs)
 
 From the same pretrained model as `experiments/arithmetic.py`, SequenceMatch (chi2-mix,
 ground-truth noise) is fine-tuned with revision 1, with each revision-2 change alone, with the
@@ -19,17 +19,13 @@ Writes `experiments/results/arithmetic_objective.{md,json,png}`.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from configs import arithmetic as arith_config
 from experiments import common
+from experiments.common import plt
 
 NOISES = (0.0, 0.1)
 REV1 = {
@@ -113,9 +109,7 @@ def _run(c, method: str, slug: str, noise: float, seed: int) -> common.Job:
 
 def by_cell(results: list[dict]) -> dict[tuple[str, float], list[dict]]:
     """(method, noise) -> results, with the settings that are not run filled from their twin."""
-    by: dict[tuple[str, float], list[dict]] = {}
-    for r in results:
-        by.setdefault((r["method"], r["noise"]), []).append(r)
+    by = common.group(results, "method", "noise")
     for name in settings():
         for noise in NOISES:
             twin = same_as(name, noise)
@@ -147,17 +141,27 @@ def choose(by: dict, seeds: int) -> str | None:
     return max(scores, key=scores.get) if scores else None
 
 
-def evaluate_on_test(results: list[dict], names: set[str], root: Path) -> None:
-    """Adds `test/...` (the test questions, evaluated once per run) to the runs of `names`."""
+def evaluate_on_test(rows: list[dict], root: Path, seeds: int) -> list[dict]:
+    """The runs of the chosen setting, the config defaults, revision 1, MLE and BC, with
+    `test/...` added (the test questions, evaluated once per run: not again when a row has
+    them); runs in `root/<name>`."""
     from smatch_jax.eval import report as report_lib
 
+    _, results = common.split(rows)
+    chosen = choose(by_cell(results), seeds)
+    if chosen is None:
+        return []
+    names = {"mle", "bc", "rev1", chosen, configured_defaults()}
+    changed = []
     for r in results:
         if r["method"] not in names or "test/accuracy" in r:
             continue
         wd = root / r["name"]
         report = report_lib.evaluate_workdir(str(wd), split="test")
-        r.update({f"test/{k}": v for k, v in report["metrics"].items()})
+        r = {**r, **{f"test/{k}": v for k, v in report["metrics"].items()}}
         (wd / "result.json").write_text(json.dumps(r, indent=2))
+        changed.append(r)
+    return changed
 
 
 TEST_COLUMNS = [  # (key, header) of the test evaluation
@@ -178,14 +182,6 @@ DIAG = [  # (key, header)
 ]
 
 
-def _cell(rs: list[dict], key: str = "eval/accuracy") -> str:
-    vals = [r[key] for r in rs if key in r]
-    if not vals:
-        return "-"
-    m, h = common.mean_ci(vals)
-    return f"{m:.3f} ± {h:.3f}" if len(vals) > 1 else f"{m:.3f}"
-
-
 def summarise(results: list[dict], header: str, out: Path, seeds: int) -> str:
     by = by_cell(results)
     chosen, defaults = choose(by, seeds), configured_defaults()
@@ -195,7 +191,7 @@ def summarise(results: list[dict], header: str, out: Path, seeds: int) -> str:
         cells = []
         for noise in NOISES:
             rs = by.get(("mle", 0.0), []) if name == "mle" else by.get((name, noise), [])
-            cell = _cell(rs) if not (name == "bc" and noise == 0.0) else "(= MLE)"
+            cell = common.mean_cell(rs, "eval/accuracy") if name != "bc" or noise else "(= MLE)"
             if same_as(name, noise):
                 cell += " (= rev1)"
             cells.append(cell)
@@ -215,16 +211,16 @@ def summarise(results: list[dict], header: str, out: Path, seeds: int) -> str:
             rs = by.get(("mle", 0.0) if name == "mle" else (name, noise), [])
             if name == "bc" and noise == 0.0:
                 continue
-            test_rows.append(
-                [name, f"{noise:g}", *[_cell(rs, k) for k, _ in TEST_COLUMNS], _cell(rs)]
-            )
+            cells = [common.mean_cell(rs, k) for k in [*dict(TEST_COLUMNS), "eval/accuracy"]]
+            test_rows.append([name, f"{noise:g}", *cells])
     test_table = common.markdown_table(
         ["method", "noise", *[h for _, h in TEST_COLUMNS], "validation, greedy"], test_rows
     )
     diag_rows = []
     for r in sorted(results, key=lambda r: (r["noise"], names.index(r["method"]), r["seed"])):
-        vals = [f"{r[k]:.3g}" if k in r else "-" for k, _ in DIAG]
-        diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], _fmt(r), *vals])
+        vals = [common.cell(r, k) for k, _ in DIAG]
+        acc = f"{r['eval/accuracy']:.3f}"
+        diag_rows.append([r["method"], f"{r['noise']:g}", r["seed"], acc, *vals])
     diag = common.markdown_table(
         ["setting", "noise", "seed", "validation acc", *[h for _, h in DIAG]], diag_rows
     )
@@ -276,10 +272,6 @@ def verdict(by: dict, defaults: str | None, key: str = "test/accuracy_greedy") -
     )
 
 
-def _fmt(r: dict) -> str:
-    return f"{r['eval/accuracy']:.3f}"
-
-
 def _plot(by: dict, names: list[str], chosen: str | None, path: Path) -> None:
     fig, axes = plt.subplots(1, len(NOISES), figsize=(11, 0.32 * len(names) + 1.5), sharey=True)
     ys = np.arange(len(names))[::-1]
@@ -299,25 +291,4 @@ def _plot(by: dict, names: list[str], chosen: str | None, path: Path) -> None:
         ax.set_xlabel("validation exact match")
         ax.grid(alpha=0.3)
     axes[0].set_yticks(ys, names, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(args, root: Path, pre_wd: Path, train_fn, t0: float, shard: tuple[int, int]) -> None:
-    runs = plan(args.seeds)
-    obj_root = root / "objective"
-    results = common.run_sharded(runs, obj_root, train_fn, shard, train=not args.summarise_only)
-    by = by_cell(results)
-    chosen = choose(by, args.seeds)
-    if chosen is not None and len(results) == len(runs):
-        evaluate_on_test(results, {"mle", "bc", "rev1", chosen, configured_defaults()}, obj_root)
-    out = common.out_dir(args.out, args.workdir) / "arithmetic_objective"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pre = json.loads((pre_wd / "result.json").read_text())
-    header = common.results_header(t0, "experiments.arithmetic", results, pre, len(runs))
-    text = summarise(results, header, out, args.seeds)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(text.split("\n## The test questions")[0])
-    print(f"wrote {out}.md, .json, .png ({time.time() - t0:.0f} s)")
+    common.save(fig, path)

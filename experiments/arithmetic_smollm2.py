@@ -15,20 +15,18 @@ one ablation on seed 0 (`ABLATIONS`: SequenceMatch at temperature 0.001).
 
 A run costs 0.5-2 h on 2 CPU cores, so the sweep spans sessions: each finished run's row is
 appended to `experiments/results/arithmetic_smollm2.json` at once (commit it), and a run whose
-row is already there is skipped, also on a new machine with an empty `--workdir`. Two
-processes may share the sweep (`--only NAME` in the second; their rows merge). The
+row is already there is skipped, also on a new machine with an empty `--workdir` (this
+experiment's --out is the committed file by default). Two processes may share the sweep (the
+same command twice, or `--only NAME` in the second; their rows merge). The
 difficulty and step count were chosen with `--calibrate` on validation questions
 (`arithmetic_smollm2_calibration.md`), never on the test questions.
 """
 
 from __future__ import annotations
 
-import argparse
-import fcntl
 import json
 import re
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,6 @@ from configs import arithmetic as arith_config
 from experiments import arithmetic, common
 from smatch_jax import train
 
-MODULE = "experiments.arithmetic_smollm2"
 NAME = "arithmetic_smollm2"
 METHODS = {"mle": "mle", "bc": "bc", "sm_gt": "sm_chi2"}  # result key: config variant
 CALIBRATION_STEPS_EVAL = 100  # --calibrate: validation accuracy every this many steps
@@ -49,14 +46,14 @@ ABLATIONS = {"sm_gt_t0.001": ("SequenceMatch, temperature 0.001", "loss.temperat
 ABLATION_NOISE, ABLATION_SEED = 0.1, 0
 
 
-def base_config(variant: str, seed: int, data_dir: str):
+def base_config(variant: str, seed: int, data_dir: str = ""):
     c = arith_config.get_config(f"smollm2,{variant}")
     c.seed, c.data.data_dir = seed, data_dir
     c.train.eval_every = c.train.num_steps  # one evaluation, at the end (minutes at 135M)
     return c
 
 
-def plan(seeds: int, levels: list[float], data_dir: str) -> list[common.Job]:
+def plan(seeds: int, levels: list[float], data_dir: str = "") -> list[common.Job]:
     """Per seed: SequenceMatch and BC at each noise level, then MLE; then each of ABLATIONS
     (seed 0, one config field changed from SequenceMatch's)."""
     runs = []
@@ -102,11 +99,20 @@ def step_times(workdir: Path, warmup: int, log_every: int) -> dict[str, float]:
     return out
 
 
-def train_fn(job: common.Job, wd: Path) -> dict:
-    """`experiments.arithmetic`'s fine-tuning of a job (its config already names the model and
-    data), plus the measured step times."""
+def run(job: common.Job, wd: Path, ctx: common.Context) -> dict:
+    """`experiments.arithmetic`'s fine-tuning of a job (its config names the model), plus the
+    measured step times; --calibrate: the MLE run evaluated on validation questions every
+    CALIBRATION_STEPS_EVAL steps, its curve."""
     c = job.config
-    res = arithmetic.make_train_fn(c.model.init, c.data.data_dir)(job, wd)
+    c.data.data_dir = ctx.data_dir
+    if ctx.args.calibrate:
+        state, _ = train.train(c, str(wd), progress_every_s=common.PROGRESS_S)
+        if int(state.step) < c.train.num_steps:  # preempted (SIGTERM): saved, not done
+            raise SystemExit(f"{job.name} stopped at step {int(state.step)}; rerun to resume")
+        records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+        times = step_times(wd, c.loss.bc_warmup_steps, c.train.log_every)
+        return {"curve": [r for r in records if "eval/accuracy" in r], **times}
+    res = arithmetic.make_train_fn(c.model.init, ctx.data_dir)(job, wd)
     return {**res, **step_times(wd, c.loss.bc_warmup_steps, c.train.log_every)}
 
 
@@ -164,26 +170,20 @@ def zero_shot_eval(c) -> dict:
     }
 
 
-def calibrate(root: Path, data_dir: str, out: Path, t0: float) -> None:
-    """Zero-shot and MLE at the config's step count, evaluated (greedy) on validation
-    questions every CALIBRATION_STEPS_EVAL steps: the numbers the difficulty and step count
-    were chosen by (MLE should land between 0.3 and 0.7: room to gain and to lose)."""
-    rows = []
-    zs = root / "calibration" / "zero_shot.json"
-    if not zs.exists():
-        zs.parent.mkdir(parents=True, exist_ok=True)
-        zs.write_text(json.dumps(zero_shot(0, data_dir, "validation"), indent=2))
-    rows.append(json.loads(zs.read_text()))
-    c = base_config("mle", 0, data_dir)
+def calibration_plan() -> list[common.Job]:
+    """--calibrate: MLE at the config's step count, evaluated (greedy) on validation questions
+    every CALIBRATION_STEPS_EVAL steps, beside the zero-shot figure (`setup`): the numbers the
+    difficulty and step count were chosen by (MLE should land between 0.3 and 0.7: room to
+    gain and to lose)."""
+    c = base_config("mle", 0)
     c.data.eval_split, c.eval.decodings, c.eval.recovery = "validation", "greedy", False
     c.train.eval_every = CALIBRATION_STEPS_EVAL
-    wd = root / "calibration" / "mle"
-    # resumes; returns at once when finished earlier
-    train.train(c, str(wd), progress_every_s=common.PROGRESS_S)
-    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
-    curve = [r for r in records if "eval/accuracy" in r]
-    run_s = records[-1]["time"] - records[0]["time"]  # first to last log (compilation not in)
-    zero = rows[0]
+    return [common.Job("mle", "mle", c)]
+
+
+def summarise_calibration(rows: list[dict], header: str) -> str:
+    zero, mle = common.split(rows, "zero_shot_s0_validation")[0], common.split(rows, "mle")[0]
+    c = calibration_plan()[0].config
     table = [
         [
             "pretrained, zero-shot",
@@ -192,28 +192,24 @@ def calibrate(root: Path, data_dir: str, out: Path, t0: float) -> None:
             f"{zero['eval/accuracy_first_number']:.3f} (first number)",
         ]
     ]
-    for r in curve:
+    for r in mle.get("curve", []):
         lo, hi = r["eval/accuracy_ci_low"], r["eval/accuracy_ci_high"]
         table.append(["MLE", r["step"], f"{r['eval/accuracy']:.3f}", f"[{lo:.3f}, {hi:.3f}]"])
-    times = step_times(wd, c.loss.bc_warmup_steps, c.train.log_every)
-    text = (
+    return (
         "# Arithmetic on SmolLM2-135M: calibration on validation questions\n\n"
-        + common.provenance(t0, MODULE, run_s)
-        + f"\nSeed 0's 500 validation questions (difficulty `{c.data.difficulty}`, never the "
+        + header
+        + "\nSeed 0's 500 validation questions (difficulty "
+        f"`{c.data.arithmetic.difficulty}`, never the "
         f"test questions), greedy exact match. MLE: `configs/arithmetic.py:smollm2,mle` "
         f"({c.train.num_steps} steps, lr {c.optim.lr:g} cosine, LoRA rank "
         f"{c.model.lora_rank}, {c.train.batch_size} rows of {c.data.seq_len} tokens), "
         f"evaluated every {CALIBRATION_STEPS_EVAL} steps of the one run (so the earlier points "
         "are mid-schedule, not shorter runs). Median "
-        f"{times.get('sec_per_step_after_warmup', float('nan')):.1f} s per MLE step.\n\n"
+        f"{mle.get('sec_per_step_after_warmup', float('nan')):.1f} s per MLE step.\n\n"
         + common.markdown_table(["model", "step", "exact match", "95% interval"], table)
         + "\nZero-shot samples:\n\n"
-        + "".join(f"- `{s}`\n" for s in rows[0]["samples"])
+        + "".join(f"- `{s}`\n" for s in zero["samples"])
     )
-    out = out.with_name(NAME + "_calibration")
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"zero_shot": rows[0], "mle": curve}, indent=2))
-    print(text)
 
 
 def differences(by: dict, noise: float) -> str:
@@ -267,10 +263,8 @@ def ablation_section(rows: list[dict]) -> str:
     ]:
         if r is None:
             continue
-        lo, hi = r["eval/accuracy_ci_low"], r["eval/accuracy_ci_high"]
-        acc = f"{r['eval/accuracy']:.3f} [{lo:.2f}, {hi:.2f}]"
-        vals = [common.cell(r, k) for k, _ in keys]
-        table.append([label, acc, *vals])
+        acc = common.mean_cell([r], "eval/accuracy", bootstrap=True)
+        table.append([label, acc, *[common.cell(r, k) for k, _ in keys]])
     return (
         f"\n## Ablation: the objective's temperature for a pretrained model's logits (seed "
         f"{ABLATION_SEED}, noise {ABLATION_NOISE:g})\n\nOne field changed from SequenceMatch's "
@@ -288,9 +282,7 @@ def ablation_section(rows: list[dict]) -> str:
 def summarise(rows: list[dict], header: str, out: Path) -> str:
     zero = [r for r in rows if r["method"] == "zero_shot"]
     runs = [r for r in rows if r["method"] in METHODS]
-    by: dict = {}
-    for r in runs:
-        by.setdefault((r["method"], r["noise"]), []).append(r)
+    by = common.group(runs, "method", "noise")
     levels = sorted({n for _, n in by})
     noisy = [n for n in levels if n > 0]
     labels = {m: arithmetic.METHODS[m][0] for m in METHODS}
@@ -322,10 +314,6 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         ("sm/r_model", "r model"),
         ("sm/v_mean", "V mean"),
     ]
-    diag = []
-    for r in sorted(runs, key=lambda r: (r["noise"], r["method"], r["seed"])):
-        vals = [common.cell(r, k) for k, _ in diag_keys]
-        diag.append([r["method"], f"{r['noise']:g}", r["seed"], *vals])
     per = lambda pairs: "".join(
         f"\n**{head}**\n\n" + arithmetic.method_table(by, levels, key) for key, head in pairs
     )
@@ -338,7 +326,8 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         f"{c.train.num_steps} steps ({c.loss.bc_warmup_steps} of BC warm-up), lr {c.optim.lr:g}, "
         f"{c.train.batch_size} data rows (+ {c.train.model_rows} model rows for SequenceMatch, "
         f"refilled every {c.sampling.sample_every} steps) of {c.data.seq_len} tokens, "
-        f"{c.data.train_size} `{c.data.difficulty}` training questions per seed. Held-out "
+        f"{c.data.train_size} `{c.data.arithmetic.difficulty}` training questions per seed. "
+        "Held-out "
         "exact match of the final answer (after backspaces) on each seed's 200 test questions; "
         "mean ± half-width of the 95% t-interval over seeds. The pretrained model zero-shot "
         f"(greedy): {zs or 'not measured'}.\n\n"
@@ -366,99 +355,55 @@ def summarise(rows: list[dict], header: str, out: Path) -> str:
         )
         + ablation_section(rows)
         + "\n## Every run\n\n"
-        + common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], diag)
+        + common.run_table(runs, diag_keys)
     )
     if runs:
         arithmetic.plot(by, levels, out.with_suffix(".png"), arithmetic.DECODINGS)
     return text
 
 
-def committed(out: Path) -> list[dict]:
-    """The rows in the results file (none if it is missing or empty)."""
-    path = out.with_suffix(".json")
-    return json.loads(path.read_text() or "[]") if path.exists() else []
+def setup(ctx: common.Context) -> list[dict]:
+    """The pretrained model's zero-shot score: per seed on its test questions (--calibrate:
+    seed 0's validation questions), the seeds without a row."""
+    done = {r["name"] for r in ctx.rows()}
+    rows = []
+    for seed in [0] if ctx.args.calibrate else range(ctx.args.seeds):
+        split = "validation" if ctx.args.calibrate else "test"
+        if f"zero_shot_s{seed}" + ("" if split == "test" else f"_{split}") not in done:
+            print(f"zero-shot, seed {seed}, {split}", flush=True)
+            rows.append(zero_shot(seed, ctx.data_dir, split))
+    return rows
 
 
-def write(rows: list[dict], t0: float, out: Path) -> str:
-    """Write the results file from `rows` plus any row another process (`--only`, started
-    beside this one) has written since this one read it; under a lock, so neither is lost."""
-    on_disk = out.with_suffix(".json")
-    with open(on_disk, "a") as lock:  # created empty if missing; locks the file itself
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        theirs = committed(out)
-        mine, seen = {r["name"]: r for r in rows}, {r["name"] for r in theirs}
-        rows[:] = [mine.get(r["name"], r) for r in theirs] + [
-            r for r in rows if r["name"] not in seen
-        ]
-        runs = [r for r in rows if r["method"] in METHODS or r["method"] in ABLATIONS]
-        run_s = sum(r.get("train_s", r.get("wall_s", 0.0)) for r in runs)
-        what = "training" + (
-            ""
-            if all("train_s" in r for r in runs)
-            else " (for a run that predates the record of training time: the wall time of its "
-            "last invocation, evaluation included)"
-        )
-        header = common.provenance(t0, MODULE, run_s, what) + f"Runs: {len(runs)} finished.\n"
-        text = summarise(rows, header, out)
-        out.with_suffix(".md").write_text(text)
-        on_disk.write_text(json.dumps(rows, indent=2))
-    return text
+def plan_of(ctx: common.Context) -> list[common.Job]:
+    if ctx.args.calibrate:
+        return calibration_plan()
+    return plan(ctx.args.seeds, [float(x) for x in ctx.args.noise.split(",")])
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--calibrate", action="store_true", help="zero-shot + MLE on validation")
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--noise", default="0.1", help="comma list of noise levels for BC and SM")
-    ap.add_argument("--summarise_only", action="store_true", help="report the committed rows")
-    ap.add_argument(
-        "--only",
-        default="",
-        help="comma list of run names to train now (e.g. bc_n0.1_s0), the others left for later",
-    )
-    ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic_smollm2")
-    ap.add_argument(
-        "--out",
-        default=str(common.RESULTS),
-        help="where the results go: the committed experiments/results by default, since its "
-        "rows are this multi-session sweep's record (runs with a row there are skipped)",
-    )
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    root, data_dir = common.prepare_root(args.workdir)
-    out = Path(args.out) / NAME
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.calibrate:
-        calibrate(root, data_dir, out, t0)
-        return
-    rows = committed(out)
-    done = {r["name"] for r in rows}
-    levels = [float(x) for x in args.noise.split(",")]
-    jobs = plan(args.seeds, levels, data_dir)
-    only = {x for x in args.only.split(",") if x}
-    unknown = only - {j.name for j in jobs}
-    if unknown:
-        raise SystemExit(f"--only names no planned run: {sorted(unknown)}")
-    for seed in range(args.seeds):
-        name = f"zero_shot_s{seed}"
-        if name not in done and not args.summarise_only:
-            print(f"zero-shot, seed {seed}", flush=True)
-            rows.append(zero_shot(seed, data_dir))
-            write(rows, t0, out)
-    for i, job in enumerate(jobs):
-        done |= {r["name"] for r in committed(out)}  # another process (--only) may add rows
-        if job.name in done:
-            print(f"[{i + 1}/{len(jobs)}] {job.name}: committed earlier", flush=True)
-            continue
-        if args.summarise_only or (only and job.name not in only):
-            continue
-        res = common.run_all([job], root / "runs", train_fn)[0]
-        rows.append(res)
-        write(rows, t0, out)  # commit this row: the next session skips the run
-    text = write(rows, t0, out)
-    print(text.split("\n## Every decoding")[0])
-    print(f"wrote {out}.md, .json, .png")
+def summarise_rows(rows: list[dict], ctx: common.Context) -> str:
+    if ctx.args.calibrate:
+        return summarise_calibration(rows, ctx.header)
+    return summarise(rows, ctx.header, ctx.out)
 
+
+EXPERIMENT = common.Experiment(
+    module="experiments.arithmetic_smollm2",
+    doc=__doc__,
+    workdir="/tmp/smatch_jax_experiments/arithmetic_smollm2",
+    out=str(common.RESULTS),
+    seeds=2,
+    name=lambda a: NAME + ("_calibration" if a.calibrate else ""),
+    runs_dir=lambda a: "calibration" if a.calibrate else "runs",
+    plan=plan_of,
+    setup=setup,
+    run=run,
+    summarise=summarise_rows,
+    flags={
+        "calibrate": common.switch("zero-shot + MLE on validation"),
+        "noise": dict(default="0.1", help="comma list of noise levels for BC and SM"),
+    },
+)
 
 if __name__ == "__main__":
-    main()
+    common.main(EXPERIMENT)

@@ -24,21 +24,13 @@ finished runs are reused, interrupted ones resume.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from configs import grammar as grammar_config
 from experiments import common
 from experiments.arithmetic import make_train_fn
+from experiments.common import plt
 
-MODULE = "experiments.grammar"
 METHODS = {  # key: (label, config variant)
     "mle": ("MLE", "mle"),
     "bc": ("BC (MLE + `<bkspc>`)", "bc"),
@@ -48,6 +40,7 @@ METHODS = {  # key: (label, config variant)
     "bc_model": ("BC, the model's own errors as noise", "bc"),
     "sm_model": ("SequenceMatch, the model's own errors as noise", "sm_chi2"),
 }
+LABELS = {m: label for m, (label, _) in METHODS.items()}
 NOISE_LEVELS = (0.0, 0.05, 0.1, 0.2)
 HEADLINE = "eval/valid"
 TABLES = [  # (result key, heading)
@@ -98,42 +91,22 @@ def pretrain(root: Path, data_dir: str) -> Path:
     return common.pretrain(root / "pretrain", c)
 
 
-def _cell(rs: list[dict] | None, key: str) -> str:
-    vals = common.measured(rs, key)
-    if not vals:
-        return "-"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    m, h = common.mean_ci(vals)
-    return f"{m:.3f} ± {h:.3f}"
-
-
 def _cells(by: dict, method: str, levels: list[float]) -> list[list[dict] | None]:
     return [by.get(("mle", 0.0) if method == "mle" else (method, n)) for n in levels]
 
 
-def _table(by: dict, levels: list[float], key: str) -> str:
-    rows = []
-    for method, (label, _) in METHODS.items():
-        cells = [_cell(rs, key) for rs in _cells(by, method, levels)]
-        if any(c != "-" for c in cells):
-            rows.append([label, *cells])
-    return common.markdown_table(["method", *[f"noise {n:g}" for n in levels]], rows)
-
-
 def verdict(by: dict, levels: list[float], key: str = HEADLINE) -> str:
-    labels = {m: label for m, (label, _) in METHODS.items()}
-    return common.verdict(by, levels, labels, key, "Valid-sample rate")
+    return common.verdict(by, levels, LABELS, key, "Valid-sample rate")
 
 
 def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
-    by: dict[tuple[str, float], list[dict]] = {}
-    for r in results:
-        by.setdefault((r["method"], r["noise"]), []).append(r)
+    by = common.group(results, "method", "noise")
     levels = sorted({n for _, n in by})
     n_seeds = len({r["seed"] for r in results})
     r0 = results[0]
-    tables = "".join(f"\n**{head}**\n\n" + _table(by, levels, key) for key, head in TABLES)
+    tables = "".join(
+        f"\n**{head}**\n\n" + common.noise_table(by, levels, LABELS, key) for key, head in TABLES
+    )
     diag_keys = [
         ("eval/valid", "valid"),
         ("eval/recovery", "recovery"),
@@ -146,15 +119,6 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         ("eval/bkspc_per_sample", "`<bkspc>`/word"),
         ("sm/r_data", "r data"),
         ("sm/r_model", "r model"),
-    ]
-    rows = [
-        [
-            r["method"],
-            f"{r['noise']:g}",
-            r["seed"],
-            *[common.cell(r, k) for k, _ in diag_keys],
-        ]
-        for r in sorted(results, key=lambda r: (r["noise"], r["method"], r["seed"]))
     ]
     examples = _examples(by)
     text = (
@@ -175,7 +139,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
         f"{pre.get('eval/nll_gap', float('nan')):.3f}.\n\n"
         + verdict(by, levels)
         + "\n\n**Valid-sample rate at T = 1 (headline)**\n\n"
-        + _table(by, levels, HEADLINE)
+        + common.noise_table(by, levels, LABELS, HEADLINE)
         + f"\n![valid rate and recovery vs noise]({out.name}.png)\n"
         + tables
         + "\nSampling floor of the TV figures (the same number of words drawn from the generator "
@@ -188,7 +152,7 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path) -> str:
             else ""
         )
         + "\n## Every run\n\n"
-        + common.markdown_table(["method", "noise", "seed", *[h for _, h in diag_keys]], rows)
+        + common.run_table(results, diag_keys)
     )
     _plot(by, levels, out.with_suffix(".png"))
     return text
@@ -233,48 +197,33 @@ def _plot(by: dict, levels: list[float], path: Path) -> None:
         ax.set_ylim(bottom=0)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="MLE, BC, SM at noise 0.1, one seed")
-    ap.add_argument(
-        "--model_noise",
-        action="store_true",
-        help="BC and SequenceMatch with noise kind 'model' (the policy's own errors) at noise "
-        "0.1 beside MLE, BC and SequenceMatch with error noise; writes grammar_model_noise.md",
-    )
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
-    ap.add_argument(
-        "--summarise_only", action="store_true", help="no training: report the finished runs"
-    )
-    ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/grammar")
-    ap.add_argument("--out", default="", help=common.OUT_HELP)
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    root, data_dir = common.prepare_root(args.workdir)
-    shard = common.parse_shard(args.shard, root / "pretrain")
-    pre_wd = pretrain(root, data_dir)
-    pre = json.loads((pre_wd / "result.json").read_text())
-    runs = plan(args.quick, args.seeds, args.model_noise)
-    results = common.run_sharded(
-        runs, root / "runs", make_train_fn(f"ckpt:{pre_wd}", data_dir), shard,
-        train=not args.summarise_only,
-    )  # fmt: skip
-    if not results:
-        raise SystemExit(f"no finished runs under {root / 'runs'}")
-    name = "grammar_model_noise" if args.model_noise else "grammar_quick" if args.quick else ""
-    out = common.out_dir(args.out, args.workdir) / (name or "grammar")
-    text = summarise(results, pre, common.results_header(t0, MODULE, results, pre, len(runs)), out)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(text.split("\n## Every run")[0])
-    print(f"wrote {out}.md, .json, .png")
+def summarise_rows(rows: list[dict], ctx: common.Context) -> str:
+    pre, runs = common.split(rows)
+    return summarise(runs, pre, ctx.header, ctx.out)
 
+
+EXPERIMENT = common.Experiment(
+    module="experiments.grammar",
+    doc=__doc__,
+    workdir="/tmp/smatch_jax_experiments/grammar",
+    name=lambda a: (
+        "grammar_model_noise" if a.model_noise else "grammar_quick" if a.quick else "grammar"
+    ),
+    plan=lambda ctx: plan(ctx.args.quick, ctx.args.seeds, ctx.args.model_noise),
+    setup=lambda ctx: [common.base_row(pretrain(ctx.root, ctx.data_dir))],
+    run=lambda job, wd, ctx: make_train_fn(f"ckpt:{ctx.root / 'pretrain'}", ctx.data_dir)(job, wd),
+    summarise=summarise_rows,
+    flags={
+        "quick": common.switch("MLE, BC, SM at noise 0.1, one seed"),
+        "model_noise": common.switch(
+            "BC and SequenceMatch with noise kind 'model' (the policy's own errors) at noise "
+            "0.1 beside MLE, BC and SequenceMatch with error noise; writes grammar_model_noise.md"
+        ),
+    },
+)
 
 if __name__ == "__main__":
-    main()
+    common.main(EXPERIMENT)

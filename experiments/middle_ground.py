@@ -15,14 +15,9 @@ tried is in the table. Writes `experiments/results/middle_ground.{md,json}`.
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
 from configs import arithmetic as arith_config
 from experiments import arithmetic, common
 
-MODULE = "experiments.middle_ground"
 NOISE = 0.1
 SETTINGS = {  # name: (config variant, dotted config edits)
     "MLE": ("mle", {}),
@@ -72,19 +67,9 @@ def plan(seeds: int) -> list[common.Job]:
     return runs
 
 
-def summarise(results: list[dict], header: str) -> str:
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        by.setdefault(r["method"], []).append(r)
-
-    def cell(rs: list[dict], key: str) -> str:
-        vals = common.measured(rs, key)
-        if not vals:
-            return "-"
-        m, h = common.mean_ci(vals)
-        return f"{m:.3f}" + (f" ± {h:.3f}" if len(vals) > 1 else "")
-
-    rows = [[name, *[cell(rs, k) for k, _ in COLUMNS]] for name, rs in by.items()]
+def summarise(results: list[dict], ctx: common.Context) -> str:
+    by = common.group(results, "method")
+    rows = [[name, *[common.mean_cell(rs, k) for k, _ in COLUMNS]] for name, rs in by.items()]
     mean = {name: common.mean_ci([r["eval/accuracy"] for r in rs])[0] for name, rs in by.items()}
     sm = {k: v for k, v in mean.items() if k.startswith("SM")}
     best = max(sm, key=sm.get) if sm else None
@@ -107,7 +92,7 @@ def summarise(results: list[dict], header: str) -> str:
         )
     return (
         "# Where could SequenceMatch differ from BC? One setting at a time\n\n"
-        + header
+        + ctx.header
         + f"\nFine-tuned from the committed long base (0.700), ground-truth noise {NOISE:g} "
         "(MLE: none), evaluated on the 500 validation questions per seed (headline decoding "
         "greedy_no_repeat). Each SequenceMatch row changes one thing from the defaults.\n\n"
@@ -116,33 +101,23 @@ def summarise(results: list[dict], header: str) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
-    ap.add_argument("--summarise_only", action="store_true")
-    ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/arithmetic")
-    ap.add_argument("--out", default="", help=common.OUT_HELP)
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    root, data_dir = common.prepare_root(args.workdir)
-    shard = common.parse_shard(args.shard, None)
-    base = arithmetic.LONG_BASE
-    train_fn = arithmetic.make_train_fn(f"npz:{base}", data_dir, arithmetic.LONG_BASE_SHA256)
-    runs = plan(args.seeds)
-    results = common.run_sharded(
-        runs, root / "middle_ground", train_fn, shard, train=not args.summarise_only
-    )
-    if not results:
-        raise SystemExit("no finished runs")
-    out = (
-        common.out_dir(args.out, args.workdir) / "middle_ground"
-    )  # {}: the base's pretraining is not summed in
-    text = summarise(results, common.results_header(t0, MODULE, results, {}, len(runs)))
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print(text)
+def run(job: common.Job, wd, ctx: common.Context) -> dict:
+    """Fine-tuned from the committed long base."""
+    base, sha = arithmetic.LONG_BASE, arithmetic.LONG_BASE_SHA256
+    return arithmetic.make_train_fn(f"npz:{base}", ctx.data_dir, sha)(job, wd)
 
+
+EXPERIMENT = common.Experiment(
+    module="experiments.middle_ground",
+    doc=__doc__,
+    workdir="/tmp/smatch_jax_experiments/arithmetic",
+    seeds=1,
+    name=lambda a: "middle_ground",
+    runs_dir=lambda a: "middle_ground",
+    plan=lambda ctx: plan(ctx.args.seeds),
+    run=run,
+    summarise=summarise,
+)
 
 if __name__ == "__main__":
-    main()
+    common.main(EXPERIMENT)

@@ -12,7 +12,7 @@
 2. Fine-tune it with each method (`configs/text.py:finetune,<method>`, 200 steps): MLE;
    MLE + unlikelihood; BC (MLE on noise-augmented rows with `<bkspc>`); SequenceMatch
    chi2-mix. BC and SequenceMatch see the same noise (unigram tokens, rate 0.05). Every run
-   and seed uses the same document split and BPE (`data.split_seed = 0`); a seed changes the
+   and seed uses the same document split and BPE (`data.text.split_seed = 0`); a seed changes the
    data order, the noise, the replay samples and the evaluation samples.
 3. Evaluate each model (`smatch_jax.eval.report`) on the same 256 validation prompts: one sampled
    continuation per prompt (temperature 1, `<bkspc>` allowed); MAUVE against the reference
@@ -26,23 +26,19 @@ finished runs are reused and interrupted ones resume.
 
 from __future__ import annotations
 
-import argparse
+import functools
 import json
 import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from configs import text as text_config
 from experiments import common, text_objective
+from experiments.common import plt
 from smatch_jax import train
 from smatch_jax.eval import report, text_report
 
-MODULE = "experiments.text"
 METHODS = {  # key: (label, config variant)
     "mle": ("MLE", "mle"),
     "mle_ul": ("MLE + unlikelihood", "mle_ul"),
@@ -109,29 +105,36 @@ def pretrain(root: Path, data_dir: str, featurizer, scale: str = "small") -> Pat
     return wd
 
 
-def make_train_fn(pretrained: Path, data_dir: str, featurizer):
-    def train_fn(r: common.Job, wd: Path) -> dict:
-        r.config.model.init = f"ckpt:{pretrained}"
-        r.config.data.data_dir = data_dir
-        state, last = train.train(r.config, str(wd), progress_every_s=common.PROGRESS_S)
-        if int(state.step) < r.config.train.num_steps:  # preempted (SIGTERM): saved, not done
-            raise SystemExit(f"{r.name} stopped at step {int(state.step)}; rerun to resume")
-        train_metrics = {k: float(v) for k, v in last.items() if not k.startswith("eval/")}
-        return {**train_metrics, **evaluate_run(wd, pretrained, featurizer)}
-
-    return train_fn
+minilm = functools.cache(lambda: text_report.make_featurizer("minilm"))  # loaded once
 
 
-def reevaluate(root: Path, runs: list[common.Job], pre_wd: Path, featurizer) -> None:
-    """Evaluates the pretrained model and every finished run again (after a change of the
-    evaluation code), keeping their training metrics and wall times."""
-    for wd in [pre_wd, *(root / r.name for r in runs)]:
+def run(job: common.Job, wd: Path, ctx: common.Context) -> dict:
+    """Fine-tunes a job from the pretraining and evaluates it (MAUVE, perplexity, ...)."""
+    pretrained = ctx.root / "pretrain"
+    job.config.model.init = f"ckpt:{pretrained}"
+    job.config.data.data_dir = ctx.data_dir
+    state, last = train.train(job.config, str(wd), progress_every_s=common.PROGRESS_S)
+    if int(state.step) < job.config.train.num_steps:  # preempted (SIGTERM): saved, not done
+        raise SystemExit(f"{job.name} stopped at step {int(state.step)}; rerun to resume")
+    train_metrics = {k: float(v) for k, v in last.items() if not k.startswith("eval/")}
+    return {**train_metrics, **evaluate_run(wd, pretrained, minilm())}
+
+
+def reevaluate(root: Path, runs: list[common.Job], pre_wd: Path, featurizer) -> list[dict]:
+    """Evaluates the pretrained model and every run finished in this workdir again (after a
+    change of the evaluation code), keeping their training metrics and wall times: their rows
+    (the pretraining's named common.BASE)."""
+    rows = []
+    for name, wd in [(common.BASE, pre_wd), *((r.name, root / r.name) for r in runs)]:
         out = wd / "result.json"
         if out.exists():
             print(f"re-evaluating {wd.name}", flush=True)
             old = json.loads(out.read_text())
             kept = {k: v for k, v in old.items() if not k.startswith("text/")}
-            out.write_text(json.dumps({**kept, **evaluate_run(wd, pre_wd, featurizer)}, indent=2))
+            new = {**kept, **evaluate_run(wd, pre_wd, featurizer)}
+            out.write_text(json.dumps(new, indent=2))
+            rows.append({"name": name, **new})
+    return rows
 
 
 def _mauve_values(rs: list[dict]) -> list[float]:
@@ -139,18 +142,8 @@ def _mauve_values(rs: list[dict]) -> list[float]:
     return [v for r in rs for v in r["protocol"]["mauve"]["per_seed"]]
 
 
-def _fmt(rs: list[dict], key: str, fmt: str) -> str:
-    vals = [r[f"text/{key}"] for r in rs if f"text/{key}" in r]
-    if not vals:
-        return "-"
-    m, h = common.mean_ci(vals)
-    return fmt.format(m) + (f" ± {fmt.format(h)}" if len(vals) > 1 else "")
-
-
 def summarise(results: list[dict], pre: dict, header: str, out: Path, scale: str = "small") -> str:
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        by.setdefault(r["method"], []).append(r)
+    by = common.group(results, "method")
     n_seeds = len({r["seed"] for r in results})
     rows = []
     for key, (label, _) in METHODS.items():
@@ -159,13 +152,14 @@ def summarise(results: list[dict], pre: dict, header: str, out: Path, scale: str
             continue
         vals = _mauve_values(rs)
         mauve = f"{np.mean(vals):.3f} ± {np.std(vals):.3f}"
-        rows.append([label, mauve, PAPER_MAUVE[key], *[_fmt(rs, k, f) for k, _, f in COLUMNS]])
+        cells = [common.mean_cell(rs, f"text/{k}", f) for k, _, f in COLUMNS]
+        rows.append([label, mauve, PAPER_MAUVE[key], *cells])
     rows.append(
         [
             "pretrained MLE model (no fine-tuning)",
             f"{pre['text/mauve']:.3f} ± {pre['text/mauve_std']:.3f}",
             "-",
-            *[_fmt([pre], k, f) for k, _, f in COLUMNS],
+            *[common.mean_cell([pre], f"text/{k}", f) for k, _, f in COLUMNS],
         ]
     )
     rows.append(["reference continuations (data)", "-", "-", *_reference_cells(pre)])
@@ -254,7 +248,7 @@ EVERY_RUN = [
 def _every_run(results: list[dict]) -> str:
     rows = []
     for r in sorted(results, key=lambda r: (list(METHODS).index(r["method"]), r["seed"])):
-        vals = [f"{r[k]:.3g}" if k in r else "-" for k, _ in EVERY_RUN]
+        vals = [common.cell(r, k) for k, _ in EVERY_RUN]
         rows.append([METHODS[r["method"]][0], r["seed"], *vals])
     return common.markdown_table(["method", "seed", *[h for _, h in EVERY_RUN]], rows)
 
@@ -278,65 +272,54 @@ def _plot(by: dict[str, list[dict]], pre: dict, path: Path) -> None:
         a.set_xticks(x, labels, fontsize=7)
         a.legend(fontsize=7)
         a.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save(fig, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument(
-        "--scale",
-        choices=tuple(SCALES),
-        default="small",
-        help="small: mini_llama (0.2M parameters); large: medium_llama (3.6M), pretrained "
-        "2,000 steps (~30 min on 2 cores), results in text_large.md",
-    )
-    ap.add_argument(
-        "--summarise_only", action="store_true", help="no training: report the finished runs"
-    )
-    ap.add_argument(
-        "--reevaluate", action="store_true", help="evaluate the finished runs again first"
-    )
-    ap.add_argument(
-        "--objective", action="store_true", help="the objective's ablation (text_objective.py)"
-    )
-    ap.add_argument("--shard", default="0/1", help="i/n: every n-th run from the i-th")
-    ap.add_argument("--workdir", default="/tmp/smatch_jax_experiments/text")
-    ap.add_argument("--out", default="", help=common.OUT_HELP)
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    root, data_dir = common.prepare_root(args.workdir)
-    featurizer = None if args.summarise_only else text_report.make_featurizer("minilm")
-    shard = common.parse_shard(args.shard, root / "pretrain")
-    if args.objective and args.scale != "small":
+def plan_of(ctx: common.Context) -> list[common.Job]:
+    if ctx.args.objective and ctx.args.scale != "small":
         raise SystemExit("--objective runs at the small scale only")
-    pre_wd = pretrain(root, data_dir, featurizer, args.scale)
-    if args.objective:
-        train_fn = make_train_fn(pre_wd, data_dir, featurizer)
-        text_objective.main(args, root, pre_wd, train_fn, t0, shard)
-        return
-    runs = plan(args.seeds, args.scale)
-    if args.reevaluate and not args.summarise_only:
-        reevaluate(root / "runs", runs, pre_wd, featurizer)
-    train_fn = make_train_fn(pre_wd, data_dir, featurizer)
-    results = common.run_sharded(
-        runs, root / "runs", train_fn, shard, train=not args.summarise_only
-    )
-    if not results:
-        raise SystemExit(f"no finished runs under {root / 'runs'}")
-    out = common.out_dir(args.out, args.workdir) / (
-        "text" if args.scale == "small" else "text_large"
-    )
-    pre = json.loads((pre_wd / "result.json").read_text())
-    header = common.results_header(t0, MODULE, results, pre, len(runs))
-    text = summarise(results, pre, header, out, args.scale)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"pretrain": pre, "runs": results}, indent=2))
-    print(text.split("\n## Every run")[0])
-    print(f"wrote {out}.md, .json, .png")
+    if ctx.args.objective:
+        return text_objective.plan(ctx.args.seeds)
+    return plan(ctx.args.seeds, ctx.args.scale)
 
+
+def setup(ctx: common.Context) -> list[dict]:
+    """The pretraining, evaluated; --reevaluate: it and every finished run evaluated again."""
+    pre_wd = pretrain(ctx.root, ctx.data_dir, minilm(), ctx.args.scale)
+    if ctx.args.reevaluate:
+        return reevaluate(ctx.runs, ctx.jobs, pre_wd, minilm())
+    return [common.base_row(pre_wd)]
+
+
+def summarise_rows(rows: list[dict], ctx: common.Context) -> str:
+    pre, runs = common.split(rows)
+    if ctx.args.objective:
+        return text_objective.summarise(runs, pre, ctx.header, ctx.out, ctx.args.seeds)
+    return summarise(runs, pre, ctx.header, ctx.out, ctx.args.scale)
+
+
+EXPERIMENT = common.Experiment(
+    module="experiments.text",
+    doc=__doc__,
+    workdir="/tmp/smatch_jax_experiments/text",
+    seeds=2,
+    name=lambda a: "text_objective" if a.objective else "text" + SCALES[a.scale].replace(",", "_"),
+    runs_dir=lambda a: "objective" if a.objective else "runs",
+    plan=plan_of,
+    setup=setup,
+    run=run,
+    summarise=summarise_rows,
+    flags={
+        "scale": dict(
+            choices=tuple(SCALES),
+            default="small",
+            help="small: mini_llama (0.2M parameters); large: medium_llama (3.6M), pretrained "
+            "2,000 steps (~30 min on 2 cores), results in text_large.md",
+        ),
+        "reevaluate": common.switch("evaluate the finished runs again first"),
+        "objective": common.switch("the objective's ablation (text_objective.py)"),
+    },
+)
 
 if __name__ == "__main__":
-    main()
+    common.main(EXPERIMENT)

@@ -1,7 +1,7 @@
 """The objective's ablation (docs/method.md §2.7) on text, beside MLE and BC.
 
-    python -m experiments.text --objective            # 2 seeds
-    python -m experiments.text --objective --shard 1/2
+    python -m experiments.text --objective   # 2 seeds (run it twice at once: two processes
+                                             # share the runs)
 
 From the pretrained model of `experiments/text.py`, SequenceMatch (chi2-mix) is fine-tuned
 with revision 1, with each revision-2 change alone (the four of the specification and the
@@ -16,19 +16,14 @@ Writes `experiments/results/text_objective.{md,json,png}`.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from configs import text as text_config
 from experiments import arithmetic_objective as arith
 from experiments import common
+from experiments.common import plt
 
 SETTINGS = {"rev1": {}, **{f"+{k}": v for k, v in arith.CHANGES.items()}}
 SETTINGS["all4"] = dict(arith.ALL4)
@@ -72,33 +67,25 @@ def _run(c, method: str, slug: str, seed: int) -> common.Job:
     return common.Job(f"obj_{slug}_s{seed}", method, c, c.noise.rate, seed)
 
 
-def _cell(rs: list[dict], key: str, fmt: str) -> str:
-    vals = [r[key] for r in rs if key in r]
-    if not vals:
-        return "-"
-    m, h = common.mean_ci(vals)
-    return fmt.format(m) + (f" ± {fmt.format(h)}" if len(vals) > 1 else "")
-
-
 def summarise(results: list[dict], pre: dict, header: str, out: Path, seeds: int) -> str:
-    by: dict[str, list[dict]] = {}
-    for r in results:
-        by.setdefault(r["method"], []).append(r)
+    by = common.group(results, "method")
     names = ["mle", "bc", *SETTINGS]
     defaults = arith.configured_defaults(SETTINGS)
     rows = [
         [
             name + (" (the config defaults)" if name == defaults else ""),
-            *[_cell(by[name], f"text/{k}", f) for k, _, f in COLUMNS],
+            *[common.mean_cell(by[name], f"text/{k}", f) for k, _, f in COLUMNS],
         ]
         for name in names
         if name in by
     ]
-    rows.append(["pretrained model", *[_cell([pre], f"text/{k}", f) for k, _, f in COLUMNS]])
+    rows.append(
+        ["pretrained model", *[common.mean_cell([pre], f"text/{k}", f) for k, _, f in COLUMNS]]
+    )
     table = common.markdown_table(["setting", *[h for _, h, _ in COLUMNS]], rows)
     diag_rows = []
     for r in sorted(results, key=lambda r: (names.index(r["method"]), r["seed"])):
-        vals = [f"{r[k]:.3g}" if k in r else "-" for k, _ in DIAG]
+        vals = [common.cell(r, k) for k, _ in DIAG]
         diag_rows.append([r["method"], r["seed"], f"{r.get('text/mauve', 0):.3f}", *vals])
     diag = common.markdown_table(["setting", "seed", "MAUVE", *[h for _, h in DIAG]], diag_rows)
     _plot(by, names, pre, out.with_suffix(".png"))
@@ -143,23 +130,4 @@ def _plot(by: dict, names: list[str], pre: dict, path: Path) -> None:
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def main(args, root: Path, pre_wd: Path, train_fn, t0: float, shard: tuple[int, int]) -> None:
-    runs = plan(args.seeds)
-    obj_root = root / "objective"
-    results = common.run_sharded(runs, obj_root, train_fn, shard, train=not args.summarise_only)
-    if not results:
-        raise SystemExit(f"no finished runs under {obj_root}")
-    out = common.out_dir(args.out, args.workdir) / "text_objective"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pre = json.loads((pre_wd / "result.json").read_text())
-    header = common.results_header(t0, "experiments.text", results, pre, len(runs))
-    text = summarise(results, pre, header, out, args.seeds)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"pretrain": pre, "runs": results}, indent=2))
-    print(text.split("\n## Every run")[0])
-    print(f"wrote {out}.md, .json, .png ({time.time() - t0:.0f} s)")
+    common.save(fig, path)

@@ -12,29 +12,22 @@ that state. It needs no training: every finished run is re-decoded.
 
 Protocol: `delta` is chosen per method on the validation questions (500 per seed, the training
 difficulty, never the test questions), from `--deltas`; then the test questions are decoded
-once with the chosen `delta` and with the plain headline decoding. Writes
-`experiments/results/value_guided.{md,json,png}`.
+once with the chosen `delta` and with the plain headline decoding. One row per method (its
+seeds' decodings). Writes `experiments/results/value_guided.{md,json,png}`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
-import time
 from pathlib import Path
 
 import jax
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from experiments import common
+from experiments.common import plt
 from smatch_jax.eval import accuracy, decoding, mechanism, report
 
-MODULE = "experiments.value_guided"
 METHODS = {  # run-name prefix: label
     "mle_n0": "MLE",
     "bc_n0.1": "BC, noise 0.1",
@@ -67,89 +60,64 @@ def decode_accuracy(workdir: Path, split: str, delta: float) -> dict[str, float]
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--runs", default="/tmp/smatch_jax_experiments/arithmetic/runs_long")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--deltas", default=",".join(f"{d:g}" for d in DELTAS))
-    ap.add_argument("--out", default="", help=common.OUT_HELP)
-    ap.add_argument(
-        "--summarise_only", action="store_true", help="rewrite the report from its .json"
-    )
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    runs, deltas = Path(args.runs), [float(d) for d in args.deltas.split(",")]
-    out = common.out_dir(args.out, args.workdir) / "value_guided"
-    if args.summarise_only:
-        saved = json.loads(out.with_suffix(".json").read_text())
-        val = {p: {float(d): v for d, v in r.items()} for p, r in saved["validation"].items()}
-        deltas = sorted(next(iter(val.values())))
-        header = common.provenance(t0, MODULE, saved["decode_s"], "decoding (no training)")
-        text = summarise(val, saved["test"], deltas, header, runs, out)
-        out.with_suffix(".md").write_text(text)
-        print(text)
-        return
-    common.enable_compilation_cache(runs.parent / "jax_cache")
-    val: dict[str, dict[float, list[dict]]] = {}
-    test: dict[str, dict[str, list[dict]]] = {}
-    for prefix in METHODS:
-        wds = [runs / f"{prefix}_s{s}" for s in range(args.seeds)]
-        missing = [str(w) for w in wds if not (w / "result.json").exists()]
-        if missing:
-            raise SystemExit(f"unfinished runs: {missing}; run experiments.arithmetic first")
-        val[prefix] = {d: [] for d in deltas}
-        for w in wds:  # run by run, so that each model is loaded once per split
-            for d in deltas:
-                val[prefix][d].append(decode_accuracy(w, "validation", d))
-        means = {d: common.mean_ci([r["accuracy"] for r in v])[0] for d, v in val[prefix].items()}
-        best = max(deltas, key=lambda d: (means[d], d == 0.0))  # ties: keep it off
-        print(f"{prefix}: validation {means} -> delta {best:g}", flush=True)
-        test[prefix] = {"off": [], "chosen": [], "delta": best}
-        for w in wds:
-            test[prefix]["off"].append(decode_accuracy(w, "test", 0.0))
-            test[prefix]["chosen"].append(decode_accuracy(w, "test", best))
-    decode_s = time.time() - t0
-    header = common.provenance(t0, MODULE, decode_s, "decoding (no training)")
-    text = summarise(val, test, deltas, header, runs, out)
-    out.with_suffix(".md").write_text(text)
-    saved = {"validation": val, "test": test, "decode_s": decode_s}
-    out.with_suffix(".json").write_text(json.dumps(saved, indent=2))
-    print(text)
+def run(job: common.Job, wd: Path, ctx: common.Context) -> dict:
+    """One method's seeds: every delta on the validation questions, the best one (ties: off)
+    and the headline decoding on the test questions."""
+    deltas = [float(d) for d in ctx.args.deltas.split(",")]
+    wds = [Path(ctx.args.runs) / f"{job.name}_s{s}" for s in range(ctx.args.seeds)]
+    missing = [str(w) for w in wds if not (w / "result.json").exists()]
+    if missing:
+        raise SystemExit(f"unfinished runs: {missing}; run experiments.arithmetic first")
+    val: dict[float, list[dict]] = {d: [] for d in deltas}
+    for w in wds:  # run by run, so that each model is loaded once per split
+        for d in deltas:
+            val[d].append(decode_accuracy(w, "validation", d))
+    means = {d: common.mean_ci([r["accuracy"] for r in v])[0] for d, v in val.items()}
+    best = max(deltas, key=lambda d: (means[d], d == 0.0))  # ties: keep it off
+    print(f"{job.name}: validation {means} -> delta {best:g}", flush=True)
+    test = {"off": [], "chosen": [], "delta": best}
+    for w in wds:
+        test["off"].append(decode_accuracy(w, "test", 0.0))
+        test["chosen"].append(decode_accuracy(w, "test", best))
+    return {"validation": {str(d): v for d, v in val.items()}, "test": test}
 
 
-def _cell(rs: list[dict], key: str = "accuracy") -> str:
-    vals = common.measured(rs, key)
-    if not vals:
-        return "-"
-    m, h = common.mean_ci(vals)
-    return f"{m:.3f} ± {h:.3f}"
+def summarise(rows: list[dict], ctx: common.Context) -> str:
+    val = {r["name"]: {float(d): v for d, v in r["validation"].items()} for r in rows}
+    test = {r["name"]: r["test"] for r in rows}
+    deltas = sorted(next(iter(val.values())))
+    return report(val, test, deltas, ctx.header, Path(ctx.args.runs), ctx.out)
 
 
-def summarise(val, test, deltas, header, runs: Path, out: Path) -> str:
+def report(val, test, deltas, header, runs: Path, out: Path) -> str:
     vrows = [
-        [label, *[_cell(val[p][d]) for d in deltas]] for p, label in METHODS.items() if p in val
+        [label, *[common.mean_cell(val[p][d], "accuracy") for d in deltas]]
+        for p, label in METHODS.items()
+        if p in val
     ]
     vdel = [
-        [label, *[_cell(val[p][d], "deletions") for d in deltas]]
+        [label, *[common.mean_cell(val[p][d], "deletions") for d in deltas]]
         for p, label in METHODS.items()
         if p in val
     ]
     vprec = [
-        [label, *[_cell(val[p][d], "deletion_precision") for d in deltas]]
+        [label, *[common.mean_cell(val[p][d], "deletion_precision") for d in deltas]]
         for p, label in METHODS.items()
         if p in val
     ]
     trows = []
     for p, label in METHODS.items():
+        if p not in test:
+            continue
         t = test[p]
         trows.append(
             [
                 label,
                 f"{t['delta']:g}",
-                _cell(t["off"]),
-                _cell(t["chosen"]),
-                _cell(t["chosen"], "deletions"),
-                _cell(t["chosen"], "deletion_precision"),
+                common.mean_cell(t["off"], "accuracy"),
+                common.mean_cell(t["chosen"], "accuracy"),
+                common.mean_cell(t["chosen"], "deletions"),
+                common.mean_cell(t["chosen"], "deletion_precision"),
             ]
         )
     heads = [f"delta {d:g}" if d else "off" for d in deltas]
@@ -215,10 +183,26 @@ def _plot(val, deltas, path: Path) -> None:
     ax.set_ylabel("validation exact match")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save(fig, path)
 
+
+EXPERIMENT = common.Experiment(
+    module="experiments.value_guided",
+    doc=__doc__,
+    workdir="/tmp/smatch_jax_experiments/value_guided",
+    what="decoding (no training)",
+    name=lambda a: "value_guided",
+    plan=lambda ctx: [common.Job(prefix, prefix) for prefix in METHODS],
+    run=run,
+    summarise=summarise,
+    flags={
+        "runs": dict(
+            default="/tmp/smatch_jax_experiments/arithmetic/runs_long",
+            help="the trained runs (`python -m experiments.arithmetic --base long`)",
+        ),
+        "deltas": dict(default=",".join(f"{d:g}" for d in DELTAS)),
+    },
+)
 
 if __name__ == "__main__":
-    main()
+    common.main(EXPERIMENT)

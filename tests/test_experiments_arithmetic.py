@@ -1,4 +1,5 @@
-"""experiments/arithmetic.py without training: the plan, resumption and the summary."""
+"""experiments/arithmetic.py without training: the plans and the summaries (the driver that
+runs and resumes them: test_experiments_driver.py)."""
 
 import json
 
@@ -38,21 +39,6 @@ def test_full_plan_covers_every_method_level_and_seed():
             assert not r.config.noise.mask_noise_actions
         if r.method == "sm_nobkspc":
             assert r.config.noise.rate == 0 and not r.config.sampling.allow_bkspc
-
-
-def test_run_all_reuses_finished_runs(tmp_path):
-    runs = arithmetic.plan(quick=True, seeds=1)
-    calls = []
-
-    def fake_train(r, wd):
-        calls.append(r.name)
-        wd.mkdir(parents=True)
-        return {"eval/accuracy": 0.5}
-
-    first = common.run_all(runs, tmp_path, fake_train)
-    again = common.run_all(runs, tmp_path, fake_train)
-    assert calls == [r.name for r in runs]  # the second call trained nothing
-    assert first == again and first[0]["method"] == "mle"
 
 
 def _fake(method, noise, seed, acc):
@@ -134,7 +120,7 @@ def test_last_eval_reads_the_latest_evaluation(tmp_path):
 
 
 def test_results_header_gives_the_command_that_reproduces_the_file(monkeypatch):
-    argv = ["--objective", "--workdir", "/w", "--shard=1/2", "--seeds", "3", "--summarise_only"]
+    argv = ["--objective", "--workdir", "/w", "--only=a,b", "--seeds", "3", "--summarise_only"]
     assert (
         common.reproduce_command("experiments.arithmetic", argv)
         == "python -m experiments.arithmetic --objective --seeds 3"
@@ -168,11 +154,18 @@ def test_value_guided_summary_keeps_the_rule_off_when_it_never_helps(tmp_path):
     deltas = [0.0, 4.0]
     val = {p: {0.0: [r(0.6), r(0.62)], 4.0: [r(0.5), r(0.52)]} for p in value_guided.METHODS}
     test = {p: {"off": [r(0.6)], "chosen": [r(0.6)], "delta": 0.0} for p in val}
-    text = value_guided.summarise(val, test, deltas, "", tmp_path, tmp_path / "v")
+    text = value_guided.report(val, test, deltas, "", tmp_path, tmp_path / "v")
     assert "value-guided deletion does not help" in text and "-0.100 to -0.100" in text
     test["mle_n0"]["delta"] = 4.0
-    text = value_guided.summarise(val, test, deltas, "", tmp_path, tmp_path / "v")
-    assert "Chosen on validation: MLE delta 4" in text
+    rows = [  # the rows of the results file: one per method, its deltas as json keys
+        {"name": p, "validation": {str(d): v for d, v in val[p].items()}, "test": test[p]}
+        for p in val
+    ]
+    ctx = common.context(value_guided.EXPERIMENT, ["--out", str(tmp_path)])
+    text = value_guided.summarise(rows, ctx)
+    assert (
+        "Chosen on validation: MLE delta 4" in text and "| 0.610 ± 0.127 | 0.510 ± 0.127 |" in text
+    )
 
 
 def test_model_noise_plan_reuses_the_baseline_runs():
@@ -205,9 +198,10 @@ def test_middle_ground_changes_one_thing_at_a_time_on_validation_questions(tmp_p
         {"method": r.method, "seed": 0, "wall_s": 1.0, "eval/accuracy": 0.5 + 0.01 * i}
         for i, r in enumerate(runs)
     ]
-    text = middle_ground.summarise(res, "")
+    ctx = common.context(middle_ground.EXPERIMENT, ["--out", str(tmp_path)])
+    text = middle_ground.summarise(res, ctx)
     assert "is `SM max_burst = 3` (0.630), against BC 0.510 and MLE 0.500; it is above BC" in text
     for r in res[2:]:
         r["eval/accuracy"] = 0.53  # +0.02 over BC: inside one seed's interval
-    text = middle_ground.summarise(res, "")
+    text = middle_ground.summarise(res, ctx)
     assert "no setting is above BC by more than the 95% half-width" in text

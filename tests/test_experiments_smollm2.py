@@ -1,6 +1,7 @@
 """experiments/arithmetic_smollm2.py without training: the plan, skipping committed rows, the
 differences with their intervals and the summary."""
 
+import dataclasses
 import json
 
 import pytest
@@ -47,6 +48,8 @@ def test_plan_is_mle_bc_sm_per_seed_on_smollm2():
 
 
 def test_committed_rows_are_skipped(tmp_path, monkeypatch):
+    plot = lambda fig, path: (path.write_bytes(b"plot"), common.plt.close(fig))  # (time)
+    monkeypatch.setattr(common, "save", plot)
     rows = [{**_row("zero_shot", 0.0, s, 0.0), "name": f"zero_shot_s{s}"} for s in range(2)] + [
         _row("mle", 0.0, 0, 0.5)
     ]
@@ -55,12 +58,13 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
     (tmp_path / "arithmetic_smollm2.json").write_text(json.dumps(rows))
     trained = []
 
-    def fake_run_all(jobs, root, fn):
-        trained.extend(j.name for j in jobs)
-        return [{**_row(j.method, j.noise, j.seed, 0.4), "name": j.name} for j in jobs]
+    def fake_run(job, wd, ctx):
+        trained.append(job.name)
+        return _row(job.method, job.noise, job.seed, 0.4)
 
-    monkeypatch.setattr(common, "run_all", fake_run_all)
-    sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)])
+    exp = dataclasses.replace(sm2.EXPERIMENT, run=fake_run)  # the zero-shot rows: committed
+    main = lambda *argv: common.main(exp, ["--workdir", str(tmp_path / "w"), *argv])
+    main("--seeds", "1", "--out", str(tmp_path))
     assert trained == ["sm_gt_n0.1_s0", "bc_n0.1_s0", "sm_gt_t0.001"]  # MLE s0, zero-shot: rows
     again = json.loads((tmp_path / "arithmetic_smollm2.json").read_text())
     assert [r["name"] for r in again][-3:] == trained
@@ -69,24 +73,23 @@ def test_committed_rows_are_skipped(tmp_path, monkeypatch):
     assert "| SequenceMatch, temperature 0.001 | 0.400 [0.34, 0.46] |" in md  # beside its seed's
     assert "| SequenceMatch, temperature 0.01 (default) | 0.400 [0.34, 0.46] |" in md
     trained.clear()
-    sm2.main(["--seeds", "2", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path),
-              "--only", "mle_n0_s1"])  # fmt: skip
+    main("--seeds", "2", "--out", str(tmp_path), "--only", "mle_n0_s1")
     assert trained == ["mle_n0_s1"]
     trained.clear()
 
-    def beside_another_process(jobs, root, fn):  # it finishes bc_n0.1_s1 while this one runs
+    def beside_another_process(job, wd, ctx):  # it finishes bc_n0.1_s1 while this one runs
         path = tmp_path / "arithmetic_smollm2.json"
         path.write_text(json.dumps([*json.loads(path.read_text()), _row("bc", 0.1, 1, 0.3)]))
-        return fake_run_all(jobs, root, fn)
+        return fake_run(job, wd, ctx)
 
-    monkeypatch.setattr(common, "run_all", beside_another_process)
-    sm2.main(["--seeds", "2", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path)])
+    exp = dataclasses.replace(exp, run=beside_another_process)
+    main("--seeds", "2", "--out", str(tmp_path))
     assert trained == ["sm_gt_n0.1_s1"]  # bc_n0.1_s1's row appeared meanwhile: not trained again
     names = [r["name"] for r in json.loads((tmp_path / "arithmetic_smollm2.json").read_text())]
     assert names[-3:] == ["mle_n0_s1", "bc_n0.1_s1", "sm_gt_n0.1_s1"]  # the other's row kept
     assert len(names) == len(set(names)) == 9
     with pytest.raises(SystemExit, match="names no planned run"):
-        sm2.main(["--seeds", "1", "--workdir", str(tmp_path / "w"), "--only", "mle_n0_s7"])
+        main("--seeds", "1", "--only", "mle_n0_s7")
 
 
 def test_differences_pair_seeds_and_give_both_intervals():
@@ -115,10 +118,13 @@ def test_step_times_leave_out_compilation(tmp_path):
 
 
 def test_header_sums_training_time_and_says_when_a_run_predates_it(tmp_path):
-    out = tmp_path / "arithmetic_smollm2"
-    rows = [_row("mle", 0.0, 0, 0.5, train_s=600.0), _row("bc", 0.1, 0, 0.4, train_s=1200.0)]
-    text = sm2.write(rows, 0.0, out)
+    ctx = common.context(sm2.EXPERIMENT, ["--seeds", "1", "--out", str(tmp_path)])
+    ctx.jobs = sm2.plan_of(ctx)
+    zero = {"name": "zero_shot_s0", "method": "zero_shot"}  # no time: not in the sum
+    rows = [zero, _row("mle", 0.0, 0, 0.5, train_s=600.0), _row("bc", 0.1, 0, 0.4, train_s=1200.0)]
+    text = common.header(sm2.EXPERIMENT, ctx, rows)
     assert "30.0 min of training summed over all runs" in text  # train_s, not wall_s (2 min)
+    assert "Runs: 2 of the 4 planned finished." in text
     rows.append(_row("sm_gt", 0.1, 0, 0.3))  # no train_s: its wall_s (60 s) stands in, named
-    text = sm2.write(rows, 0.0, out)
+    text = common.header(sm2.EXPERIMENT, ctx, rows)
     assert "31.0 min of training (for a run that predates the record" in text

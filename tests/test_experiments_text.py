@@ -21,9 +21,12 @@ def test_plan_is_four_methods_per_seed_on_one_dataset():
     assert by["bc", 0].noise.to_dict() == by["sm_chi2", 0].noise.to_dict()  # the same noise
     pre = text_config.get_config("pretrain")
     for c in by.values():  # every run shares the pretraining's dataset and tokenizer
-        assert c.data.split_seed == pre.data.split_seed == 0
+        assert c.data.text.split_seed == pre.data.text.split_seed == 0
         assert c.data.tokenizer == pre.data.tokenizer and c.model.preset == pre.model.preset
-        assert (c.data.prompt_tokens, c.data.seq_len) == (pre.data.prompt_tokens, pre.data.seq_len)
+        assert (c.data.text.prompt_tokens, c.data.seq_len) == (
+            pre.data.text.prompt_tokens,
+            pre.data.seq_len,
+        )
 
 
 PROTOCOL = {
@@ -89,7 +92,7 @@ def test_summary_table_verdict_and_plot(tmp_path):
 @pytest.mark.parametrize("variant", ["pretrain", "finetune,sm_chi2", "finetune,mle_ul"])
 def test_experiment_variants_load(variant):
     c = text_config.get_config(variant)
-    assert c.model.preset == "mini_llama" and c.data.split_seed == 0
+    assert c.model.preset == "mini_llama" and c.data.text.split_seed == 0
 
 
 def test_reevaluate_replaces_only_the_evaluation(tmp_path, monkeypatch):
@@ -105,7 +108,8 @@ def test_reevaluate_replaces_only_the_evaluation(tmp_path, monkeypatch):
         return {"text/mauve": 0.5, "protocol": {"n": 1}}
 
     monkeypatch.setattr(text, "evaluate_run", fake_eval)
-    text.reevaluate(tmp_path, runs, pre, featurizer=None)
+    rows = text.reevaluate(tmp_path, runs, pre, featurizer=None)
     assert seen == ["pretrain", runs[0].name]
     got = json.loads((tmp_path / runs[0].name / "result.json").read_text())
     assert got == {"loss": 2.0, "wall_s": 3, "text/mauve": 0.5, "protocol": {"n": 1}}
+    assert rows == [{"name": "pretrain", **got}, {"name": runs[0].name, **got}]  # to merge
