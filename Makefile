@@ -1,4 +1,4 @@
-# The two commands: `make run` (the main job) and `make test`.
+# The commands: `make run` (the main job), `make test` (fast) and `make test-slow`.
 # Each creates .venv if missing and installs the pinned requirements (requirements-tpu.txt:
 # the TPU compiler for `python -m smatch_jax.main.compile`); the install is skipped while
 # requirements*.txt and pyproject.toml are unchanged (a stamp file records it).
@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run full test lint format assets clean-venv
+.PHONY: run full test test-slow lint format assets clean-venv
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
@@ -31,14 +31,19 @@ full: $(STAMP)
 
 # CPU only: with libtpu installed, jax would otherwise probe for a TPU in every process.
 # TEST_WORKERS pytest processes (pytest-xdist), each test file in one of them (its fixtures
-# are built once), the longest files first (tests/conftest.py): 16 min on 2 cores (a clean
-# clone, 2026-12-06; when first measured, 13 min against 19 in one process: compilation is
-# mostly single-threaded).
+# are built once), the longest files first (tests/conftest.py).
+# `make test`: lint, then the exactness and contract tests (everything not marked `slow`).
+# `make test-slow`: the end-to-end tests (programs in subprocesses, training runs with faults,
+# pod compiles, several processes, GCS). CI runs both (.ci/run).
 TEST_WORKERS ?= 2
+PYTEST := JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST) -m "not slow"
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow
 
 assets: $(STAMP)
 	$(PY) -m smatch_jax.main.assets fetch all

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ["JAX_PLATFORMS"] = "cpu"
 # One compilation cache for the session's workers and the programs they start (not the user's
 # ~/.cache): a program compiled by one test is loaded by the next. Removed at the end.
@@ -38,6 +40,26 @@ LONGEST_FIRST = (
 )
 
 
+# Files that are end to end as a whole (programs in subprocesses, pod compiles, several
+# processes, faults injected into training runs): every test in them is `slow`, like the
+# tests marked @pytest.mark.slow one by one elsewhere. `make test` runs the rest (the
+# exactness and contract tests), `make test-slow` these.
+END_TO_END = (
+    "test_bad_inputs.py",
+    "test_faults.py",
+    "test_reshard_restore.py",
+    "test_long_run.py",
+    "test_gcs.py",
+    "test_multihost.py",
+    "test_shard_load.py",
+    "test_benchmarks.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable
+    for item in items:
+        if item.path.name in END_TO_END:
+            item.add_marker(pytest.mark.slow)
