@@ -72,12 +72,18 @@ class Task:
         `report_options`. Default: `evaluate` at step 0, with its protocol."""
         del options
         res = self.evaluate(run, model, step=0)
-        return {
-            "metrics": res.scalars,
-            "protocol": {"split": run.data.eval_name, "n": len(run.data.eval_split["prompt_len"])},
-            "samples": res.samples.splitlines(),
-            "recovery_examples": list(res.recovery_examples),
-        }
+        n = len(run.data.eval_split["prompt_len"])
+        return report_body(res, {"split": run.data.eval_name, "n": n})
+
+
+def report_body(res: EvalResult, protocol: dict[str, Any]) -> dict[str, Any]:
+    """A report's body (`Task.report`) from an evaluation's result and its protocol."""
+    return {
+        "metrics": res.scalars,
+        "protocol": protocol,
+        "samples": res.samples.splitlines(),
+        "recovery_examples": list(res.recovery_examples),
+    }
 
 
 def decode_options(run: Any) -> dict[str, int]:

@@ -116,12 +116,7 @@ class Grammar(base.Task):
             "max_new_tokens": kw["max_new_tokens"],
             "final_text": "after backspaces",
         }
-        return {
-            "metrics": res.scalars,
-            "protocol": protocol,
-            "samples": res.samples.splitlines(),
-            "recovery_examples": res.recovery_examples,
-        }
+        return base.report_body(res, protocol)
 
 
 TASK = Grammar()
