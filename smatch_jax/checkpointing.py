@@ -150,16 +150,15 @@ def _register_exit_hook() -> None:
     pools, which Orbax's finalisation needs. ``threading._register_atexit`` hooks run earlier,
     in reverse registration order, so ours (registered after Orbax created its executors)
     runs before the pools shut down. Falls back to ``atexit`` if that hook is unavailable.
+    Not on CPython 3.12.0-3.12.2 (no thread starts once the main thread is done, cpython#113964):
+    there a save running at exit fails and the process hangs at exit; close the Checkpointer.
     """
     global _HOOK_REGISTERED
     if _HOOK_REGISTERED:
         return
-    register = getattr(threading, "_register_atexit", None)
     try:
-        if register is None:
-            raise RuntimeError("threading._register_atexit unavailable")
-        register(_close_open_checkpointers)
-    except RuntimeError:
+        threading._register_atexit(_close_open_checkpointers)
+    except (AttributeError, RuntimeError):  # the private hook is gone, or refuses
         atexit.register(_close_open_checkpointers)
     _HOOK_REGISTERED = True
 
@@ -170,7 +169,8 @@ class Checkpointer:
     All processes of a multi-process run must call ``save``/``restore`` collectively (Orbax
     coordinates the writes). Saves are asynchronous by default: ``save`` returns once the
     arrays are copied off the devices; :meth:`wait` blocks until the write is committed.
-    :meth:`close` waits, and an exit hook does the same if ``close`` is never called.
+    :meth:`close` waits, and an exit hook does the same if ``close`` is never called
+    (not on Python 3.12.0-3.12.2: see ``_register_exit_hook``).
     """
 
     def __init__(

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh
+from jax.sharding import AbstractMesh, AxisType
 
 from smatch_jax import masks, objective, sampling, sharding, train
 from smatch_jax.data.tokenizers import CharTokenizer
@@ -158,7 +158,7 @@ def test_merge_lora_in_the_scanned_layout():
 def test_layer_axis_is_never_sharded():
     """Every stacked weight keeps its leading layer axis whole; the other axes are sharded
     as the unrolled model's layer 0."""
-    mesh = AbstractMesh((1, 2, 2), sharding.AXES)
+    mesh = AbstractMesh((1, 2, 2), sharding.AXES, axis_types=(AxisType.Auto,) * 3)
     specs = []
     for scan in (False, True):
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh, NamedSharding
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import arithmetic
@@ -23,7 +23,10 @@ from smatch_jax.models.transformer import Transformer
 
 
 def _mesh(data=1, fsdp=2, tensor=2):
-    return AbstractMesh((data, fsdp, tensor), sharding.AXES)
+    # Auto axes, as sharding.make_mesh builds them (AbstractMesh's default axis type is
+    # Explicit on jax 0.12, Auto on 0.10).
+    auto = (AxisType.Auto,) * len(sharding.AXES)
+    return AbstractMesh((data, fsdp, tensor), sharding.AXES, axis_types=auto)
 
 
 def _model(n_kv_heads=2, vocab=33, with_lora=True):
