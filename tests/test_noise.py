@@ -214,3 +214,31 @@ def test_policy_logits_are_the_next_token_log_probs_of_a_plain_forward():
         for t in range(1, int(n[b])):  # the token at t given tokens[:t]
             np.testing.assert_allclose(got[b, t], want[t - 1], atol=1e-5)
         assert np.all(np.isneginf(got[b, 0]))
+
+
+def test_draw_excluding_is_the_renormalised_distribution_without_the_target():
+    """`draw_excluding` (the inverse CDF on the mass left, no [T, V] table) against the exact
+    conditional distribution: probs with the target's entry zeroed, renormalised; zero-mass
+    tokens never drawn; the target itself only when it holds all the mass."""
+    probs = np.zeros(V, np.float32)
+    probs[[0, 1, 3, 7, 9]] = [0.05, 0.5, 0.25, 0.15, 0.05]
+    n = 40_000
+    draw = jax.jit(noise.draw_excluding, static_argnums=3)
+    for target in (0, 1, 5, 9):  # first, heaviest, zero-mass, last token with mass
+        tok = np.asarray(draw(jax.random.key(target), probs, np.full(n, target, np.int32), True))
+        want = probs.copy()
+        want[target] = 0.0
+        want /= want.sum()
+        freq = np.bincount(tok, minlength=V) / n
+        assert (freq[want == 0] == 0).all(), (target, freq)
+        np.testing.assert_allclose(freq, want, atol=5 * np.sqrt(0.25 / n))
+    tok = np.asarray(draw(jax.random.key(5), probs, np.full(n, 1, np.int32), False))
+    np.testing.assert_allclose(np.bincount(tok, minlength=V) / n, probs, atol=5 * np.sqrt(0.25 / n))
+    only = np.zeros(V, np.float32)
+    only[4] = 1.0
+    targets = np.array([4, 4, 2, 4], np.int32)
+    assert (np.asarray(draw(jax.random.key(0), only, targets, True)) == 4).all()
+    # Every slot its own target: never drawn while another token has mass.
+    targets = np.asarray(jax.random.choice(jax.random.key(1), V, (n,), p=probs), np.int32)
+    tok = np.asarray(draw(jax.random.key(2), probs, targets, True))
+    assert not (tok == targets).any() and (probs[tok] > 0).all()
