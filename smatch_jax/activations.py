@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -25,10 +26,14 @@ BATCH_AXES = ("data", "fsdp")  # rows of a training batch; `tensor` shards hold 
 
 # The train step's activations: a batch's rows split over `data` x `fsdp` (left alone, XLA
 # followed the embedding table's feature split and gathered the whole batch's activations on
-# every chip), and the logits' positions over `tensor`: the output layer's work is then split
-# over every chip (V + 1 rarely divides, and with the positions copied each `tensor` shard
-# computed every row's logits). The residual stream's "length" and "embed" are copied.
-TRAIN_RULES: tuple[tuple[str, Any], ...] = (("batch", BATCH_AXES), ("logits_length", "tensor"))
+# every chip), and the output layer's actions ("vocab", padded to split: Transformer.head)
+# over `tensor`, its weight gathered over `fsdp` only ("head_in"). The residual stream's
+# "length" and "embed" are copied.
+TRAIN_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("head_in", "fsdp"),
+)
 
 # (mesh, rules) of the innermost `axis_rules`; each thread has its own.
 _RULES: contextvars.ContextVar[tuple[Mesh | None, dict[str, Any]]] = contextvars.ContextVar(
@@ -72,6 +77,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     spec = fit_spec([rules.get(n) for n in names], x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def split(name: str) -> int:
+    """How many ways the rules in force split a dimension named `name` (its mesh axes' sizes
+    multiplied; 1 without a rule or outside `axis_rules`), before `fit_spec` drops the axes
+    that do not divide it: the caller pads to a multiple of it."""
+    mesh, rules = _RULES.get()
+    axes = rules.get(name) if mesh is not None else None
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def constraining() -> bool:

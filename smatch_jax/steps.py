@@ -228,13 +228,13 @@ def make_train_step(
     def forward(model, inputs: masks.Layout, remat: str = "none"):
         """Logits [B, T, V+1] of a layout; on a mesh, the rows split over the batch axes before
         every block (and before the output layer when `settings.place_output`), the logits'
-        rows and positions split too."""
+        rows and actions split too (`Transformer.head`)."""
         with activations.axis_rules(mesh, activations.TRAIN_RULES):
             x = model.hidden(model.embed(inputs.input_ids, inputs.positions), inputs.positions,
                              inputs.attn_mask, remat)  # fmt: skip
             if settings.place_output:
                 x = activations.constrain(x, ("batch", "length", "embed"))
-            return activations.constrain(model.head(x), ("batch", "logits_length", "vocab"))
+            return model.head(x)
 
     def step(
         state: TrainState,

@@ -18,7 +18,7 @@ from smatch_jax.data.tokenizers import CharTokenizer
 from smatch_jax.models import Transformer, lora, tiny
 from smatch_jax.models.convert import load_npz, model_from_params, model_params, save_npz
 from smatch_jax.models.factory import ModelSpec, build_model
-from smatch_jax.models.transformer import relayout
+from smatch_jax.models.transformer import REMAT, relayout
 from tests.test_train import tiny_config
 
 V = 17  # tiny()'s vocabulary
@@ -76,7 +76,7 @@ def test_same_weights_and_logits_under_every_remat(family):
     assert w.shape == (3, 32, 32)  # one stacked weight, a leading layer axis
     rows = _rows()
     ref = np.asarray(_logits(unrolled, rows))
-    for remat in ("none", "full", "save_dots"):
+    for remat in REMAT:
         np.testing.assert_allclose(_logits(scanned, rows, remat), ref, rtol=1e-5, atol=1e-5)
 
 

@@ -139,11 +139,12 @@ def _constraints(fn, *args):
 
 
 def test_the_train_steps_activations_keep_their_rows_split():
-    """Under `TRAIN_RULES`: the residual stream's rows over data x fsdp; the logits' positions
-    over tensor too (V + 1 does not divide). Axes that do not divide a dimension are dropped;
-    outside `axis_rules`, or with no mesh, nothing is constrained."""
+    """Under `TRAIN_RULES`: the residual stream's rows over data x fsdp; the logits' actions
+    over tensor too (`Transformer.head` pads V + 1 to a multiple of `split('vocab')`). Axes
+    that do not divide a dimension are dropped; outside `axis_rules`, or with no mesh, nothing
+    is constrained."""
     mesh = _mesh(data=2, fsdp=2, tensor=2)
-    residual, logits = ("batch", "length", "embed"), ("batch", "logits_length", "vocab")
+    residual, logits = ("batch", "length", "embed"), ("batch", "length", "vocab")
 
     def specs(names, x, mesh=mesh):
         def fn(x):
@@ -154,8 +155,12 @@ def test_the_train_steps_activations_keep_their_rows_split():
 
     assert specs(residual, jnp.ones((8, 6, 4))) == [P(("data", "fsdp"), None, None)]
     assert specs(residual, jnp.ones((2, 6, 4))) == [P("data", None, None)]
-    assert specs(logits, jnp.ones((8, 6, 33))) == [P(("data", "fsdp"), "tensor", None)]
+    assert specs(logits, jnp.ones((8, 6, 128))) == [P(("data", "fsdp"), None, "tensor")]
     assert specs(logits, jnp.ones((8, 5, 33))) == [P(("data", "fsdp"), None, None)]
+    with activations.axis_rules(mesh, activations.TRAIN_RULES):
+        assert activations.split("vocab") == 2 and activations.split("batch") == 4
+        assert activations.split("embed") == 1  # no rule
+    assert activations.split("vocab") == 1  # outside the rules
     assert _constraints(lambda x: activations.constrain(x, residual), jnp.ones((8, 6, 4))) == []
     assert specs(residual, jnp.ones((8, 6, 4)), mesh=None) == []
 

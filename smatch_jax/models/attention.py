@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from smatch_jax import activations
 from smatch_jax.models.config import ModelConfig
@@ -150,9 +151,13 @@ class Attention(nnx.Module):
         """
         cfg = self.config
         B, T, _ = x_BxTxD.shape
-        q_BxTxHxD = self.q_proj(x_BxTxD).reshape(B, T, cfg.n_heads, cfg.head_dim)
-        k_BxTxKxD = self.k_proj(x_BxTxD).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v_BxTxKxD = self.v_proj(x_BxTxD).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        # Named for the remat policies that keep them (transformer.REMAT: 'save_qkv').
+        q_BxTxHxD = checkpoint_name(self.q_proj(x_BxTxD), "q_proj")
+        k_BxTxKxD = checkpoint_name(self.k_proj(x_BxTxD), "k_proj")
+        v_BxTxKxD = checkpoint_name(self.v_proj(x_BxTxD), "v_proj")
+        q_BxTxHxD = q_BxTxHxD.reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k_BxTxKxD = k_BxTxKxD.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v_BxTxKxD = v_BxTxKxD.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.family == "llama":
             q_BxTxHxD = rope_rotate(q_BxTxHxD, positions_BxT, cfg.rope_theta)
             k_BxTxKxD = rope_rotate(k_BxTxKxD, positions_BxT, cfg.rope_theta)

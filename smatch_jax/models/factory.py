@@ -35,7 +35,8 @@ class ModelSpec(Section):
     lora_alpha: float = 0.0  # LoRA scale numerator (0: = rank)
     dtype: str = "float32"  # compute dtype
     # What a gradient keeps of each block's forward pass: 'none', 'full' (recompute the block),
-    # 'save_dots' (keep the projections' outputs); transformer.REMAT. Memory, not results.
+    # 'save_dots' (keep the projections' outputs), 'save_qkv' (keep the query, key and value
+    # projections); transformer.REMAT. Memory and flops, not results.
     remat: str = "none"
     # The blocks' weights stacked on a layer axis and run under jax.lax.scan: one block is
     # compiled instead of n_layers (minutes less on a 32-layer model, README "Running on a
