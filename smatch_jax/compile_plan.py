@@ -39,6 +39,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import re
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -295,6 +296,8 @@ class Piece:
     seconds: float = 0.0  # lowering and compilation (both compiles of a scanned model)
     error: str = ""
     needed_bytes: int = 0
+    peak_live: int = 0  # bytes live at XLA's peak in the entry computation (buffers=True)
+    peak_buffers: list[hlo_stats.PeakBuffer] = dataclasses.field(default_factory=list)
 
 
 _NEEDED = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\)")
@@ -306,13 +309,14 @@ def _donates(lowered: Any) -> bool:
     return "tf.aliasing_output" in text or "jax.buffer_donor" in text
 
 
-def _compile(lower: Callable[[], Any]) -> tuple[Any, str, int, bool]:
+def _compile(lower: Callable[[], Any], dump_dir: str = "") -> tuple[Any, str, int, bool]:
     """`(compiled, '', 0, donates)`, or `(None, message, needed bytes, donates)` when XLA
-    refuses it for HBM."""
+    refuses it for HBM. `dump_dir`: XLA writes its buffer assignment there."""
     lowered = lower()
     donates = _donates(lowered)
+    options = {"xla_dump_to": dump_dir, **hlo_stats.DUMP_OPTIONS} if dump_dir else None
     try:
-        return lowered.compile(), "", 0, donates
+        return lowered.compile(compiler_options=options), "", 0, donates
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -322,19 +326,23 @@ def _compile(lower: Callable[[], Any]) -> tuple[Any, str, int, bool]:
         return None, str(e).splitlines()[0][:300], needed, donates
 
 
-def _figures(name: str, lower: Callable[[], Any], loop_trips: int) -> Piece:
-    """Compile one program and keep its figures (not the executable)."""
+def _figures(name: str, lower: Callable[[], Any], loop_trips: int, buffers: bool) -> Piece:
+    """Compile one program and keep its figures (not the executable); `buffers`: and the
+    buffers live at XLA's peak (`hlo_stats.peak_buffers`)."""
     t0 = time.time()
-    compiled, error, needed, donates = _compile(lower)
-    piece = Piece(name, loop_trips=loop_trips, step_name=_LOOP_BODY.get(name, ""))
-    piece.donated = donates
-    if compiled is None:
-        piece.error, piece.needed_bytes = error, needed
-    else:
-        piece.memory = hlo_stats.memory(compiled)
-        piece.xla_cost = hlo_stats.cost(compiled)
-        piece.cost = dict(piece.xla_cost)
-        piece.collectives = hlo_stats.collectives(compiled.as_text(), loop_trips)
+    with tempfile.TemporaryDirectory(prefix="smatch_jax_xla_dump_") as dump:
+        compiled, error, needed, donates = _compile(lower, dump if buffers else "")
+        piece = Piece(name, loop_trips=loop_trips, step_name=_LOOP_BODY.get(name, ""))
+        piece.donated = donates
+        if compiled is None:
+            piece.error, piece.needed_bytes = error, needed
+        else:
+            piece.memory = hlo_stats.memory(compiled)
+            piece.xla_cost = hlo_stats.cost(compiled)
+            piece.cost = dict(piece.xla_cost)
+            piece.collectives = hlo_stats.collectives(compiled.as_text(), loop_trips)
+            if buffers:
+                piece.peak_live, piece.peak_buffers = hlo_stats.peak_buffers(dump)
     piece.seconds = time.time() - t0
     return piece
 
@@ -344,10 +352,12 @@ def compile_pieces(
     on_piece: Callable[[Piece], None] | None = None,
     only: tuple[str, ...] | None = None,
     workers: int = 2,
+    buffers: bool = False,
 ) -> dict[str, Piece]:
     """Lower and compile the run's pieces (`only`: these) for the mesh's devices, `workers`
     programs at a time (module docstring); `on_piece` is called with each piece as it is
-    done (progress)."""
+    done (progress); `buffers`: each piece's buffers live at XLA's peak too (the probes'
+    are not kept)."""
     n_layers = ar.built.model_config.n_layers
     scanned = ar.built.model_config.scan_layers and n_layers > 1
     A = {
@@ -363,7 +373,8 @@ def compile_pieces(
         futures = {}
         for (name, kind), lower in jobs.items():  # lowered here, compiled in the pool
             lowered = lower()
-            futures[pool.submit(_figures, name, lambda x=lowered: x, A.get(name, 1))] = (
+            job = (name, lambda x=lowered: x, A.get(name, 1), buffers and not kind)
+            futures[pool.submit(_figures, *job)] = (
                 name,
                 kind,
             )

@@ -13,6 +13,10 @@
   into a start and continuation steps inside several fused computations, each a copy of the
   collective with the same `channel_id` and the full result shape: a channel is one
   transfer, counted once, at the largest trip count of the places it appears.
+* `peak_buffers(dump_dir)`: XLA's own account of the buffers live at the peak of its heap
+  simulation (the entry computation's; a loop body's own temporaries are in the peak, not in
+  the list), from the buffer assignment the compiler writes when compiled with `DUMP_OPTIONS`
+  (on TPU `memory_analysis()` carries no buffer assignment).
 * `roofline_seconds(...)`: max(flops / peak, bytes / HBM bandwidth) + collective bytes / ICI
   bandwidth, a projection from the chip table (topologies.py), never a measurement. XLA's own
   `optimal_seconds` is not used: it comes out negative on these steps.
@@ -23,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 COLLECTIVES = (
@@ -219,6 +224,52 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
         count[kind] += 1
         in_loops += b * per_token
     return Collectives(dict(by_kind), dict(count), in_loops)
+
+
+# Compiler options that make XLA write its buffer assignment and live ranges (with
+# `xla_dump_to`): the TPU compiler's `*-live-range.txt` names the buffers live at its peak.
+DUMP_OPTIONS = {"xla_dump_hlo_as_text": True, "xla_dump_buffer_assignment_analysis": True}
+_LIVE = re.compile(r"^\s+(\S+?)\{[\d,]*\}: (\d+) bytes")
+_PEAK = re.compile(r"^\s+Stack trace breakdown for peak usage: ([\d ]+) bytes")
+_OP_NAME = re.compile(r'\bop_name="((?:[^"\\]|\\.)*)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakBuffer:
+    bytes: int
+    instruction: str  # in the optimised HLO
+    source: str  # its op_name: the jax operation (or the argument's path) that made it
+    argument: bool  # an argument of the program (counted in `Memory.args`, not a temporary)
+
+
+def peak_buffers(dump_dir: str | Path) -> tuple[int, list[PeakBuffer]]:
+    """`(bytes, buffers)` live at the peak of XLA's heap simulation of the module compiled
+    into `dump_dir` (`DUMP_OPTIONS`), the entry computation's, largest first (a while loop
+    running at the peak holds its body's temporaries on top: XLA's peak minus these bytes)."""
+    ranges = sorted(Path(dump_dir).glob("*-live-range.txt"), key=lambda p: p.stat().st_size)
+    if not ranges:
+        raise FileNotFoundError(f"no *-live-range.txt in {dump_dir}: compile with DUMP_OPTIONS")
+    live, total, at_peak = [], 0, False
+    for line in ranges[-1].read_text().splitlines():
+        if line.strip().startswith("Live ranges at") and "(peak)" in line:
+            at_peak = True
+        elif (m := _PEAK.match(line)) is not None:
+            total = int(m.group(1).replace(" ", ""))
+            break
+        elif at_peak and (m := _LIVE.match(line)) is not None:
+            live.append((int(m.group(2)), m.group(1)))
+    hlo = ranges[-1].with_name(ranges[-1].name.replace("-live-range", ""))
+    sources, arguments, entry = {}, set(), False
+    if hlo.exists():
+        for line in hlo.read_text().splitlines():
+            entry = line.startswith("ENTRY ") or (entry and line != "}")
+            if (m := _INSTR.match(line)) is not None:
+                op = _OP_NAME.search(line)
+                sources[m.group(1)] = op.group(1).replace("\\'", "'") if op else ""
+                if entry and m.group(3) == "parameter":
+                    arguments.add(m.group(1))
+    buffers = [PeakBuffer(b, n, sources.get(n, ""), n in arguments) for b, n in live]
+    return total or sum(b.bytes for b in buffers), sorted(buffers, key=lambda b: -b.bytes)
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, collective_bytes: float, chip) -> float:

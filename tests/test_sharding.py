@@ -369,6 +369,38 @@ def test_a_transfer_split_over_fused_computations_is_counted_once():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_the_buffers_at_xlas_peak_are_read_from_its_own_buffer_assignment(tmp_path):
+    """`hlo_stats.peak_buffers` on a compile-only v5e:2x2: the gradient of a scan that keeps
+    every step's input (jax.checkpoint) holds, at its peak, the stacked inputs [L, rows a chip,
+    D] and the gradient of the stacked weights being filled in; the program's arguments are
+    flagged as such and are the bytes XLA counts for them."""
+    from smatch_jax import hlo_stats, topologies
+
+    mesh = sharding.make_mesh(1, 4, 1, devices=topologies.compile_devices("v5e:2x2"))
+    L, B, D = 16, 512, 256
+
+    def loss(w, x):
+        step = jax.checkpoint(lambda h, w_l: (jnp.tanh(h @ w_l), None))
+        return jax.lax.scan(step, x, w)[0].astype(jnp.float32).sum()
+
+    w = jax.ShapeDtypeStruct((L, D, D), jnp.bfloat16, sharding=sharding.replicated(mesh))
+    x = jax.ShapeDtypeStruct((B, D), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
+    options = {"xla_dump_to": str(tmp_path), **hlo_stats.DUMP_OPTIONS}
+    compiled = jax.jit(jax.grad(loss)).lower(w, x).compile(compiler_options=options)
+    live, buffers = hlo_stats.peak_buffers(tmp_path)
+    mem = hlo_stats.memory(compiled)
+    assert sum(b.bytes for b in buffers if b.argument) == mem.args == (L * D + B // 4) * D * 2
+    assert {b.source for b in buffers if b.argument} == {"w", "x"}
+    temps = {(b.bytes, b.source.split("/")[1]) for b in buffers if b.source.count("/")}
+    assert (L * (B // 4) * D * 2, "jvp()") in temps  # the forward's stacked inputs
+    assert (L * D * D * 2, "transpose(jvp())") in temps  # the weights' gradient
+    assert buffers == sorted(buffers, key=lambda b: -b.bytes)
+    assert mem.args <= live <= mem.xla_peak
+    with pytest.raises(FileNotFoundError, match="DUMP_OPTIONS"):
+        hlo_stats.peak_buffers(tmp_path / "nothing")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
 @pytest.mark.parametrize("scan", [False, True])
 def test_weight_all_gathers_of_a_real_compile_equal_the_weight_bytes(scan):
     """A tiny Llama's forward pass under FSDP over 4 chips of v5e:2x2 (compile-only): XLA

@@ -28,6 +28,7 @@ is not used (it is negative on these steps).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -59,6 +60,12 @@ _WRAP = flags.DEFINE_boolean(
 _THREADS = flags.DEFINE_integer(
     "threads", 2, "programs compiled at a time (each can take GBs of host memory)"
 )
+_BUFFERS = flags.DEFINE_integer(
+    "buffers",
+    0,
+    "also list the N largest buffers live at XLA's own peak of each piece, from the "
+    "compiler's buffer assignment (hlo_stats.peak_buffers; dumps it to a temporary directory)",
+)
 
 
 GIB = 1 << 30
@@ -87,9 +94,11 @@ def build_report(
     pieces: tuple[str, ...] | None = None,
     wraparound: bool = True,
     threads: int = 2,
+    buffers: int = 0,
 ):
     """The report (a JSON-able dict) of `config` compiled for `topology` (`pieces`: only
-    these, names of `compile_plan.PIECES`; `wraparound=False`: without torus links)."""
+    these, names of `compile_plan.PIECES`; `wraparound=False`: without torus links;
+    `buffers`: the N largest buffers live at each piece's peak)."""
     from smatch_jax import compile_plan, hlo_stats, topologies
 
     topo = topologies.get(topology)
@@ -105,7 +114,9 @@ def build_report(
         file=sys.stderr,
         flush=True,
     )
-    compiled = compile_plan.compile_pieces(ar, on_piece=done, only=pieces, workers=threads)
+    compiled = compile_plan.compile_pieces(
+        ar, on_piece=done, only=pieces, workers=threads, buffers=buffers > 0
+    )
     compile_s = time.time() - t0
     rows = {}
     for name, p in compiled.items():
@@ -159,6 +170,11 @@ def build_report(
         }
         if name in ("refill", "eval_decode"):
             rows[name]["collective_bytes_per_token"] = coll.in_loops
+        if buffers:  # what is live at XLA's peak (the entry computation's buffers)
+            temps = [dataclasses.asdict(b) for b in p.peak_buffers if not b.argument]
+            rows[name]["peak_live_bytes"] = p.peak_live
+            rows[name]["peak_argument_bytes"] = sum(b.bytes for b in p.peak_buffers if b.argument)
+            rows[name]["peak_buffers"] = temps[:buffers]
     c = ar.typed
     secs = {k: v["optimal_seconds"] for k, v in rows.items()}
     sm = None
@@ -232,6 +248,20 @@ def format_report(r: dict) -> str:
         )
         if p["knob"]:
             lines.append(f"{'':<19}-> {p['knob']}")
+    for name, p in r["pieces"].items():
+        if "peak_buffers" in p:
+            xla_peak, live, args = (
+                p["memory"]["xla_peak"], p["peak_live_bytes"], p["peak_argument_bytes"]
+            )  # fmt: skip
+            lines.append(
+                f"{name}: XLA's own peak {_gib(xla_peak)} GiB = arguments {_gib(args)} + "
+                f"buffers {_gib(live - args)} + a loop's temporaries {_gib(xla_peak - live)}; "
+                "the largest buffers (MiB):"
+            )
+            lines += [
+                f"  {b['bytes'] / 2**20:9.1f}  {b['instruction']:<28} {b['source']}"
+                for b in p["peak_buffers"]
+            ]
     if r["refill_collective_bytes_per_token"] is not None:
         per = r["refill_collective_bytes_per_token"]
         lines.append(
@@ -272,6 +302,7 @@ def main(argv: list[str]) -> None:
             pieces,
             _WRAP.value,
             _THREADS.value,
+            _BUFFERS.value,
         )
     except ValueError as e:  # a topology name, or a config that does not fit its chips
         raise UserError(str(e)) from None
