@@ -374,10 +374,7 @@ def compile_pieces(
         for (name, kind), lower in jobs.items():  # lowered here, compiled in the pool
             lowered = lower()
             job = (name, lambda x=lowered: x, A.get(name, 1), buffers and not kind)
-            futures[pool.submit(_figures, *job)] = (
-                name,
-                kind,
-            )
+            futures[pool.submit(_figures, *job)] = (name, kind)
         for future in concurrent.futures.as_completed(futures):
             done[futures[future]] = future.result()
             name = futures[future][0]
