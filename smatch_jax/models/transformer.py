@@ -320,8 +320,8 @@ class Transformer(nnx.Module):
             # V + 1 is odd, so the actions split only once padded (to a multiple of 128 and of
             # the split; the padding's logits are cut off below). The weight, stored with its
             # features split (sharding.RULES), moves that split to its columns (an all-to-all)
-            # and is gathered over "head_in"'s axes: each chip computes its columns of every
-            # row's logits. Gathering the stored weight whole instead (and splitting the
+            # and is gathered over "head_in"'s axes: each chip computes its columns of its
+            # rows' logits. Gathering the stored weight whole instead (and splitting the
             # positions) held the whole weight and its f32 gradient on every chip: on the 7B
             # step, XLA's peak 2.49 -> 2.00 GiB a chip, collectives 11.4 -> 6.7 GB
             # (benchmarks/RESULTS.md).
