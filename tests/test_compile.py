@@ -82,6 +82,15 @@ def test_tiny_config_compiles_for_v5e_2x2_and_reports_every_field():
     assert some["pieces"]["refill"]["flops"] == pytest.approx(refill["flops"], rel=1e-6)
     with pytest.raises(UserError, match=r"--pieces names \['train_ssm'\]; choose from train_mle"):
         compile_main.build_report(_tiny(), "v5e:2x2", vocab_size=20, pieces=("train_ssm",))
+    # --buffers: what is live at XLA's peak, the arguments apart (hlo_stats.peak_buffers).
+    b = compile_main.build_report(
+        _tiny(), "v5e:2x2", vocab_size=20, pieces=("train_mle",), buffers=3
+    )
+    mle = b["pieces"]["train_mle"]
+    assert len(mle["peak_buffers"]) == 3 and not any(x["argument"] for x in mle["peak_buffers"])
+    assert 0 < mle["peak_argument_bytes"] <= mle["memory"]["args"]  # those live at the peak
+    assert mle["peak_argument_bytes"] < mle["peak_live_bytes"] <= mle["memory"]["xla_peak"]
+    assert "the largest buffers (MiB)" in compile_main.format_report(b)
 
 
 def test_topology_names_and_an_unknown_one():
