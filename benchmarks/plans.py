@@ -38,11 +38,13 @@ MAKE = {
     "v4-64_arithmetic_sm": [PAPER + "arithmetic_sm,v4", "--topology=v4-64"],
     "v5e-256_arithmetic_sm_torus": [
         PAPER + "arithmetic_sm",
+        "--config.mesh.data=-1",  # data 8 x fsdp 4 x tensor 8
         "--topology=v5e-256",
         "--pieces=train_mle,train_sm,refill",
     ],
     "v5e-256_arithmetic_sm_mesh": [
         PAPER + "arithmetic_sm",
+        "--config.mesh.data=-1",
         "--topology=v5e-256",
         "--pieces=train_mle,train_sm,refill",
         "--wraparound=false",
