@@ -37,6 +37,7 @@ single-threaded, and releases the GIL).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import re
 import tempfile
@@ -330,8 +331,9 @@ def _figures(name: str, lower: Callable[[], Any], loop_trips: int, buffers: bool
     """Compile one program and keep its figures (not the executable); `buffers`: and the
     buffers live at XLA's peak (`hlo_stats.peak_buffers`)."""
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix="smatch_jax_xla_dump_") as dump:
-        compiled, error, needed, donates = _compile(lower, dump if buffers else "")
+    dumps = tempfile.TemporaryDirectory(prefix="smatch_jax_xla_dump_") if buffers else None
+    with dumps or contextlib.nullcontext("") as dump:
+        compiled, error, needed, donates = _compile(lower, dump)
         piece = Piece(name, loop_trips=loop_trips, step_name=_LOOP_BODY.get(name, ""))
         piece.donated = donates
         if compiled is None:

@@ -259,14 +259,14 @@ def peak_buffers(dump_dir: str | Path) -> tuple[int, list[PeakBuffer]]:
         elif at_peak and (m := _LIVE.match(line)) is not None:
             live.append((int(m.group(2)), m.group(1)))
     hlo = ranges[-1].with_name(ranges[-1].name.replace("-live-range", ""))
-    sources, arguments, entry = {}, set(), False
-    if hlo.exists():
-        for line in hlo.read_text().splitlines():
-            entry = line.startswith("ENTRY ") or (entry and line != "}")
+    comps, entry = _computations(hlo.read_text() if hlo.exists() else "")
+    sources, arguments = {}, set()
+    for name, lines in comps.items():
+        for line in lines:
             if (m := _INSTR.match(line)) is not None:
                 op = _OP_NAME.search(line)
                 sources[m.group(1)] = op.group(1).replace("\\'", "'") if op else ""
-                if entry and m.group(3) == "parameter":
+                if name == entry and m.group(3) == "parameter":
                     arguments.add(m.group(1))
     buffers = [PeakBuffer(b, n, sources.get(n, ""), n in arguments) for b, n in live]
     return total or sum(b.bytes for b in buffers), sorted(buffers, key=lambda b: -b.bytes)
