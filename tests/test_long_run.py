@@ -52,6 +52,28 @@ def _nan_at(*steps):
     return make_with_nan
 
 
+def test_an_overflowing_update_of_a_finite_gradient_is_not_applied(data_dir):
+    """A finite loss and gradient with a learning rate of 1e30: the update's norm overflows,
+    so the step keeps the parameters and the optimiser state (the update is computed again
+    for its norm: `steps.make_train_step`); at 1e-3 the same step applies it."""
+    from smatch_jax import sharding
+
+    out = {}
+    for lr in (1e30, 1e-3):
+        cfg = tiny_config(data_dir)
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.schedule = lr, 0, "constant"
+        run = run_lib.setup(cfg)
+        batch = sharding.global_batch(run.data.next(), run.mesh)
+        state = run.init_state()
+        before = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
+        state, met = run.train_step(state, batch, use_model_rows=False)
+        after = [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))]
+        assert np.isfinite(float(met["loss"])) and np.isfinite(float(met["grad_norm"]))
+        moved = any(np.any(a != b) for a, b in zip(before, after, strict=True))
+        out[lr] = (bool(met["finite"]), moved, int(state.step))
+    assert out == {1e30: (False, False, 1), 1e-3: (True, True, 1)}
+
+
 @pytest.mark.slow
 def test_nonfinite_update_is_skipped_then_stops_the_run(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(objective, "make_loss_fn", _nan_at(5, 7))  # the 6th and 8th updates
