@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -28,11 +28,13 @@ BATCH_AXES = ("data", "fsdp")  # rows of a training batch; `tensor` shards hold 
 # followed the embedding table's feature split and gathered the whole batch's activations on
 # every chip), and the output layer's actions ("vocab", padded to split: Transformer.head)
 # over `tensor`, its weight gathered over `fsdp` only ("head_in"). The residual stream's
-# "length" and "embed" are copied.
+# "length" and "embed" are copied; the copy of a block's input that full remat keeps for the
+# backward pass ("kept_embed", transformer._full_remat) has its features split over `tensor`.
 TRAIN_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", BATCH_AXES),
     ("vocab", "tensor"),
     ("head_in", "fsdp"),
+    ("kept_embed", "tensor"),
 )
 
 # (mesh, rules) of the innermost `axis_rules`; each thread has its own.
@@ -72,11 +74,21 @@ def axis_rules(mesh: Mesh | None, rules: Sequence[tuple[str, Any]] = ()) -> Iter
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """`x` (inside jit) with each dimension split over the mesh axes its logical name maps to
     under the `axis_rules` in force (module docstring); `x` itself outside them."""
+    return placer(names)(x)
+
+
+def placer(names: Sequence[str | None]) -> Callable[[jax.Array], jax.Array]:
+    """`constrain(., names)` under the rules in force now, to apply later (a custom VJP's
+    backward pass is traced after the forward pass has left `axis_rules`)."""
     mesh, rules = _RULES.get()
-    if mesh is None:
-        return x
-    spec = fit_spec([rules.get(n) for n in names], x.shape, mesh)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    def place(x: jax.Array) -> jax.Array:
+        if mesh is None:
+            return x
+        spec = fit_spec([rules.get(n) for n in names], x.shape, mesh)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return place
 
 
 def split(name: str) -> int:

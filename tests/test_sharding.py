@@ -437,6 +437,42 @@ def test_weight_all_gathers_of_a_real_compile_equal_the_weight_bytes(scan):
     assert hlo_stats.collectives(text).by_kind == {"all-gather": kernels}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_full_remat_keeps_each_blocks_input_split_over_tensor():
+    """A tiny scanned Llama's gradient over tensor 4 of v5e:2x2 (compile-only), under
+    `TRAIN_RULES`: full remat keeps the 3 blocks' inputs [3, B, T, d / 4] ("kept_embed",
+    `transformer._full_remat`), while `jax.checkpoint` (remat 'save_qkv') keeps them whole."""
+    from smatch_jax import topologies
+
+    mesh = sharding.make_mesh(1, 1, 4, devices=topologies.compile_devices("v5e:2x2"))
+    cfg = ModelConfig(
+        family="llama", vocab_size=255, d_model=128, n_layers=3, n_heads=4, n_kv_heads=4,
+        d_ff=384, max_positions=64, use_bias=False, tie_embeddings=False, dtype="bfloat16",
+        param_dtype="bfloat16", scan_layers=True,
+    )  # fmt: skip
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    sh = sharding.param_shardings(params, mesh)
+    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, sh)
+    B, T = 16, 32
+    ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+    def loss(p, ids, remat):
+        pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+        with activations.axis_rules(mesh, activations.TRAIN_RULES):
+            logits = nnx.merge(graphdef, p)(ids, pos, mask, remat)
+        return jnp.mean(logits.astype(jnp.float32) ** 2)
+
+    def hlo(remat):
+        grad = jax.jit(jax.grad(loss), static_argnums=2)
+        return grad.lower(args, ids, remat).compile().as_text()
+
+    split, whole = f"bf16[3,{B},{T},32]", f"bf16[3,{B},{T},128]"
+    full, qkv = hlo("full"), hlo("save_qkv")
+    assert split in full and whole not in full
+    assert whole in qkv
+
+
 def test_xla_counted_loops_run_their_count_and_are_not_the_samplers_tokens():
     """A windowed matmul XLA writes as a loop `i < 4` (circulating 4 shards) runs 4 times,
     outside the sampler's loop or inside it; only the sampler's loop (unknown length) makes

@@ -45,10 +45,12 @@ names to mesh axes, and outside them nothing is constrained.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from smatch_jax import activations
@@ -61,7 +63,7 @@ __all__ = ["REMAT", "Block", "KVCache", "Transformer", "init_cache", "relayout"]
 # the backward pass keeps ('none': everything, without a checkpoint).
 REMAT = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,  # _full_remat: the input kept split
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_qkv": jax.checkpoint_policies.save_only_these_names("q_proj", "k_proj", "v_proj"),
 }
@@ -122,6 +124,42 @@ class Block(nnx.Module):
         x_BxTxD = x_BxTxD + attn_BxTxD
         x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
         return x_BxTxD, new_cache_kv
+
+
+def _full_remat(apply, positions_BxT, attn_mask_BxTxT):
+    """`apply(weights, x, positions, mask, graphdef)` (one block) under full
+    rematerialisation (remat 'full'): the backward pass keeps the block's input only,
+    constrained as `("batch", "length", "kept_embed")` (TRAIN_RULES split its features over
+    `tensor`: each chip keeps its 1/tensor of it), gathers it back and recomputes the block.
+    `jax.checkpoint` keeps the input as the block reads it, whole on every `tensor` shard
+    (0.38 GiB a chip for the 7B step; benchmarks/RESULTS.md, issue 35). Returns
+    `run(weights, x, graphdef)`."""
+    keep = activations.placer(("batch", "length", "kept_embed"))
+    whole = activations.placer(("batch", "length", "embed"))
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def run(weights, x_BxTxD, pos, mask, graphdef):
+        return apply(weights, x_BxTxD, pos, mask, graphdef)
+
+    def forward(weights, x_BxTxD, pos, mask, graphdef):
+        # The copy kept is split; the stream itself stays whole (split it instead, and XLA
+        # carries the split back into the embedding look-up).
+        x_BxTxD = whole(x_BxTxD)
+        return apply(weights, x_BxTxD, pos, mask, graphdef), (weights, keep(x_BxTxD), pos, mask)
+
+    def backward(graphdef, kept, g_BxTxD):
+        weights, x_BxTxD, pos, mask = kept
+        # Under jax.checkpoint, XLA gathers a layer's weights once for the recomputation and
+        # the backward pass (with a plain jax.vjp it gathered q, k and v twice).
+        again = jax.checkpoint(lambda w, x: apply(w, x, pos, mask, graphdef))
+        _, vjp = jax.vjp(again, weights, whole(x_BxTxD))
+        no_grad = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # positions, mask
+        return (*vjp(g_BxTxD), no_grad(pos), no_grad(mask))
+
+    run.defvjp(forward, backward)
+    return lambda weights, x_BxTxD, graphdef: run(
+        weights, x_BxTxD, positions_BxT, attn_mask_BxTxT, graphdef
+    )
 
 
 def _scan_blocks(step, carry, xs):
@@ -221,10 +259,11 @@ class Transformer(nnx.Module):
         """Logits [B, T, V+1] float32 from input embeddings (as returned by `embed`).
 
         `remat` (`REMAT`): what a gradient keeps of each block's forward pass. 'none' keeps
-        every activation; 'full' only the block's input, recomputing the rest in the backward
-        pass; 'save_dots' also the outputs of its matmuls that have no batch dimension (the
-        projections, not the attention's scores), so only cheap elementwise work is redone;
-        'save_qkv' the block's input and its query, key and value projections."""
+        every activation; 'full' only the block's input (split over the mesh axes of
+        "kept_embed": `_full_remat`), recomputing the rest in the backward pass; 'save_dots'
+        also the outputs of its matmuls that have no batch dimension (the projections, not
+        the attention's scores), so only cheap elementwise work is redone; 'save_qkv' the
+        block's input and its query, key and value projections."""
         if remat not in REMAT:
             raise ValueError(f"remat={remat!r}; use one of {sorted(REMAT)}")
         x_BxTxD = self.hidden(x_BxTxD, positions_BxT, attn_mask_BxTxT, remat)
@@ -241,13 +280,18 @@ class Transformer(nnx.Module):
         constrained before every block (module docstring; the output layer's input is the
         caller's: `hidden`, then `head`); `remat`: see `forward_embeddings`."""
 
-        def run(weights, x_BxTxD, graphdef):  # one block, a pure function of its weights
+        def apply(weights, x_BxTxD, pos, mask, graphdef):  # a pure function of its weights
             x_BxTxD = activations.constrain(x_BxTxD, ("batch", "length", "embed"))
-            return nnx.merge(graphdef, weights)(x_BxTxD, positions_BxT, attn_mask_BxTxT)[0]
+            return nnx.merge(graphdef, weights)(x_BxTxD, pos, mask)[0]
 
-        if remat != "none":  # weights may come from several traces (LoRA: trainable adapters
-            # under the gradient, the frozen base outside it): checkpoint a pure function
-            run = jax.checkpoint(run, policy=REMAT[remat], static_argnums=(2,))
+        # Weights may come from several traces (LoRA: trainable adapters under the gradient,
+        # the frozen base outside it): rematerialise a pure function.
+        if remat == "full":
+            run = _full_remat(apply, positions_BxT, attn_mask_BxTxT)
+        else:
+            run = lambda w, x, graphdef: apply(w, x, positions_BxT, attn_mask_BxTxT, graphdef)
+            if remat != "none":
+                run = jax.checkpoint(run, policy=REMAT[remat], static_argnums=(2,))
         if self.config.scan_layers:
             graphdef, weights = nnx.split(self.blocks)
             step = lambda x, w: run(w, x, graphdef)
