@@ -28,6 +28,9 @@ Loops: XLA's `cost_analysis` counts a while-loop body once. Two kinds of loop ar
 * the sampler's token loop runs at most `A` (= its action budget) times, so the figures of
   `refill` and `eval_decode` add `(A - 1)` times those of one decode step compiled alone with
   the same weight layout (`decode_step_*`).
+* XLA's own loops around matmuls (windowed matmuls, e.g. when the residual stream is split
+  over `tensor`; `hlo_stats.matmul_loops`): the flops are those of the program compiled
+  again without them (`hlo_stats.FLAT_MATMULS`); its bytes stay the program's own.
 
 Collectives inside loops are multiplied by their trip counts from the compiled HLO
 (`hlo_stats.collectives`). The programs compile two at a time (XLA's compiler is mostly
@@ -57,15 +60,8 @@ from smatch_jax.eval import decoding
 from smatch_jax.models import factory, init_cache
 
 EVAL_BATCH = 256  # rows per evaluation decoding call (eval/accuracy.py's batch_size)
-PIECES = (
-    "train_mle",
-    "train_sm",
-    "refill",
-    "decode_step_refill",
-    "eval_decode",
-    "decode_step_eval",
-)
 _LOOP_BODY = {"refill": "decode_step_refill", "eval_decode": "decode_step_eval"}
+PIECES = ("train_mle", "train_sm", *(n for piece in _LOOP_BODY.items() for n in piece))
 
 
 @dataclasses.dataclass
@@ -128,11 +124,7 @@ def abstract_run(
             "automaton, which an abstract build does not make; plan the run with "
             "noise.kind='random' (the same shapes but the automaton's table)"
         )
-    V = (
-        tokenizer.vocab_size
-        if tokenizer is not None
-        else factory.vocab_size_of(c.model, vocab_size)
-    )
+    V = factory.vocab_size_of(c.model, vocab_size) if tokenizer is None else tokenizer.vocab_size
     prompt_max, T = resolve_prompt_max(c), c.data.seq_len
     if prompt_max >= T:
         raise ValueError(
@@ -294,6 +286,7 @@ class Piece:
     step_name: str = ""
     layers_counted: int = 1  # a scanned model: n_layers once its probes compiled, else 1
     donated: bool = False  # an argument's buffers become the outputs' (steps.Program: state)
+    flat_flops: bool = False  # flops from a compile without XLA's matmul loops (matmul_loops)
     seconds: float = 0.0  # lowering and compilation (both compiles of a scanned model)
     error: str = ""
     needed_bytes: int = 0
@@ -339,10 +332,14 @@ def _figures(name: str, lower: Callable[[], Any], loop_trips: int, buffers: bool
         if compiled is None:
             piece.error, piece.needed_bytes = error, needed
         else:
-            piece.memory = hlo_stats.memory(compiled)
+            piece.memory, text = hlo_stats.memory(compiled), compiled.as_text()
             piece.xla_cost = hlo_stats.cost(compiled)
             piece.cost = dict(piece.xla_cost)
-            piece.collectives = hlo_stats.collectives(compiled.as_text(), loop_trips)
+            piece.collectives = hlo_stats.collectives(text, loop_trips)
+            piece.flat_flops = hlo_stats.matmul_loops(text) > 0  # XLA counts their bodies once
+            if piece.flat_flops:
+                flat = lower().compile(compiler_options=hlo_stats.FLAT_MATMULS)
+                piece.cost["flops"] = hlo_stats.cost(flat)["flops"]
             if buffers:
                 piece.peak_live, piece.peak_buffers = hlo_stats.peak_buffers(dump)
     piece.seconds = time.time() - t0

@@ -3,6 +3,9 @@
 * `memory(compiled)`: `memory_analysis()` per chip: arguments, outputs, temporaries,
   generated code and aliased bytes; `peak = args + out + temp - alias + code`.
 * `cost(compiled)`: `cost_analysis()` flops and bytes accessed (a loop body counted once).
+* `matmul_loops(hlo_text)`: XLA's own loops around matmuls (windowed matmuls), whose flops
+  its cost analysis mostly leaves out; the plan counts the flops of the program compiled
+  again with `FLAT_MATMULS`, which turns them off (compile_plan.py).
 * `collectives(hlo_text, loop_trips)`: the collectives of the optimised HLO (all-gather,
   all-reduce, reduce-scatter, all-to-all, collective-permute and their async starts), each
   transfer once with the bytes of its largest buffer, times the trip count of the loops
@@ -52,6 +55,7 @@ _CALLEE = re.compile(
 )
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CHANNEL = re.compile(r"\bchannel_id=(\d+)")
+_OP_NAME = re.compile(r'\bop_name="((?:[^"\\]|\\.)*)"')
 
 
 @dataclasses.dataclass
@@ -226,12 +230,50 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
     return Collectives(dict(by_kind), dict(count), in_loops)
 
 
+# Compiler options under which XLA's TPU compiler writes no windowed (collective) matmul
+# loops: the same matmuls, each one counted by its cost analysis (`matmul_loops`).
+FLAT_MATMULS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+def matmul_loops(hlo_text: str) -> int:
+    """How many of XLA's own while loops (not a jax loop: its op_name is not the `.../while`
+    of a scan or while_loop; e.g. a windowed matmul that circulates the shards of an operand)
+    hold a dot or convolution. XLA's cost analysis counts a loop body once, so it leaves out
+    most of their matmuls: count the flops of the program compiled with `FLAT_MATMULS`."""
+    comps, _ = _computations(hlo_text)
+    callees = {
+        name: {c.strip().lstrip("%") for line in lines for g in _CALLEE.findall(line)
+               for c in g.split(",")}
+        for name, lines in comps.items()
+    }  # fmt: skip
+    matmul = {
+        name for name, lines in comps.items()
+        if any((m := _INSTR.match(x)) and m.group(3) in ("dot", "convolution") for x in lines)
+    }  # fmt: skip
+
+    def holds(name: str, seen: set[str]) -> bool:
+        seen.add(name)
+        return name in matmul or any(holds(c, seen) for c in callees.get(name, ()) - seen)
+
+    loops = 0
+    for lines in comps.values():
+        for line in lines:
+            m = _INSTR.match(line)
+            if m and m.group(3) == "while":
+                op, body = _OP_NAME.search(line), re.search(r"body=%([\w.\-]+)", line)
+                xla = not (op and op.group(1).endswith("/while"))
+                loops += bool(xla and body and holds(body.group(1), set()))
+    return loops
+
+
 # Compiler options that make XLA write its buffer assignment and live ranges (with
 # `xla_dump_to`): the TPU compiler's `*-live-range.txt` names the buffers live at its peak.
 DUMP_OPTIONS = {"xla_dump_hlo_as_text": True, "xla_dump_buffer_assignment_analysis": True}
 _LIVE = re.compile(r"^\s+(\S+?)\{[\d,]*\}: (\d+) bytes")
 _PEAK = re.compile(r"^\s+Stack trace breakdown for peak usage: ([\d ]+) bytes")
-_OP_NAME = re.compile(r'\bop_name="((?:[^"\\]|\\.)*)"')
 
 
 @dataclasses.dataclass(frozen=True)

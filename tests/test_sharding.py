@@ -473,6 +473,36 @@ def test_full_remat_keeps_each_blocks_input_split_over_tensor():
     assert whole in qkv
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_flops_of_xlas_windowed_matmul_loops_are_counted_whole():
+    """The 7B step's down projection on v5e-32 (compile-only), rows over fsdp 4, features over
+    tensor 8, its output's features split: XLA writes a windowed matmul, a while loop whose
+    body its cost analysis counts once (half the flops here). `matmul_loops` finds it (and not
+    a jax scan's loop), and the plan takes the flops of the program compiled again with
+    `FLAT_MATMULS`: the whole product."""
+    from smatch_jax import compile_plan, hlo_stats, topologies
+
+    mesh = sharding.make_mesh(1, 4, 8, devices=topologies.compile_devices("v5e-32"))
+    B, T, F, D = 64, 96, 11008, 4096
+    split = lambda *spec: NamedSharding(mesh, P(*spec))
+    h = jax.ShapeDtypeStruct((B, T, F), jnp.bfloat16, sharding=split("fsdp", None, "tensor"))
+    w = jax.ShapeDtypeStruct((F, D), jnp.bfloat16, sharding=split("tensor", "fsdp"))
+    down = jax.jit(lambda h, w: h @ w, out_shardings=split("fsdp", None, "tensor"))
+    lowered = down.lower(h, w)
+    whole = 2 * B * T * F * D / 32  # per chip
+    assert hlo_stats.matmul_loops(lowered.compile().as_text()) == 1
+    piece = compile_plan._figures("down", lambda: lowered, 1, False)
+    assert piece.flat_flops and piece.cost["flops"] == pytest.approx(whole, rel=1e-3)
+    assert piece.xla_cost["flops"] < 0.6 * whole
+
+    def layers(x, ws):  # a jax loop around matmuls: the plan's probes count those
+        return jax.lax.scan(lambda x, w: (x @ w, None), x, ws)[0]
+
+    x = jax.ShapeDtypeStruct((B, D), jnp.bfloat16, sharding=split("fsdp", None))
+    ws = jax.ShapeDtypeStruct((3, D, D), jnp.bfloat16, sharding=split(None, None, "tensor"))
+    assert hlo_stats.matmul_loops(jax.jit(layers).lower(x, ws).compile().as_text()) == 0
+
+
 def test_xla_counted_loops_run_their_count_and_are_not_the_samplers_tokens():
     """A windowed matmul XLA writes as a loop `i < 4` (circulating 4 shards) runs 4 times,
     outside the sampler's loop or inside it; only the sampler's loop (unknown length) makes
