@@ -17,24 +17,24 @@ prompt_tokens).
   function `sampling.sample` calls, with the arguments it passes (eval/decoding.py);
 * `decode_step_refill`, `decode_step_eval`: one token of the sampler's loop, alone (below).
 
-Loops: XLA's `cost_analysis` counts a while-loop body once. Two kinds of loop are counted here:
+Costs (flops, bytes) are XLA's cost analysis of the programs compiled with
+`hlo_stats.COST_OPTIONS` (without the copies between HBM and VMEM, which it counts besides
+the reads they serve); memory and collectives are the real program's. A while-loop body is
+counted once, so three kinds of loop are counted here:
 
-* the layer scan (`model.scan_layers`): the flops and bytes of each piece are those of two
-  probes, the same run with 1 and with 2 unrolled layers, extended linearly to `n_layers`
-  (`c1 + (n_layers - 1) (c2 - c1)`: exact for unrolled programs, and within 2% of the
-  unrolled plan's flops and bytes, tests/test_compile.py). Memory and collectives are the
-  scanned program's own. (A probe with two blocks per iteration of the scan gave the flops
-  as well, but XLA copied its stacked weights out and counted 2-4x the bytes per layer.)
+* the layer scan (`model.scan_layers`): the costs of each piece are those of two probes, the
+  same run with 1 and with 2 unrolled layers, extended linearly to `n_layers` (`c1 +
+  (n_layers - 1) (c2 - c1)`: exact for unrolled programs, and within 2% of the unrolled
+  plan's flops and bytes, tests/test_compile.py).
 * the sampler's token loop runs at most `A` (= its action budget) times, so the figures of
   `refill` and `eval_decode` add `(A - 1)` times those of one decode step compiled alone with
   the same weight layout (`decode_step_*`).
 * XLA's own loops around matmuls (windowed matmuls, e.g. when the residual stream is split
   over `tensor`; `hlo_stats.matmul_loops`): the flops are those of the program compiled
-  again without them (`hlo_stats.FLAT_MATMULS`); its bytes stay the program's own.
+  without them (`hlo_stats.FLAT_MATMULS`).
 
-Collectives inside loops are multiplied by their trip counts from the compiled HLO
-(`hlo_stats.collectives`). The programs compile two at a time (XLA's compiler is mostly
-single-threaded, and releases the GIL).
+Collectives inside loops are multiplied by their trip counts (`hlo_stats.collectives`). The
+programs compile two at a time (XLA's compiler is mostly single-threaded, releases the GIL).
 """
 
 from __future__ import annotations
@@ -314,34 +314,37 @@ def _compile(lower: Callable[[], Any], dump_dir: str = "") -> tuple[Any, str, in
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        m = _NEEDED.search(str(e))
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+        m, scale = _NEEDED.search(str(e)), {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
         needed = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
         return None, str(e).splitlines()[0][:300], needed, donates
 
 
-def _figures(name: str, lower: Callable[[], Any], loop_trips: int, buffers: bool) -> Piece:
-    """Compile one program and keep its figures (not the executable); `buffers`: and the
-    buffers live at XLA's peak (`hlo_stats.peak_buffers`)."""
+def _figures(name: str, lower: Callable[[], Any], loop_trips: int, buffers: bool, kind: str):
+    """One program's figures (not the executable). `kind`: 'program' (memory, collectives,
+    XLA's own cost; `buffers`: and the buffers live at XLA's peak) and its accounted cost
+    (`hlo_stats.accounted_cost`); 'main' the same without the latter (a scanned program: its
+    probes give it); 'cost' only the accounted cost (a probe)."""
     t0 = time.time()
+    piece = Piece(name, loop_trips=loop_trips, step_name=_LOOP_BODY.get(name, ""))
     dumps = tempfile.TemporaryDirectory(prefix="smatch_jax_xla_dump_") if buffers else None
     with dumps or contextlib.nullcontext("") as dump:
-        compiled, error, needed, donates = _compile(lower, dump)
-        piece = Piece(name, loop_trips=loop_trips, step_name=_LOOP_BODY.get(name, ""))
-        piece.donated = donates
-        if compiled is None:
+        no = (None, "", 0, False)  # a probe: its cost only
+        compiled, error, needed, piece.donated = _compile(lower, dump) if kind != "cost" else no
+        if error:
             piece.error, piece.needed_bytes = error, needed
-        else:
-            piece.memory, text = hlo_stats.memory(compiled), compiled.as_text()
+        elif compiled is not None:
+            piece.memory = hlo_stats.memory(compiled)
             piece.xla_cost = hlo_stats.cost(compiled)
             piece.cost = dict(piece.xla_cost)
-            piece.collectives = hlo_stats.collectives(text, loop_trips)
-            piece.flat_flops = hlo_stats.matmul_loops(text) > 0  # XLA counts their bodies once
-            if piece.flat_flops:
-                flat = lower().compile(compiler_options=hlo_stats.FLAT_MATMULS)
-                piece.cost["flops"] = hlo_stats.cost(flat)["flops"]
+            piece.collectives = hlo_stats.collectives(compiled.as_text(), loop_trips)
             if buffers:
                 piece.peak_live, piece.peak_buffers = hlo_stats.peak_buffers(dump)
+    if not error and kind != "main":
+        try:
+            piece.cost, piece.flat_flops = hlo_stats.accounted_cost(lower())
+        except jax.errors.JaxRuntimeError as e:  # a probe XLA refuses for HBM has no cost
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
     piece.seconds = time.time() - t0
     return piece
 
@@ -359,10 +362,8 @@ def compile_pieces(
     are not kept)."""
     n_layers = ar.built.model_config.n_layers
     scanned = ar.built.model_config.scan_layers and n_layers > 1
-    A = {
-        "refill": ar.settings.sampling.n_actions,
-        "eval_decode": eval_decoding_config(ar).n_actions,
-    }
+    A = {"refill": ar.settings.sampling.n_actions}  # the token loops' bounds
+    A["eval_decode"] = eval_decoding_config(ar).n_actions
     names = [n for n in lowerings(ar) if only is None or n in only or n in _needed_by(only)]
     runs = {"": ar} | ({"1": ar.probe(1), "2": ar.probe(2)} if scanned else {})
     jobs = {(n, k): lowerings(r)[n] for n in names for k, r in runs.items()}
@@ -372,7 +373,8 @@ def compile_pieces(
         futures = {}
         for (name, kind), lower in jobs.items():  # lowered here, compiled in the pool
             lowered = lower()
-            job = (name, lambda x=lowered: x, A.get(name, 1), buffers and not kind)
+            what = "cost" if kind else "main" if scanned else "program"
+            job = (name, lambda x=lowered: x, A.get(name, 1), buffers and not kind, what)
             futures[pool.submit(_figures, *job)] = (name, kind)
         for future in concurrent.futures.as_completed(futures):
             done[futures[future]] = future.result()
@@ -387,6 +389,7 @@ def compile_pieces(
                     for k in piece.cost:  # c1 + (L - 1)(c2 - c1): every layer counted
                         piece.cost[k] = one.cost[k] + (n_layers - 1) * (two.cost[k] - one.cost[k])
                     piece.layers_counted = n_layers
+                    piece.flat_flops = one.flat_flops or two.flat_flops
                 if on_piece is not None:
                     on_piece(piece)
     return {n: out[n] for n in names}

@@ -5,7 +5,8 @@
 * `cost(compiled)`: `cost_analysis()` flops and bytes accessed (a loop body counted once).
 * `matmul_loops(hlo_text)`: XLA's own loops around matmuls (windowed matmuls), whose flops
   its cost analysis mostly leaves out; the plan counts the flops of the program compiled
-  again with `FLAT_MATMULS`, which turns them off (compile_plan.py).
+  again with `FLAT_MATMULS`, which turns them off (compile_plan.py). `COST_OPTIONS`: the
+  compiler options of the programs a plan costs (no copies between HBM and VMEM counted).
 * `collectives(hlo_text, loop_trips)`: the collectives of the optimised HLO (all-gather,
   all-reduce, reduce-scatter, all-to-all, collective-permute and their async starts), each
   transfer once with the bytes of its largest buffer, times the trip count of the loops
@@ -230,6 +231,13 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
     return Collectives(dict(by_kind), dict(count), in_loops)
 
 
+# Compiler options of the programs whose flops and bytes a plan counts (compile_plan.py): no
+# memory-space assignment. With it, XLA's cost analysis counts its copies into and out of
+# VMEM as bytes accessed besides the reads and writes they serve, so a prefetched weight
+# counts two to three times (the 7B train step 92.9 against 67.2 GB, a decode step's layer
+# 287 against 97 MB: benchmarks/RESULTS.md, issue 35). Without it, every operand is read
+# from HBM and every result written there once per use: an upper bound on the HBM traffic.
+COST_OPTIONS = {"xla_msa_enable": "DISABLED"}
 # Compiler options under which XLA's TPU compiler writes no windowed (collective) matmul
 # loops: the same matmuls, each one counted by its cost analysis (`matmul_loops`).
 FLAT_MATMULS = {
@@ -267,6 +275,16 @@ def matmul_loops(hlo_text: str) -> int:
                 xla = not (op and op.group(1).endswith("/while"))
                 loops += bool(xla and body and holds(body.group(1), set()))
     return loops
+
+
+def accounted_cost(lowered: Any) -> tuple[dict[str, float], bool]:
+    """`(flops and bytes, flat)`: XLA's cost analysis of `lowered` compiled with
+    `COST_OPTIONS`, and again without XLA's windowed-matmul loops (`flat`) when it wrote
+    any (`matmul_loops`)."""
+    compiled = lowered.compile(compiler_options=COST_OPTIONS)
+    if not matmul_loops(compiled.as_text()):
+        return cost(compiled), False
+    return cost(lowered.compile(compiler_options=COST_OPTIONS | FLAT_MATMULS)), True
 
 
 # Compiler options that make XLA write its buffer assignment and live ranges (with

@@ -491,7 +491,7 @@ def test_flops_of_xlas_windowed_matmul_loops_are_counted_whole():
     lowered = down.lower(h, w)
     whole = 2 * B * T * F * D / 32  # per chip
     assert hlo_stats.matmul_loops(lowered.compile().as_text()) == 1
-    piece = compile_plan._figures("down", lambda: lowered, 1, False)
+    piece = compile_plan._figures("down", lambda: lowered, 1, False, "program")
     assert piece.flat_flops and piece.cost["flops"] == pytest.approx(whole, rel=1e-3)
     assert piece.xla_cost["flops"] < 0.6 * whole
 

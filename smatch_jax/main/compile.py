@@ -10,7 +10,8 @@ The run is built abstractly (no weights, no data: `compile_plan.abstract_run`) o
 topology's compile-only devices (`topologies.py`; needs requirements-tpu.txt, no TPU) with
 the config's mesh, and its jitted pieces are compiled by XLA's TPU compiler. One row per
 piece: bytes per chip against the chip's HBM (FITS / DOES NOT FIT, and the knob to turn),
-flops and HBM bytes per chip, collective bytes per chip, and a roofline time. Loop pieces
+flops and HBM bytes per chip (counted on the program compiled without memory-space
+assignment: `hlo_stats.COST_OPTIONS`), collective bytes per chip, and a roofline time. Loop pieces
 (`refill`, `eval_decode`) count their loop body A times (the sampler's action budget, an upper
 bound: rows stop at eos), and a scanned model's pieces count its block once per layer
 (`compile_plan.py`). The last line projects a SequenceMatch step (train step with model rows
@@ -158,7 +159,9 @@ def build_report(
             },
             "flops": cst["flops"],
             "bytes_accessed": cst["bytes"],
-            "xla_flops": p.xla_cost["flops"],  # XLA's own count: every loop body once
+            # XLA's own count of the real program: every loop body once, its HBM-VMEM copies in
+            "xla_flops": p.xla_cost["flops"],
+            "xla_bytes": p.xla_cost["bytes"],
             "flat_flops": p.flat_flops,  # flops from a compile without XLA's matmul loops
             "optimal_seconds": secs,  # the roofline projection (XLA's is unusable)
             "collective_bytes": coll.total,
@@ -283,7 +286,8 @@ def format_report(r: dict) -> str:
         )
     lines.append(
         "proj. s: PROJECTED seconds, max(flops / peak, bytes / HBM bw) + collective bytes / "
-        "ICI bw (topologies.py), not measured; per chip; peak = args + out + temp - alias + code"
+        "ICI bw (topologies.py), not measured; per chip; peak = args + out + temp - alias + "
+        "code; TFLOP and HBM GB counted without memory-space assignment (hlo_stats.COST_OPTIONS)"
     )
     return "\n".join(lines)
 
