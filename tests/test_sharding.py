@@ -503,6 +503,34 @@ def test_flops_of_xlas_windowed_matmul_loops_are_counted_whole():
     assert hlo_stats.matmul_loops(jax.jit(layers).lower(x, ws).compile().as_text()) == 0
 
 
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
+def test_the_accounted_bytes_read_each_weight_once():
+    """Four [4096, 4096] bf16 matmuls on 16 rows, one v5e chip (compile-only): the traffic
+    is each weight read once, and each layer's input read and output written. XLA's own
+    count, with memory-space assignment, adds its prefetches into VMEM to the reads they
+    serve (4x here); `accounted_cost` (COST_OPTIONS) counts the traffic."""
+    from smatch_jax import hlo_stats, topologies
+
+    mesh = sharding.make_mesh(1, 1, 1, devices=topologies.compile_devices("v5e:2x2")[:1])
+    L, D, B = 4, 4096, 16
+    one = lambda *shape: jax.ShapeDtypeStruct(
+        shape, jnp.bfloat16, sharding=sharding.replicated(mesh)
+    )
+    ws, x = [one(D, D) for _ in range(L)], one(B, D)
+
+    def layers(x, ws):
+        for w in ws:
+            x = jnp.tanh(x @ w)
+        return x
+
+    lowered = jax.jit(layers).lower(x, ws)
+    traffic = L * D * D * 2 + L * 2 * B * D * 2
+    accounted, flat = hlo_stats.accounted_cost(lowered)
+    assert accounted["bytes"] == pytest.approx(traffic, rel=0.02) and not flat
+    assert hlo_stats.cost(lowered.compile())["bytes"] > 3 * traffic
+    assert accounted["flops"] == pytest.approx(2 * L * B * D * D, rel=0.01)
+
+
 def test_xla_counted_loops_run_their_count_and_are_not_the_samplers_tokens():
     """A windowed matmul XLA writes as a loop `i < 4` (circulating 4 shards) runs 4 times,
     outside the sampler's loop or inside it; only the sampler's loop (unknown length) makes
