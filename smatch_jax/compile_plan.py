@@ -24,8 +24,8 @@ counted once, so three kinds of loop are counted here:
 
 * the layer scan (`model.scan_layers`): the costs of each piece are those of two probes, the
   same run with 1 and with 2 unrolled layers, extended linearly to `n_layers` (`c1 +
-  (n_layers - 1) (c2 - c1)`: exact for unrolled programs, and within 2% of the unrolled
-  plan's flops and bytes, tests/test_compile.py).
+  (n_layers - 1) (c2 - c1)`: exact for unrolled programs, which are costed so too; within 2%
+  of an unrolled program's own flops and bytes, tests/test_compile.py).
 * the sampler's token loop runs at most `A` (= its action budget) times, so the figures of
   `refill` and `eval_decode` add `(A - 1)` times those of one decode step compiled alone with
   the same weight layout (`decode_step_*`).
@@ -273,9 +273,8 @@ class Piece:
 
     XLA's TPU compiler refuses a program whose temporaries exceed the chip's HBM: then
     `error` is its message, `needed_bytes` the bytes it asked for, and no figures are set.
-    `cost`: flops and bytes of one call with every layer counted (the layer scan's body
-    `layers_counted` times) but the sampler's token loop once; `loop_trips` is that loop's
-    bound and `step_name` the piece that holds one of its iterations."""
+    `cost`: flops and bytes of one call with every layer counted (`layers_counted`) but the
+    sampler's token loop once (`loop_trips`: its bound; `step_name`: one iteration's piece)."""
 
     name: str
     memory: hlo_stats.Memory | None = None
@@ -284,10 +283,10 @@ class Piece:
     collectives: hlo_stats.Collectives | None = None
     loop_trips: int = 1
     step_name: str = ""
-    layers_counted: int = 1  # a scanned model: n_layers once its probes compiled, else 1
+    layers_counted: int = 1  # n_layers once the probes compiled (a scanned model's, else 1)
     donated: bool = False  # an argument's buffers become the outputs' (steps.Program: state)
     flat_flops: bool = False  # flops from a compile without XLA's matmul loops (matmul_loops)
-    seconds: float = 0.0  # lowering and compilation (both compiles of a scanned model)
+    seconds: float = 0.0  # lowering and compilation (the program's and its probes')
     error: str = ""
     needed_bytes: int = 0
     peak_live: int = 0  # bytes live at XLA's peak in the entry computation (buffers=True)
@@ -322,8 +321,8 @@ def _compile(lower: Callable[[], Any], dump_dir: str = "") -> tuple[Any, str, in
 def _figures(name: str, lower: Callable[[], Any], loop_trips: int, buffers: bool, kind: str):
     """One program's figures (not the executable). `kind`: 'program' (memory, collectives,
     XLA's own cost; `buffers`: and the buffers live at XLA's peak) and its accounted cost
-    (`hlo_stats.accounted_cost`); 'main' the same without the latter (a scanned program: its
-    probes give it); 'cost' only the accounted cost (a probe)."""
+    (`hlo_stats.accounted_cost`); 'main' the same without the latter (its probes give it);
+    'cost' only the accounted cost (a probe)."""
     t0 = time.time()
     piece = Piece(name, loop_trips=loop_trips, step_name=_LOOP_BODY.get(name, ""))
     dumps = tempfile.TemporaryDirectory(prefix="smatch_jax_xla_dump_") if buffers else None
@@ -362,10 +361,11 @@ def compile_pieces(
     are not kept)."""
     n_layers = ar.built.model_config.n_layers
     scanned = ar.built.model_config.scan_layers and n_layers > 1
+    probed = n_layers > 1  # costs from probes: see the module docstring
     A = {"refill": ar.settings.sampling.n_actions}  # the token loops' bounds
     A["eval_decode"] = eval_decoding_config(ar).n_actions
     names = [n for n in lowerings(ar) if only is None or n in only or n in _needed_by(only)]
-    runs = {"": ar} | ({"1": ar.probe(1), "2": ar.probe(2)} if scanned else {})
+    runs = {"": ar} | ({"1": ar.probe(1), "2": ar.probe(2)} if probed else {})
     jobs = {(n, k): lowerings(r)[n] for n in names for k, r in runs.items()}
     out: dict[str, Piece] = {}
     done: dict[tuple[str, str], Piece] = {}
@@ -373,7 +373,7 @@ def compile_pieces(
         futures = {}
         for (name, kind), lower in jobs.items():  # lowered here, compiled in the pool
             lowered = lower()
-            what = "cost" if kind else "main" if scanned else "program"
+            what = "cost" if kind else "main" if probed else "program"
             job = (name, lambda x=lowered: x, A.get(name, 1), buffers and not kind, what)
             futures[pool.submit(_figures, *job)] = (name, kind)
         for future in concurrent.futures.as_completed(futures):
@@ -385,7 +385,7 @@ def compile_pieces(
                 one, two = (done.get((name, k)) for k in ("1", "2"))
                 if piece.cost is not None:
                     piece.layers_counted = n_layers if not scanned else 1
-                if scanned and piece.cost and one and two and one.cost and two.cost:
+                if probed and piece.cost and one and two and one.cost and two.cost:
                     for k in piece.cost:  # c1 + (L - 1)(c2 - c1): every layer counted
                         piece.cost[k] = one.cost[k] + (n_layers - 1) * (two.cost[k] - one.cost[k])
                     piece.layers_counted = n_layers
