@@ -400,6 +400,20 @@ def test_the_buffers_at_xlas_peak_are_read_from_its_own_buffer_assignment(tmp_pa
         hlo_stats.peak_buffers(tmp_path / "nothing")
 
 
+def _abstract_llama(mesh, scan: bool, n_kv_heads: int, rules: str = ""):
+    """A tiny bf16 Llama (3 layers, d 128) as shapes: `(graphdef, params, args)`, the args
+    placed on `mesh` by the parameter rules."""
+    cfg = ModelConfig(
+        family="llama", vocab_size=255, d_model=128, n_layers=3, n_heads=4,
+        n_kv_heads=n_kv_heads, d_ff=384, max_positions=64, use_bias=False, tie_embeddings=False,
+        dtype="bfloat16", param_dtype="bfloat16", scan_layers=scan,
+    )  # fmt: skip
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    sh = sharding.param_shardings(params, mesh, rules=rules)
+    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, sh)
+    return graphdef, params, args
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu")
 @pytest.mark.parametrize("scan", [False, True])
 def test_weight_all_gathers_of_a_real_compile_equal_the_weight_bytes(scan):
@@ -410,14 +424,7 @@ def test_weight_all_gathers_of_a_real_compile_equal_the_weight_bytes(scan):
     from smatch_jax import hlo_stats, topologies
 
     mesh = sharding.make_mesh(1, 4, 1, devices=topologies.compile_devices("v5e:2x2"))
-    cfg = ModelConfig(
-        family="llama", vocab_size=255, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
-        d_ff=384, max_positions=64, use_bias=False, tie_embeddings=False, dtype="bfloat16",
-        param_dtype="bfloat16", scan_layers=scan,
-    )  # fmt: skip
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    sh = sharding.param_shardings(params, mesh, rules=r"norm\.scale$=_")  # norms copied
-    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, sh)
+    graphdef, params, args = _abstract_llama(mesh, scan, 2, r"norm\.scale$=_")  # norms copied
     B, T = 16, 32
     rows = sharding.batch_sharding(mesh)
 
@@ -445,14 +452,7 @@ def test_full_remat_keeps_each_blocks_input_split_over_tensor():
     from smatch_jax import topologies
 
     mesh = sharding.make_mesh(1, 1, 4, devices=topologies.compile_devices("v5e:2x2"))
-    cfg = ModelConfig(
-        family="llama", vocab_size=255, d_model=128, n_layers=3, n_heads=4, n_kv_heads=4,
-        d_ff=384, max_positions=64, use_bias=False, tie_embeddings=False, dtype="bfloat16",
-        param_dtype="bfloat16", scan_layers=True,
-    )  # fmt: skip
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    sh = sharding.param_shardings(params, mesh)
-    args = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, sh)
+    graphdef, _, args = _abstract_llama(mesh, True, 4)
     B, T = 16, 32
     ids = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=sharding.batch_sharding(mesh))
 
