@@ -138,6 +138,11 @@ def _computations(text: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
+def _callees(line: str) -> list[str]:
+    """The computations an instruction's line calls (`_CALLEE`), without their `%`."""
+    return [c.strip().lstrip("%") for group in _CALLEE.findall(line) for c in group.split(",")]
+
+
 _COUNTED = re.compile(r"ROOT %\S+ = pred\[\]\S* compare\(.*%(constant[\w.\-]*)\), direction=LT")
 _CONST = re.compile(r"^\s*%(constant[\w.\-]*) = [su]\d+\[\]\S* constant\((\d+)\)")
 
@@ -174,11 +179,9 @@ def collectives(hlo_text: str, loop_trips: int = 1) -> Collectives:
                 n = int(t.group(1)) if t else _counted_trips(comps.get(cond.group(1), []))
                 unknown = n is None
                 factor = float(loop_trips if n is None else n)
-            for group in _CALLEE.findall(line):
-                for callee in group.split(","):
-                    callee = callee.strip().lstrip("%")
-                    if callee in comps:
-                        calls[name].append((callee, factor, unknown))
+            for callee in _callees(line):
+                if callee in comps:
+                    calls[name].append((callee, factor, unknown))
     # Callers before callees (the call graph is a DAG); a computation called from several
     # places runs the sum of their counts.
     order: list[str] = []
@@ -252,11 +255,7 @@ def matmul_loops(hlo_text: str) -> int:
     hold a dot or convolution. XLA's cost analysis counts a loop body once, so it leaves out
     most of their matmuls: count the flops of the program compiled with `FLAT_MATMULS`."""
     comps, _ = _computations(hlo_text)
-    callees = {
-        name: {c.strip().lstrip("%") for line in lines for g in _CALLEE.findall(line)
-               for c in g.split(",")}
-        for name, lines in comps.items()
-    }  # fmt: skip
+    callees = {name: {c for line in lines for c in _callees(line)} for name, lines in comps.items()}
     matmul = {
         name for name, lines in comps.items()
         if any((m := _INSTR.match(x)) and m.group(3) in ("dot", "convolution") for x in lines)
